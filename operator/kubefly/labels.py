@@ -1,0 +1,25 @@
+"""Labels and annotations that tie Kubernetes objects to kubefly's platform words.
+
+The operator writes them on every pod it creates; the host agent reads them to
+turn the pods on its node into instance rows without asking for the CRs.
+"""
+
+PREFIX = "kubefly.dev"
+
+APP = f"{PREFIX}/app"
+MACHINE = f"{PREFIX}/machine"
+REGION = f"{PREFIX}/region"
+HOST = f"{PREFIX}/host"
+VOLUME = f"{PREFIX}/volume"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "kubefly"
+
+# Pod annotations
+INSTANCE_ID = f"{PREFIX}/instance-id"
+# JSON list of the Machine's services (kubefly.instances.Service, snake_case)
+SERVICES = f"{PREFIX}/services"
+# JSON list of the Machine's checks
+CHECKS = f"{PREFIX}/checks"
+
+# The standard node label that names a host's region.
+NODE_REGION = "topology.kubernetes.io/region"
