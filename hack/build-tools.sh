@@ -23,7 +23,8 @@ log() { printf '[build-tools] %s\n' "$*" >&2; }
 fresh() { [ -f "$bin/.$1.stamp" ] && [ "$(cat "$bin/.$1.stamp")" = "$2" ]; }
 stamp() { echo "$2" > "$bin/.$1.stamp"; }
 
-timed() { local t0=$SECONDS; "$@"; log "$1 done in $((SECONDS - t0))s"; }
+# timed WHAT CMD...: run CMD and log how long WHAT took.
+timed() { local what=$1 t0=$SECONDS; shift; "$@"; log "$what built in $((SECONDS - t0))s"; }
 
 build_k8s() {
   local key="$KUBERNETES_VERSION $gover"
@@ -51,7 +52,7 @@ build_k8s() {
     ld="$ld -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitCommit=0000000000000000000000000000000000000000 -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
   for c in $cmds; do
-    timed go build -trimpath -ldflags "$ld" -o "$bin/$c" "k8s.io/kubernetes/cmd/$c"
+    timed "$c" go build -trimpath -ldflags "$ld" -o "$bin/$c" "k8s.io/kubernetes/cmd/$c"
   done
   stamp k8s "$key"
 }
@@ -65,8 +66,8 @@ build_etcd() {
   go mod init kubefly.dev/build/etcd >/dev/null 2>&1
   go mod edit -go=1.26.0
   go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" "go.etcd.io/etcd/etcdctl/v3@$ETCD_VERSION" >/dev/null 2>&1
-  timed go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
-  timed go build -trimpath -ldflags "-s -w" -o "$bin/etcdctl" go.etcd.io/etcd/etcdctl/v3
+  timed etcd go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
+  timed etcdctl go build -trimpath -ldflags "-s -w" -o "$bin/etcdctl" go.etcd.io/etcd/etcdctl/v3
   stamp etcd "$key"
 }
 
@@ -74,7 +75,7 @@ build_kwok() {
   local key="$KWOK_VERSION $gover"
   fresh kwok "$key" && return 0
   log "kwok $KWOK_VERSION"
-  GOBIN="$bin" timed go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+  GOBIN="$bin" timed kwok go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
   stamp kwok "$key"
 }
 
@@ -86,7 +87,7 @@ build_helm() {
   local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   ld="$ld -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
   ld="$ld -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
-  GOBIN="$bin" timed go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  GOBIN="$bin" timed helm go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   stamp helm "$key"
 }
 
@@ -94,7 +95,7 @@ build_kind() {
   local key="$KIND_VERSION $gover"
   fresh kind "$key" && return 0
   log "kind $KIND_VERSION"
-  GOBIN="$bin" timed go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION"
+  GOBIN="$bin" timed kind go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION"
   stamp kind "$key"
 }
 
