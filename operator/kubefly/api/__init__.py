@@ -1,0 +1,26 @@
+"""The kubefly API: pydantic models of every custom resource (the schema source)."""
+
+from kubefly.api.appsecret import AppSecret, AppSecretSpec, AppSecretStatus
+from kubefly.api.machine import Machine, MachineSpec, MachineState, MachineStatus
+from kubefly.api.postgrescluster import PostgresCluster, PostgresClusterSpec, PostgresClusterStatus
+from kubefly.api.volume import Volume, VolumeSpec, VolumeStatus
+
+# Every kind, in the order the CRDs are written and documented.
+KINDS = (Machine, Volume, AppSecret, PostgresCluster)
+
+__all__ = [
+    "KINDS",
+    "AppSecret",
+    "AppSecretSpec",
+    "AppSecretStatus",
+    "Machine",
+    "MachineSpec",
+    "MachineState",
+    "MachineStatus",
+    "PostgresCluster",
+    "PostgresClusterSpec",
+    "PostgresClusterStatus",
+    "Volume",
+    "VolumeSpec",
+    "VolumeStatus",
+]

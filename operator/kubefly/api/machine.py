@@ -1,0 +1,204 @@
+"""Machine: one Fly Machine, which kubefly runs as one pod pinned to a host."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kubefly.api.common import (
+    AGE,
+    AppName,
+    ApiModel,
+    Conditions,
+    CrdInfo,
+    DnsLabel,
+    Guest,
+    PrinterColumn,
+    RegionName,
+    Resource,
+    StatusModel,
+    cel,
+    immutable,
+    validations,
+)
+
+TcpPort = Annotated[int, Field(ge=1, le=65535)]
+Signal = Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL"]
+
+
+class Port(ApiModel):
+    """A public port of a service, served by the proxy."""
+
+    port: TcpPort
+    handlers: list[Literal["http", "tls"]] = Field(default_factory=list, max_length=2)
+    force_https: bool = False
+
+
+SOFT_LIMIT_RULE = cel(
+    "!has(self.hardLimit) || self.softLimit <= self.hardLimit",
+    "concurrency.softLimit must be <= concurrency.hardLimit: lower softLimit or raise hardLimit",
+    ".softLimit",
+)
+
+
+class Concurrency(ApiModel):
+    """Load at which the proxy prefers other instances (soft) and stops sending more (hard)."""
+
+    model_config = {"json_schema_extra": validations(SOFT_LIMIT_RULE)}
+
+    type: Literal["connections", "requests"] = "connections"
+    soft_limit: int = Field(default=20, ge=1, le=100000)
+    hard_limit: int | None = Field(default=None, ge=1, le=100000)
+
+    @model_validator(mode="after")
+    def _soft_below_hard(self):
+        if self.hard_limit is not None and self.soft_limit > self.hard_limit:
+            raise ValueError(SOFT_LIMIT_RULE["message"])
+        return self
+
+
+class Service(ApiModel):
+    internal_port: TcpPort
+    protocol: Literal["tcp", "udp"] = "tcp"
+    ports: list[Port] = Field(default_factory=list, max_length=16)
+    concurrency: Concurrency = Field(default_factory=Concurrency)
+    autostart: bool = Field(default=True, description="Start a stopped machine when a request arrives.")
+    autostop: Literal["off", "stop", "suspend"] = Field(
+        default="off", description="Stop or suspend an idle machine. Quote \"off\" in YAML."
+    )
+    min_machines_running: int = Field(default=0, ge=0, le=1000)
+
+
+class Check(ApiModel):
+    """A health check; a failing check takes the instance out of routing, never restarts it."""
+
+    name: DnsLabel
+    type: Literal["tcp", "http"]
+    port: TcpPort
+    path: str | None = Field(default=None, max_length=1024, pattern=r"^/", description="HTTP checks: the request path.")
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] | None = Field(
+        default=None, description="HTTP checks: the request method (GET when unset)."
+    )
+    interval_seconds: int = Field(default=15, ge=1, le=3600)
+    timeout_seconds: int = Field(default=2, ge=1, le=600)
+    grace_period_seconds: int = Field(default=0, ge=0, le=3600)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+
+class Mount(ApiModel):
+    volume: DnsLabel = Field(description="Name of a Volume of the same app, on the machine's host.")
+    path: str = Field(min_length=2, max_length=255, pattern=r"^/")
+
+
+class Restart(ApiModel):
+    policy: Literal["no", "always", "on-failure"] = Field(default="on-failure", description='Quote "no" in YAML.')
+    max_retries: int = Field(default=10, ge=0, le=1000, description="on-failure: restarts within 5 minutes before giving up.")
+
+
+class Stop(ApiModel):
+    signal: Signal = "SIGINT"
+    timeout_seconds: int = Field(default=5, ge=1, le=300, description="Wait after the signal before SIGKILL.")
+
+
+CHECK_NAMES_RULE = cel(
+    "self.all(c, self.exists_one(d, d.name == c.name))",
+    "spec.checks names must be unique: rename the duplicate check",
+)
+# Transition rule on the whole spec: mounts may be neither added, removed nor changed.
+MOUNTS_RULE = cel(
+    "(has(self.mounts) ? size(self.mounts) : 0) == (has(oldSelf.mounts) ? size(oldSelf.mounts) : 0)"
+    " && (!has(self.mounts) || size(self.mounts) == 0 || self.mounts == oldSelf.mounts)",
+    "spec.mounts is immutable: a machine keeps its volume; create a new Machine to mount another",
+    ".mounts",
+)
+
+
+class MachineSpec(ApiModel):
+    model_config = {"json_schema_extra": validations(MOUNTS_RULE)}
+
+    app: AppName = Field(json_schema_extra=immutable("spec.app", "create a new Machine in the other app"))
+    region: RegionName = Field(
+        json_schema_extra=immutable("spec.region", "create a new Machine in the other region")
+    )
+    image: str = Field(min_length=1, max_length=1024)
+    guest: Guest = Field(default_factory=Guest)
+    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    secrets: list[DnsLabel] | None = Field(
+        default=None, max_length=32, description="AppSecret names to inject; unset: every AppSecret of the app."
+    )
+    services: list[Service] = Field(default_factory=list, max_length=16)
+    checks: list[Check] = Field(default_factory=list, max_length=16, json_schema_extra=validations(CHECK_NAMES_RULE))
+    mounts: list[Mount] = Field(default_factory=list, max_length=1, description="At most one volume per machine.")
+    restart: Restart = Field(default_factory=Restart)
+    stop: Stop = Field(default_factory=Stop)
+    state: Literal["started", "stopped"] = Field(default="started", description="Desired state.")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("checks")
+    @classmethod
+    def _unique_check_names(cls, checks: list[Check]) -> list[Check]:
+        names = [c.name for c in checks]
+        if len(names) != len(set(names)):
+            raise ValueError(CHECK_NAMES_RULE["message"])
+        return checks
+
+
+class MachineState(str, Enum):
+    created = "created"
+    starting = "starting"
+    started = "started"
+    stopping = "stopping"
+    stopped = "stopped"
+    replacing = "replacing"
+    destroying = "destroying"
+    destroyed = "destroyed"
+    failed = "failed"
+
+
+class MachineEvent(ApiModel):
+    """One entry of the machine's event log (Fly's machine events)."""
+
+    type: str = Field(max_length=63, description="launch, start, stop, exit, restart, update, ...")
+    status: str = Field(max_length=63)
+    source: Literal["user", "kubefly"]
+    timestamp: datetime
+    message: str | None = Field(default=None, max_length=1024)
+    exit_code: int | None = None
+    oom_killed: bool | None = None
+    requested_by: str | None = Field(default=None, max_length=253)
+
+
+class MachineStatus(StatusModel):
+    state: MachineState | None = None
+    host: str | None = None
+    region: str | None = None
+    instance_id: str | None = Field(default=None, description="Changes every time the machine is replaced.")
+    version: int | None = Field(default=None, ge=0)
+    address: str | None = None
+    restart_count: int | None = Field(default=None, ge=0)
+    observed_generation: int | None = Field(default=None, ge=0)
+    conditions: Conditions = Field(default_factory=list)
+    events: list[MachineEvent] = Field(default_factory=list, max_length=20, description="The latest events, newest last.")
+
+
+class Machine(Resource):
+    crd = CrdInfo(
+        plural="machines",
+        short_names=("mach",),
+        columns=(
+            PrinterColumn("App", ".spec.app"),
+            PrinterColumn("Region", ".spec.region"),
+            PrinterColumn("State", ".status.state"),
+            PrinterColumn("Host", ".status.host"),
+            PrinterColumn("Image", ".spec.image"),
+            AGE,
+        ),
+        label_safe_name=True,
+    )
+
+    kind: Literal["Machine"] = "Machine"
+    spec: MachineSpec
+    status: MachineStatus | None = None

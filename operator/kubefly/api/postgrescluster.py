@@ -1,0 +1,111 @@
+"""PostgresCluster: Volumes + Machines running postgres and repmgr, with Services and credentials.
+
+repmgr elects the primary inside the cluster; the operator observes and
+reports (status.primary, members, lastFailover) and is not in the failover path.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kubefly.api.common import (
+    AGE,
+    AppName,
+    ApiModel,
+    Conditions,
+    CrdInfo,
+    DnsLabel,
+    Guest,
+    PrinterColumn,
+    RegionName,
+    Resource,
+    StatusModel,
+    cel,
+    immutable,
+    validations,
+)
+
+SYNCHRONOUS_RULE = cel(
+    "!self.synchronous || self.members >= 2",
+    "spec.synchronous needs a standby to confirm commits: set spec.members to 2 or more, or synchronous to false",
+    ".synchronous",
+)
+VOLUME_GROWS_RULE = cel(
+    "self >= oldSelf", "spec.volumeSizeGb may only grow (volumes cannot shrink): set it to at least its current value"
+)
+
+
+class PostgresClusterSpec(ApiModel):
+    model_config = {"json_schema_extra": validations(SYNCHRONOUS_RULE)}
+
+    app: AppName = Field(json_schema_extra=immutable("spec.app", "create a new PostgresCluster in the other app"))
+    members: int = Field(default=3, ge=1, le=7, description="Postgres members; 3 or more for automatic failover.")
+    region: RegionName = Field(
+        json_schema_extra=immutable("spec.region", "create a new PostgresCluster in the other region")
+    )
+    version: Literal[15] = Field(default=15, description="Postgres major version.")
+    volume_size_gb: int = Field(default=10, ge=1, le=500, json_schema_extra=validations(VOLUME_GROWS_RULE))
+    guest: Guest = Field(default_factory=Guest)
+    synchronous: bool = Field(default=False, description="Commit only when a standby has the WAL too.")
+    switchover_to: DnsLabel | None = Field(
+        default=None, description="A request: make this member the primary (a planned switchover)."
+    )
+    delete_policy: Literal["keepVolumes", "deleteVolumes"] = Field(
+        default="keepVolumes", description="What happens to the members' Volumes when the cluster is deleted."
+    )
+
+    @model_validator(mode="after")
+    def _synchronous_needs_a_standby(self):
+        if self.synchronous and self.members < 2:
+            raise ValueError(SYNCHRONOUS_RULE["message"])
+        return self
+
+
+class PostgresMember(ApiModel):
+    name: str
+    role: Literal["primary", "standby", "unknown"] = "unknown"
+    host: str | None = None
+    lag_bytes: int | None = Field(default=None, ge=0)
+    timeline: int | None = Field(default=None, ge=0)
+    ready: bool = False
+
+
+class Failover(ApiModel):
+    time: datetime
+    reason: str = Field(max_length=1024)
+    from_: str | None = Field(default=None, alias="from")
+    to: str | None = None
+
+
+class PostgresClusterStatus(StatusModel):
+    phase: str | None = Field(default=None, description="A one-word summary for `kubectl get`; conditions tell the detail.")
+    primary: str | None = None
+    ready_members: int | None = Field(default=None, ge=0)
+    members: list[PostgresMember] = Field(default_factory=list, max_length=16)
+    timeline: int | None = Field(default=None, ge=0)
+    last_failover: Failover | None = None
+    credentials_secret: str | None = None
+    observed_generation: int | None = Field(default=None, ge=0)
+    conditions: Conditions = Field(default_factory=list)
+
+
+class PostgresCluster(Resource):
+    crd = CrdInfo(
+        plural="postgresclusters",
+        short_names=("pgc",),
+        columns=(
+            PrinterColumn("Members", ".spec.members", "integer"),
+            PrinterColumn("Ready", ".status.readyMembers", "integer"),
+            PrinterColumn("Primary", ".status.primary"),
+            PrinterColumn("Phase", ".status.phase"),
+            AGE,
+        ),
+        label_safe_name=True,
+    )
+
+    kind: Literal["PostgresCluster"] = "PostgresCluster"
+    spec: PostgresClusterSpec
+    status: PostgresClusterStatus | None = None
