@@ -198,6 +198,30 @@ class LocalCluster:
     def delete_host(self, name: str) -> None:
         self.kubectl("delete", "node", name, "--wait=false")
 
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path, hours: int = 24) -> Path:
+        """A kubeconfig that acts as a ServiceAccount, with a token from the TokenRequest API.
+
+        Running the operator with it proves the chart's RBAC is enough, and no more.
+        """
+        import yaml
+
+        token = self.kubectl("-n", namespace, "create", "token", name, f"--duration={hours}h").stdout.strip()
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        cluster = admin["clusters"][0]["cluster"]
+        user = f"system:serviceaccount:{namespace}:{name}"
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": self.name, "cluster": cluster}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": user, "context": {"cluster": self.name, "user": user}}],
+            "current-context": user,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
     def wait_hosts_ready(self, names: list[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         pending = set(names)

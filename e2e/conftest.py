@@ -1,0 +1,170 @@
+"""Cluster-tier fixtures: a real control plane (etcd, kube-apiserver with RBAC,
+controller-manager, scheduler) with kwok-simulated hosts named by kind-config.yaml.
+
+The cluster is built for the session and deleted after it (set
+KUBEFLY_KEEP_CLUSTER=1 to keep it). A test that needs the cluster when it
+cannot be built fails with the reason; it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kubefly.devcluster import TOOLS_BIN, ClusterUnavailable, LocalCluster
+
+REPO = Path(__file__).resolve().parents[1]
+E2E_CLUSTER = os.environ.get("KUBEFLY_E2E_CLUSTER", "kubefly-e2e")
+CHART = REPO / "charts" / "kubefly"
+RELEASE = "kubefly"
+RELEASE_NAMESPACE = "kubefly-system"
+SERVICE_ACCOUNT = "kubefly"  # the chart's full name for release "kubefly"
+KUBEFLY = Path(sys.executable).with_name("kubefly")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "disruptive: changes the shared cluster (uninstalls the chart); runs last")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.cluster)
+    # Tests that uninstall the chart invalidate the session operator's token: run them last.
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+@dataclass
+class Kube:
+    cluster: LocalCluster
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        return self.cluster.kubectl(*args, input=input, check=check)
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(TOOLS_BIN / "helm"), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+        )
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+        return proc
+
+    def api_client(self):
+        from kubernetes import client, config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def wait_for(self, what: str, probe, timeout: float = 30.0, interval: float = 0.3):
+        """Poll `probe` until it returns something truthy; fail naming `what` and the last value."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = probe()
+            if last:
+                return last
+            time.sleep(interval)
+        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+
+
+@pytest.fixture(scope="session")
+def kube() -> Kube:
+    cluster = LocalCluster(E2E_CLUSTER)
+    try:
+        cluster.up()
+    except ClusterUnavailable as exc:
+        pytest.fail(f"the local control plane could not start: {exc}", pytrace=False)
+    kube = Kube(cluster)
+    # The platform is installed the way users install it: the chart (CRDs, RBAC,
+    # ServiceAccount); the operator runs as a local process (fixture `operator`).
+    kube.helm(
+        "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
+        "--create-namespace", "--set", "operator.enabled=false", "--wait", "--timeout", "120s",
+    )
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
+    yield kube
+    if os.environ.get("KUBEFLY_KEEP_CLUSTER") != "1":
+        cluster.down()
+
+
+@pytest.fixture
+def namespace(kube: Kube):
+    """A fresh namespace (organisation) per test."""
+    name = f"org-{uuid.uuid4().hex[:8]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class OperatorProcess:
+    process: subprocess.Popen
+    log: Path
+    kubeconfig: Path
+    health_url: str
+    metrics_url: str
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_operator(kube: Kube, workdir: Path, *extra: str) -> OperatorProcess:
+    """`kubefly operator` as a local process acting as the chart's ServiceAccount."""
+    import urllib.request
+
+    kubeconfig = kube.cluster.service_account_kubeconfig(RELEASE_NAMESPACE, SERVICE_ACCOUNT, workdir / "kubeconfig")
+    health, metrics = free_port(), free_port()
+    log = workdir / "operator.log"
+    process = subprocess.Popen(
+        [str(KUBEFLY), "operator", "--peering", "kubefly", f"--health-port={health}", f"--metrics-port={metrics}", *extra],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    handle = OperatorProcess(process, log, kubeconfig, f"http://127.0.0.1:{health}/healthz", f"http://127.0.0.1:{metrics}/metrics")
+
+    def healthy():
+        if process.poll() is not None:
+            pytest.fail(f"the operator exited with {process.returncode}:\n{handle.logs()[-4000:]}", pytrace=False)
+        try:
+            return urllib.request.urlopen(handle.health_url, timeout=2).status == 200
+        except OSError:
+            return False
+
+    kube.wait_for("the operator's /healthz", healthy, timeout=60)
+    return handle
+
+
+def stop_operator(handle: OperatorProcess) -> None:
+    handle.process.terminate()
+    try:
+        handle.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        handle.process.kill()
+        handle.process.wait()
+
+
+@pytest.fixture(scope="session")
+def operator(kube: Kube, tmp_path_factory):
+    handle = start_operator(kube, tmp_path_factory.mktemp("operator"))
+    yield handle
+    stop_operator(handle)

@@ -1,0 +1,108 @@
+"""The Helm chart: lint, install, least-privilege RBAC, CRDs kept on uninstall."""
+
+import json
+import urllib.request
+
+import pytest
+import yaml
+
+from conftest import CHART, RELEASE, RELEASE_NAMESPACE, SERVICE_ACCOUNT, TOOLS_BIN
+
+SA_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:{SERVICE_ACCOUNT}"
+CRDS = ["machines.kubefly.dev", "volumes.kubefly.dev", "appsecrets.kubefly.dev", "postgresclusters.kubefly.dev"]
+
+
+def test_chart_lints_strict(kube):
+    proc = kube.helm("lint", "--strict", str(CHART), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_values_schema_refuses_a_typo(kube):
+    proc = kube.helm("template", "x", str(CHART), "--set", "operator.replica=2", check=False)
+    assert proc.returncode != 0
+    assert "replica" in proc.stderr
+
+
+def test_install_created_crds_that_helm_keeps(kube):
+    for name in CRDS:
+        crd = json.loads(kube.kubectl("get", "crd", name, "-o", "json").stdout)
+        assert crd["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep"
+        assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
+        assert "kubefly" in crd["spec"]["names"]["categories"]
+
+
+def test_operator_identity_can_do_its_work_and_nothing_more(kube):
+    def can(verb, resource, *extra):
+        return kube.kubectl("auth", "can-i", verb, resource, "--as", SA_USER, *extra, check=False).stdout.strip()
+
+    for verb, resource in [
+        ("watch", "machines.kubefly.dev"), ("patch", "machines.kubefly.dev/status"),
+        ("create", "pods"), ("create", "persistentvolumes"), ("list", "nodes"), ("create", "events"),
+        ("patch", "clusterkopfpeerings.kopf.dev"),
+    ]:
+        assert can(verb, resource, "-A") == "yes", f"operator cannot {verb} {resource}"
+    for verb, resource in [
+        ("delete", "nodes"), ("create", "clusterrolebindings"), ("delete", "customresourcedefinitions"),
+        ("create", "deployments"), ("delete", "namespaces"), ("escalate", "clusterroles"),
+    ]:
+        assert can(verb, resource, "-A") == "no", f"operator may {verb} {resource}, which it never needs"
+
+
+def test_operator_runs_as_the_service_account_and_reconciles(kube, operator, namespace):
+    manifest = {
+        "apiVersion": "kubefly.dev/v1alpha1", "kind": "Machine",
+        "metadata": {"name": "web-1", "namespace": namespace},
+        "spec": {"app": "web", "region": "ams", "image": "nginx:1.27"},
+    }
+    kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+    def observed():
+        obj = json.loads(kube.kubectl("-n", namespace, "get", "machine", "web-1", "-o", "json").stdout)
+        status = obj.get("status", {})
+        return status if status.get("observedGeneration") == obj["metadata"]["generation"] else None
+
+    status = kube.wait_for("the operator to observe the Machine", observed)
+    assert any(c["type"] == "Accepted" and c["status"] == "True" for c in status["conditions"])
+    # The token really is the ServiceAccount's: a verb outside its role is refused.
+    sa = ["--kubeconfig", str(operator.kubeconfig)]
+    proc = kube.kubectl(*sa, "delete", "node", "kubefly-worker", "--dry-run=server", check=False)
+    assert proc.returncode != 0 and "forbidden" in proc.stderr.lower()
+    assert kube.kubectl(*sa, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout == SA_USER
+    metrics = urllib.request.urlopen(operator.metrics_url, timeout=5).read().decode()
+    assert 'kubefly_reconciles_total{kind="Machine",outcome="accepted"}' in metrics
+    # Logs are JSON with the object's namespace and name.
+    lines = [json.loads(line) for line in operator.logs().splitlines() if line.startswith("{")]
+    assert any(namespace in json.dumps(line) and "web-1" in json.dumps(line) for line in lines)
+
+
+def test_operator_deployment_renders_and_rolls_out(kube):
+    rendered = kube.helm("template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, "--set", "operator.replicas=2").stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == SERVICE_ACCOUNT
+    assert pod["containers"][0]["args"][0] == "operator"
+    assert deployment["spec"]["replicas"] == 2
+    # Applied to the real API server, the manifests are valid (server-side dry run).
+    proc = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.disruptive
+def test_uninstall_keeps_crds_and_user_objects_then_reinstall_adopts_them(kube, namespace):
+    manifest = {
+        "apiVersion": "kubefly.dev/v1alpha1", "kind": "Volume",
+        "metadata": {"name": "data", "namespace": namespace},
+        "spec": {"app": "web", "region": "ams", "sizeGb": 1},
+    }
+    kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    kube.helm("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+    for name in CRDS:
+        assert kube.kubectl("get", "crd", name, check=False).returncode == 0, f"{name} was deleted by uninstall"
+    assert kube.kubectl("-n", namespace, "get", "volume", "data", check=False).returncode == 0
+    kube.helm(
+        "install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
+        "--set", "operator.enabled=false", "--wait", "--timeout", "120s",
+    )
+    assert kube.kubectl("get", "clusterrole", f"{RELEASE}-operator").returncode == 0

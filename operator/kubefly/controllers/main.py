@@ -1,0 +1,64 @@
+"""Every Kopf handler of the operator and its startup settings, in one module.
+
+Handlers stay thin: read the object, call a pure function, patch status.
+Importing this module registers them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import kopf
+from prometheus_client import Counter, Histogram
+
+from kubefly import GROUP, VERSION
+from kubefly.api.appsecret import AppSecret
+from kubefly.api.machine import Machine
+from kubefly.api.postgrescluster import PostgresCluster
+from kubefly.api.volume import Volume
+from kubefly.controllers import acceptance
+
+RESOURCES = (Machine, Volume, AppSecret, PostgresCluster)
+
+RECONCILES = Counter("kubefly_reconciles_total", "Reconciles by kind and outcome", ["kind", "outcome"])
+RECONCILE_SECONDS = Histogram("kubefly_reconcile_seconds", "Reconcile latency by kind", ["kind"])
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_) -> None:
+    # kubefly's own names on the objects it touches, not Kopf's defaults.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Events for what a user should see in `kubectl describe`; debug chatter stays in logs.
+    settings.posting.level = logging.INFO
+    # Watches are re-established regularly so a silently dropped connection cannot stall us.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 20
+
+
+def _register_acceptance(resource) -> None:
+    kind = resource.__name__
+    plural = resource.crd.plural
+
+    def accept(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_) -> None:
+        started = time.monotonic()
+        result = acceptance.check(resource, body)
+        patch.status["observedGeneration"] = body.metadata.get("generation")
+        patch.status["conditions"] = result.conditions(body)
+        if not result.ok:
+            logger.warning(f"{kind} refused: {result.message}")
+        RECONCILES.labels(kind, "accepted" if result.ok else "invalid").inc()
+        RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
+
+    accept.__name__ = accept.__qualname__ = f"accept_{plural}"
+    for on in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        on(GROUP, VERSION, plural, id="accept")(accept)
+
+
+for _resource in RESOURCES:
+    _register_acceptance(_resource)
