@@ -45,6 +45,10 @@ def pytest_collection_modifyitems(items):
 @dataclass
 class Kube:
     cluster: LocalCluster
+    chart: Path = CHART
+    release: str = RELEASE
+    release_namespace: str = RELEASE_NAMESPACE
+    service_account: str = SERVICE_ACCOUNT
 
     @property
     def kubeconfig(self) -> Path:

@@ -6,20 +6,21 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import CHART, RELEASE, RELEASE_NAMESPACE, SERVICE_ACCOUNT, TOOLS_BIN
-
-SA_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:{SERVICE_ACCOUNT}"
 CRDS = ["machines.kubefly.dev", "volumes.kubefly.dev", "appsecrets.kubefly.dev", "postgresclusters.kubefly.dev"]
 
 
+def sa_user(kube) -> str:
+    return f"system:serviceaccount:{kube.release_namespace}:{kube.service_account}"
+
+
 def test_chart_lints_strict(kube):
-    proc = kube.helm("lint", "--strict", str(CHART), check=False)
+    proc = kube.helm("lint", "--strict", str(kube.chart), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 chart(s) failed" in proc.stdout
 
 
 def test_values_schema_refuses_a_typo(kube):
-    proc = kube.helm("template", "x", str(CHART), "--set", "operator.replica=2", check=False)
+    proc = kube.helm("template", "x", str(kube.chart), "--set", "operator.replica=2", check=False)
     assert proc.returncode != 0
     assert "replica" in proc.stderr
 
@@ -34,7 +35,7 @@ def test_install_created_crds_that_helm_keeps(kube):
 
 def test_operator_identity_can_do_its_work_and_nothing_more(kube):
     def can(verb, resource, *extra):
-        return kube.kubectl("auth", "can-i", verb, resource, "--as", SA_USER, *extra, check=False).stdout.strip()
+        return kube.kubectl("auth", "can-i", verb, resource, "--as", sa_user(kube), *extra, check=False).stdout.strip()
 
     for verb, resource in [
         ("watch", "machines.kubefly.dev"), ("patch", "machines.kubefly.dev/status"),
@@ -68,7 +69,7 @@ def test_operator_runs_as_the_service_account_and_reconciles(kube, operator, nam
     sa = ["--kubeconfig", str(operator.kubeconfig)]
     proc = kube.kubectl(*sa, "delete", "node", "kubefly-worker", "--dry-run=server", check=False)
     assert proc.returncode != 0 and "forbidden" in proc.stderr.lower()
-    assert kube.kubectl(*sa, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout == SA_USER
+    assert kube.kubectl(*sa, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout == sa_user(kube)
     metrics = urllib.request.urlopen(operator.metrics_url, timeout=5).read().decode()
     assert 'kubefly_reconciles_total{kind="Machine",outcome="accepted"}' in metrics
     # Logs are JSON with the object's namespace and name.
@@ -77,11 +78,11 @@ def test_operator_runs_as_the_service_account_and_reconciles(kube, operator, nam
 
 
 def test_operator_deployment_renders_and_rolls_out(kube):
-    rendered = kube.helm("template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, "--set", "operator.replicas=2").stdout
+    rendered = kube.helm("template", kube.release, str(kube.chart), "--namespace", kube.release_namespace, "--set", "operator.replicas=2").stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == SERVICE_ACCOUNT
+    assert pod["serviceAccountName"] == kube.service_account
     assert pod["containers"][0]["args"][0] == "operator"
     assert deployment["spec"]["replicas"] == 2
     # Applied to the real API server, the manifests are valid (server-side dry run).
@@ -97,12 +98,12 @@ def test_uninstall_keeps_crds_and_user_objects_then_reinstall_adopts_them(kube, 
         "spec": {"app": "web", "region": "ams", "sizeGb": 1},
     }
     kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    kube.helm("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+    kube.helm("uninstall", kube.release, "--namespace", kube.release_namespace, "--wait")
     for name in CRDS:
         assert kube.kubectl("get", "crd", name, check=False).returncode == 0, f"{name} was deleted by uninstall"
     assert kube.kubectl("-n", namespace, "get", "volume", "data", check=False).returncode == 0
     kube.helm(
-        "install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
+        "install", kube.release, str(kube.chart), "--namespace", kube.release_namespace,
         "--set", "operator.enabled=false", "--wait", "--timeout", "120s",
     )
-    assert kube.kubectl("get", "clusterrole", f"{RELEASE}-operator").returncode == 0
+    assert kube.kubectl("get", "clusterrole", f"{kube.release}-operator").returncode == 0

@@ -268,5 +268,15 @@ def down(name: str) -> None:
     print(f"[cluster] {name} deleted", file=sys.stderr)
 
 
+@main.command("sa-kubeconfig")
+@click.option("--name", default="kubefly", show_default=True, help="Cluster name.")
+@click.option("--namespace", required=True, help="Namespace of the ServiceAccount.")
+@click.option("--service-account", required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def sa_kubeconfig(name: str, namespace: str, service_account: str, out: Path) -> None:
+    """Write a kubeconfig that acts as a ServiceAccount; print its path."""
+    print(LocalCluster(name).service_account_kubeconfig(namespace, service_account, out))
+
+
 if __name__ == "__main__":
     main()

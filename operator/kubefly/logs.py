@@ -11,12 +11,24 @@ import sys
 
 import structlog
 
+def _kopf_object(_, __, event: dict) -> dict:
+    """Kopf passes the object as `k8s_ref` (plus its settings): keep kind/namespace/name only."""
+    ref = event.pop("k8s_ref", None)
+    for noise in ("settings", "k8s_skip"):
+        event.pop(noise, None)
+    if isinstance(ref, dict):
+        event.setdefault("kind", ref.get("kind"))
+        event.setdefault("namespace", ref.get("namespace"))
+        event.setdefault("name", ref.get("name"))
+    return event
+
+
 _SHARED = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
-    # Kopf passes the object's namespace/name as `extra`; keep them in the JSON.
     structlog.stdlib.ExtraAdder(),
+    _kopf_object,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
     structlog.processors.StackInfoRenderer(),
     structlog.processors.format_exc_info,
@@ -47,5 +59,5 @@ def configure(level: str = "INFO", component: str | None = None) -> None:
         structlog.contextvars.bind_contextvars(component=component)
 
 
-def get(name: str, **bound) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name).bind(**bound)
+def get(logger_name: str, /, **bound) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(logger_name).bind(**bound)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# `make up`: the platform on the local control plane (real API server, simulated
+# hosts from kind-config.yaml), the chart installed as users install it, and the
+# operator running as a local process with the chart's ServiceAccount.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+state=.cluster
+release=kubefly
+ns=kubefly-system
+health_port=${KUBEFLY_HEALTH_PORT:-39180}
+metrics_port=${KUBEFLY_METRICS_PORT:-39190}
+mkdir -p "$state"
+say() { printf '[up] %s\n' "$*"; }
+
+kubeconfig=$($PY -m kubefly.devcluster up | tail -n 1)
+export KUBECONFIG=$kubeconfig
+
+say "installing the chart (CRDs, RBAC, ServiceAccount; the operator runs locally)"
+helm upgrade --install "$release" charts/kubefly --namespace "$ns" --create-namespace \
+  --set operator.enabled=false --wait --timeout 120s >/dev/null
+
+if [ -f "$state/operator.pid" ] && kill -0 "$(cat "$state/operator.pid")" 2>/dev/null; then
+  say "stopping the previous operator (pid $(cat "$state/operator.pid"))"
+  kill "$(cat "$state/operator.pid")"; sleep 1
+fi
+$PY -m kubefly.devcluster sa-kubeconfig --namespace "$ns" --service-account "$release" \
+  --out "$state/operator.kubeconfig" >/dev/null
+KUBECONFIG="$state/operator.kubeconfig" setsid nohup .venv/bin/kubefly operator --peering kubefly \
+  --health-port "$health_port" --metrics-port "$metrics_port" >>"$state/operator.log" 2>&1 < /dev/null &
+echo $! > "$state/operator.pid"
+
+for _ in $(seq 60); do
+  if curl -fsS "http://127.0.0.1:$health_port/healthz" >/dev/null 2>&1; then break; fi
+  kill -0 "$(cat "$state/operator.pid")" 2>/dev/null || { say "the operator exited; last lines of $state/operator.log:"; tail -n 20 "$state/operator.log"; exit 1; }
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$health_port/healthz" >/dev/null || { say "operator not healthy after 60s; see $state/operator.log"; exit 1; }
+
+kubectl get machines -A
+cat <<MSG
+
+kubefly is up: a local control plane with hosts $(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name}({.metadata.labels.topology\.kubernetes\.io/region}) {end}')
+  operator: pid $(cat "$state/operator.pid"), logs $state/operator.log, /healthz :$health_port, /metrics :$metrics_port
+
+Try:
+  export KUBECONFIG=$kubeconfig PATH=$(dirname "$(command -v kubectl)"):\$PATH
+  kubectl create namespace my-org
+  kubectl -n my-org apply -f examples/machine.yaml
+  kubectl get kubefly -A
+
+Stop everything with: make down
+MSG
