@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# The kubefly image: one package, one entry point (`kubefly operator|agent|proxy|dns`).
+#
+# BASE_IMAGE is any Debian bookworm image: the registry's debian:bookworm-slim
+# where one is reachable, a locally built debootstrap rootfs where none is.
+# Where PyPI is reached through a TLS-intercepting proxy, pass its CA bundle as
+# a build secret (never baked into the image):
+#   docker build --secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt -f docker/kubefly.Dockerfile .
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+COPY pyproject.toml README.md /src/
+COPY operator/kubefly /src/operator/kubefly
+RUN --mount=type=secret,id=cacert,required=false \
+    cert=; [ -s /run/secrets/cacert ] && cert=/run/secrets/cacert; \
+    python3 -m venv /opt/kubefly \
+ && PIP_CERT=$cert /opt/kubefly/bin/pip install /src \
+ && rm -rf /src
+
+USER 65532:65532
+ENTRYPOINT ["/opt/kubefly/bin/kubefly"]
