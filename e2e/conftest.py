@@ -8,6 +8,7 @@ cannot be built fails with the reason; it never skips.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -119,56 +120,79 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Each start outranks every earlier one: a SIGKILLed operator's peering record
+# lingers until it expires, and a lower-priority newcomer would pause behind it.
+_priorities = itertools.count(1000)
+
+
 @dataclass
 class OperatorProcess:
-    process: subprocess.Popen
-    log: Path
-    kubeconfig: Path
-    health_url: str
-    metrics_url: str
+    """`kubefly operator` as a local process acting as the chart's ServiceAccount."""
+
+    kube: Kube
+    workdir: Path
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "operator.log"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def start(self) -> "OperatorProcess":
+        import urllib.request
 
-def start_operator(kube: Kube, workdir: Path, *extra: str) -> OperatorProcess:
-    """`kubefly operator` as a local process acting as the chart's ServiceAccount."""
-    import urllib.request
+        self.kube.cluster.service_account_kubeconfig(RELEASE_NAMESPACE, SERVICE_ACCOUNT, self.kubeconfig)
+        health, metrics = free_port(), free_port()
+        self.health_url = f"http://127.0.0.1:{health}/healthz"
+        self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        self.process = subprocess.Popen(
+            [str(KUBEFLY), "operator", "--peering", "kubefly", f"--priority={next(_priorities)}",
+             f"--health-port={health}", f"--metrics-port={metrics}", *self.extra_args],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+        )
 
-    kubeconfig = kube.cluster.service_account_kubeconfig(RELEASE_NAMESPACE, SERVICE_ACCOUNT, workdir / "kubeconfig")
-    health, metrics = free_port(), free_port()
-    log = workdir / "operator.log"
-    process = subprocess.Popen(
-        [str(KUBEFLY), "operator", "--peering", "kubefly", f"--health-port={health}", f"--metrics-port={metrics}", *extra],
-        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    handle = OperatorProcess(process, log, kubeconfig, f"http://127.0.0.1:{health}/healthz", f"http://127.0.0.1:{metrics}/metrics")
+        def healthy():
+            if self.process.poll() is not None:
+                pytest.fail(f"the operator exited with {self.process.returncode}:\n{self.logs()[-4000:]}", pytrace=False)
+            try:
+                return urllib.request.urlopen(self.health_url, timeout=2).status == 200
+            except OSError:
+                return False
 
-    def healthy():
-        if process.poll() is not None:
-            pytest.fail(f"the operator exited with {process.returncode}:\n{handle.logs()[-4000:]}", pytrace=False)
+        self.kube.wait_for("the operator's /healthz", healthy, timeout=60)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no cleanup of any kind."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            return urllib.request.urlopen(handle.health_url, timeout=2).status == 200
-        except OSError:
-            return False
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
-    kube.wait_for("the operator's /healthz", healthy, timeout=60)
-    return handle
-
-
-def stop_operator(handle: OperatorProcess) -> None:
-    handle.process.terminate()
-    try:
-        handle.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        handle.process.kill()
-        handle.process.wait()
+    def restart(self) -> "OperatorProcess":
+        if self.process and self.process.poll() is None:
+            self.kill()
+        return self.start()
 
 
 @pytest.fixture(scope="session")
 def operator(kube: Kube, tmp_path_factory):
-    handle = start_operator(kube, tmp_path_factory.mktemp("operator"))
+    """The operator for the whole session; tests may kill() and restart() it."""
+    handle = OperatorProcess(kube, tmp_path_factory.mktemp("operator")).start()
     yield handle
-    stop_operator(handle)
+    handle.stop()
