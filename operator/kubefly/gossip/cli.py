@@ -1,0 +1,105 @@
+"""`kubefly agent`: the per-host gossip agent (a DaemonSet in the chart)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+from kubefly import logs
+
+
+def _hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return (host.strip("[]") or default_host, int(port))
+
+
+@click.command("agent")
+@click.option("--host", "host", required=True, envvar="KUBEFLY_HOST", help="This host's name (the node name).")
+@click.option("--region", required=True, envvar="KUBEFLY_REGION")
+@click.option("--gossip", "gossip", default="0.0.0.0:7946", show_default=True, help="UDP+TCP bind address:port.")
+@click.option("--advertise", default="", envvar="KUBEFLY_ADVERTISE_IP", help="IP peers reach us on (default: bind IP).")
+@click.option("--api", "api", default="127.0.0.1:7947", show_default=True, help="Local API address:port.")
+@click.option("--seed", "seeds", multiple=True, help="host:port of a peer to join through (repeatable).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="SQLite state; none = memory only.")
+@click.option("--key-file", default=None, envvar="KUBEFLY_GOSSIP_KEY_FILE", help="Cluster key (a mounted Secret).")
+@click.option("--source", type=click.Choice(["pods", "dir"]), default="pods", show_default=True)
+@click.option("--machines-dir", type=click.Path(path_type=Path), default=None, help="For --source dir.")
+@click.option("--source-poll", default=0.5, show_default=True, help="Seconds between scans of --machines-dir.")
+@click.option("--tombstone-ttl", default=3600.0, show_default=True, help="Seconds a tombstone (and an unrefreshed row) lives.")
+@click.option("--probe-interval", default=1.0, show_default=True)
+@click.option("--probe-timeout", default=0.5, show_default=True)
+@click.option("--suspicion-mult", default=4.0, show_default=True)
+@click.option("--fanout", default=4, show_default=True)
+@click.option("--rounds", default=3, show_default=True, help="Push rounds per new record at each agent.")
+@click.option("--gossip-interval", default=0.05, show_default=True, help="Minimum seconds between push rounds.")
+@click.option("--sync-interval", default=2.0, show_default=True)
+@click.option("--origin-rate", default=100.0, show_default=True, help="New record versions/s accepted per origin.")
+@click.option("--sender-rate", default=500.0, show_default=True, help="Datagrams/s accepted per sender.")
+@click.option("--emulate-latency", default="", help="SAME_MS,CROSS_MS one-way delay on sends (benchmarks).")
+@click.option("--log-level", default="INFO", show_default=True)
+def agent_command(host, region, gossip, advertise, api, seeds, data_dir, key_file, source, machines_dir,
+                  source_poll, tombstone_ttl, probe_interval, probe_timeout, suspicion_mult, fanout, rounds,
+                  gossip_interval, sync_interval, origin_rate, sender_rate, emulate_latency, log_level):
+    """Gossip this host's instances; serve the cluster's replica to the proxy and DNS."""
+    logs.configure(log_level, component="agent")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    from kubefly.gossip.agent import Agent, AgentConfig
+    from kubefly.gossip.wire import Keys
+
+    if source == "dir" and machines_dir is None:
+        raise click.UsageError("--source dir needs --machines-dir")
+    bind_ip, gport = _hostport(gossip, "0.0.0.0")
+    latency = (0.0, 0.0)
+    if emulate_latency:
+        same, cross = (float(x) / 1000 for x in emulate_latency.split(","))
+        latency = (same, cross)
+    cfg = AgentConfig(
+        host=host, region=region, bind_ip=bind_ip, advertise_ip=advertise or ("127.0.0.1" if bind_ip == "0.0.0.0" else bind_ip),
+        gossip_port=gport, seeds=[_hostport(s) for s in seeds], data_dir=data_dir, tombstone_ttl=tombstone_ttl,
+        probe_interval=probe_interval, probe_timeout=probe_timeout, suspicion_mult=suspicion_mult, fanout=fanout,
+        rounds=rounds, gossip_interval=gossip_interval, sync_interval=sync_interval, origin_rate=origin_rate,
+        origin_burst=origin_rate * 5, sender_rate=sender_rate, sender_burst=sender_rate * 2, emulate_latency=latency,
+    )
+    try:
+        keys = Keys.load(key_file)
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(str(exc))
+    asyncio.run(_run(cfg, keys, _hostport(api), source, machines_dir, source_poll))
+
+
+async def _run(cfg, keys, api_addr, source, machines_dir, source_poll) -> None:
+    from aiohttp import web
+
+    from kubefly.gossip.agent import Agent
+    from kubefly.gossip.api import make_app
+    from kubefly.gossip.sources import DirSource, PodSource
+
+    log = logs.get("kubefly.gossip.cli")
+    agent = Agent(cfg, keys)
+    await agent.start()
+    if source == "dir":
+        src = DirSource(machines_dir, cfg.host, cfg.region, agent.set_local, poll=source_poll)
+    else:
+        src = PodSource(cfg.host, cfg.region, agent.set_local)
+    src.start()
+    runner = web.AppRunner(make_app(agent), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, api_addr[0], api_addr[1]).start()
+    log.info("local api ready", api=f"http://{api_addr[0]}:{api_addr[1]}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    src.stop()
+    await agent.stop()  # ends watch streams first, so the API shuts down at once
+    await runner.cleanup()
+    log.info("agent stopped")
