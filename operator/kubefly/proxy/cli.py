@@ -1,0 +1,121 @@
+"""`kubefly proxy`: the ingress proxy (edge and host roles in one process)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+from kubefly import logs, metrics
+from kubefly.proxy import config as config_mod
+from kubefly.proxy import http1, server, starters
+from kubefly.proxy.proxy import Proxy, log
+
+
+
+def _addr(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@click.command("proxy")
+@click.option("--listen", default="0.0.0.0:8080", show_default=True, help="Where clients connect (the edge).")
+@click.option("--hop-listen", default="0.0.0.0:4281", show_default=True, help="Where other hosts' proxies reach instances on this host.")
+@click.option("--metrics-listen", default="0.0.0.0:9091", show_default=True, help="Prometheus /metrics.")
+@click.option("--agent", "agent_url", default="http://127.0.0.1:4280", show_default=True, help="The local host agent's API.")
+@click.option("--static", "static_file", type=click.Path(path_type=Path, exists=True), help="Read instance rows from this JSON file instead of an agent (standalone: benchmarks, development).")
+@click.option("--self-host", default="local", show_default=True, help="With --static: this host's name.")
+@click.option("--self-region", default="local", show_default=True, help="With --static: this host's region.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True), help="YAML settings (kubefly.proxy.config.Config); re-read on SIGHUP.")
+@click.option("--domain", help="Platform domain: apps answer at <app>.<domain> and <app>.<org>.<domain>.")
+@click.option("--host-proxy-template", help="Address of a host's proxy for edge->host hops, e.g. '{host}:4281'.")
+@click.option("--host-proxy", "host_proxies", multiple=True, help="HOST=ADDR:PORT, overrides the template for one host.")
+@click.option("--starter", "starter_spec", default="kube", show_default=True, help="Autostart/autostop: kube, command:<cmd> or none.")
+@click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds in-flight requests get to finish on SIGTERM.")
+@click.option("--log-level", default="INFO", show_default=True)
+def proxy_command(
+    listen, hop_listen, metrics_listen, agent_url, static_file, self_host, self_region, config_file, domain,
+    host_proxy_template, host_proxies, starter_spec, drain_timeout, log_level,
+):
+    """Route HTTP requests to app instances, using only the local replica."""
+    import uvloop
+
+    logs.configure(log_level, component="proxy")
+    overrides: dict = {}
+    if domain:
+        overrides["domain"] = domain
+    if host_proxy_template:
+        overrides["host_proxy_template"] = host_proxy_template
+    if host_proxies:
+        overrides["host_proxies"] = dict(h.split("=", 1) for h in host_proxies)
+    cfg = config_mod.load(config_file, overrides)
+    maddr, mport = _addr(metrics_listen)
+    metrics.serve(mport, maddr)
+    uvloop.run(
+        _run(cfg, config_file, overrides, _addr(listen), _addr(hop_listen), agent_url, static_file,
+             self_host, self_region, starter_spec, drain_timeout)
+    )
+
+
+async def _run(cfg, config_file, overrides, listen, hop_listen, agent_url, static_file,
+               self_host, self_region, starter_spec, drain_timeout):
+    client = None
+    if static_file is not None:
+        from kubefly.proxy.replica import StaticReplica
+
+        replica = StaticReplica(static_file, self_host, self_region)
+        report_load = None
+    else:
+        from kubefly.gossip.client import ReplicaClient
+
+        client = ReplicaClient(agent_url)
+        await client.start()
+        replica, report_load = client.replica, client.report_load
+    proxy = Proxy(replica, cfg, starter=starters.from_spec(starter_spec), report_load=report_load)
+    conns: set = set()
+    timeouts = server.Timeouts(header=cfg.header_timeout_s, idle=cfg.idle_timeout_s)
+    limits = http1.Limits()
+    edge = await server.serve(proxy.edge, *listen, limits=limits, timeouts=timeouts, registry=conns)
+    hop = await server.serve(proxy.host, *hop_listen, limits=limits, timeouts=timeouts, registry=conns)
+    background = [asyncio.create_task(proxy.report_loads()), asyncio.create_task(proxy.autostop_loop())]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        try:
+            proxy.config = config_mod.load(config_file, overrides)
+            if static_file is not None:
+                replica.reload()
+            log().info("reloaded", config=str(config_file or ""))
+        except Exception as exc:  # a bad file keeps the running config
+            log().error("reload failed", error=str(exc))
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log().info("proxy ready", listen=f"{listen[0]}:{listen[1]}", hop=f"{hop_listen[0]}:{hop_listen[1]}",
+             host=replica.self_host, region=replica.self_region, domain=cfg.domain)
+    await stop.wait()
+
+    # Graceful: stop accepting, let in-flight requests finish, close idle keep-alives.
+    log().info("draining", connections=len(conns))
+    edge.close()
+    hop.close()
+    for conn in list(conns):
+        conn.drain_idle()
+    try:
+        async with asyncio.timeout(drain_timeout):
+            while conns:
+                await asyncio.sleep(0.05)
+                for conn in list(conns):
+                    conn.drain_idle()
+    except TimeoutError:
+        log().warning("drain timeout: closing", connections=len(conns))
+    for task in background:
+        task.cancel()
+    proxy.pool.close()
+    if client is not None:
+        await client.close()
+    log().info("stopped")

@@ -1,0 +1,150 @@
+"""HTTP/1.1 wire details shared by both sides of the proxy: limits, header rules, framing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
+# pre-standard ones still seen in the wild.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Internal headers of the edge -> host hop; a client may not set them.
+H_INSTANCE = b"kubefly-instance"
+H_HOP_TOKEN = b"kubefly-hop-token"
+H_FULL = b"kubefly-full"
+INTERNAL = frozenset({H_INSTANCE, H_HOP_TOKEN, H_FULL})
+
+REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    421: b"Misdirected Request",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_url: int = 8 * 1024
+    max_header_bytes: int = 32 * 1024  # request line excluded
+    max_headers: int = 100
+
+
+class BadRequest(Exception):
+    """A request the proxy refuses before routing; carries the status to answer."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def check_framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
+    """Return (content_length, chunked) or refuse ambiguous framing.
+
+    Every shape that two HTTP implementations could read differently is
+    refused: both Content-Length and Transfer-Encoding, repeated
+    Content-Length, any transfer coding other than a lone `chunked`.
+    """
+    length: int | None = None
+    te: list[bytes] = []
+    seen_cl = False
+    for name, value in headers:
+        if name == b"content-length":
+            if seen_cl:
+                raise BadRequest(400, "repeated Content-Length")
+            seen_cl = True
+            v = value.strip()
+            if not v.isdigit() or len(v) > 18:
+                raise BadRequest(400, "invalid Content-Length")
+            length = int(v)
+        elif name == b"transfer-encoding":
+            te.append(value)
+    if te:
+        if seen_cl:
+            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        if len(te) != 1 or te[0].strip().lower() != b"chunked":
+            raise BadRequest(501, "unsupported Transfer-Encoding")
+        return None, True
+    return length, False
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers, those the Connection header names, and internal ones."""
+    named = connection_tokens(headers)
+    return [
+        (n, v)
+        for n, v in headers
+        if n not in HOP_BY_HOP and n not in named and n not in INTERNAL and n != b"content-length"
+    ]
+
+
+def get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+
+
+def simple_response(
+    status: int,
+    body: bytes,
+    *,
+    keep_alive: bool,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+) -> bytes:
+    head = b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Status"))
+    hdrs = [
+        (b"content-type", content_type),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"keep-alive" if keep_alive else b"close"),
+        *extra,
+    ]
+    return head + serialize_headers(hdrs) + b"\r\n" + body
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def status_has_no_body(status: int, method: bytes) -> bool:
+    return method == b"HEAD" or status in (204, 304) or 100 <= status < 200

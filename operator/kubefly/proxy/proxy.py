@@ -1,0 +1,632 @@
+"""The proxy's two roles in one process.
+
+Edge: a request entered here. Resolve the Host header to an app, rank its
+instances (routing.order), try the best one; on "full" (an instance at its
+hard limit) or a refused connection, try the next at once; when everything is
+full, wait for a freed slot within a bounded budget, then answer 503.
+
+Host: this proxy runs on the instance's host and owns the instance's
+concurrency count. An instance on this host is reached directly (no extra
+hop); one on another host is reached through that host's proxy, which answers
+"full" (503 + `kubefly-full`) instead of queueing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Protocol
+
+from kubefly import logs
+from kubefly.instances import Instance
+from kubefly.proxy import http1, metrics, routing
+from kubefly.proxy.config import Config
+from kubefly.proxy.server import Request
+from kubefly.proxy.upstream import Pool, UpstreamConn, UpstreamError
+
+
+
+def log():
+    # Bound lazily: a logger bound before logs.configure() would keep the default renderer.
+    return logs.get("kubefly.proxy")
+
+AppKey = tuple[str, str]
+
+
+class Replica(Protocol):
+    """What the proxy reads from the local gossip replica."""
+
+    self_host: str
+    self_region: str
+
+    def instances(self, org: str | None = None, app: str | None = None) -> list[Instance]: ...
+    def apps(self) -> set[tuple[str, str]]: ...
+    def rtt(self, host: str) -> float | None: ...
+
+
+class Starter(Protocol):
+    """Sets a machine's desired state (autostart, autostop)."""
+
+    async def start(self, instance: Instance) -> None: ...
+    async def stop(self, instance: Instance) -> None: ...
+
+
+class Outcome(Enum):
+    full = "full"  # the instance is at its hard limit, or no longer on that host
+    retry = "retry"  # the request never reached the instance: safe to reissue
+
+
+class Replay:
+    __slots__ = ("region", "instance", "elsewhere")
+
+    def __init__(self, region: str | None, instance: str | None, elsewhere: bool):
+        self.region = region
+        self.instance = instance
+        self.elsewhere = elsewhere
+
+
+def parse_replay(value: bytes) -> Replay | None:
+    """`fly-replay: region=ams;instance=abc;elsewhere=true`; None if it says nothing usable."""
+    fields = {}
+    for part in value.decode("latin-1").split(";"):
+        k, _, v = part.strip().partition("=")
+        if k:
+            fields[k.strip().lower()] = v.strip()
+    region = fields.get("region", "").split(",")[0] or None
+    replay = Replay(region, fields.get("instance") or None, fields.get("elsewhere", "").lower() == "true")
+    if not (replay.region or replay.instance or replay.elsewhere):
+        return None
+    return replay
+
+
+# Client-supplied copies of what the edge asserts are dropped, not trusted.
+EDGE_ASSERTED = frozenset(
+    {
+        b"fly-client-ip",
+        b"fly-region",
+        b"fly-request-id",
+        b"fly-forwarded-port",
+        b"fly-replay-src",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-forwarded-host",
+        b"x-forwarded-ssl",
+    }
+)
+
+
+def resolve_app(host: bytes | None, domain: str, apps: dict[str, set[str]]) -> tuple[AppKey | None, str]:
+    """Map a Host header to (org, app), or None and the reason.
+
+    `<app>.<org>.<domain>` always names one app; `<app>.<domain>` works while
+    exactly one org has an app of that name, and is refused as ambiguous
+    otherwise (never routed to a guessed org).
+    """
+    if not host:
+        return None, "no Host header"
+    name = host.decode("latin-1").strip().lower()
+    if name.startswith("["):
+        name = name[: name.find("]") + 1]
+    else:
+        name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    suffix = "." + domain.lower()
+    if not name.endswith(suffix):
+        return None, f"{name} is not under {domain}"
+    labels = name[: -len(suffix)].split(".")
+    if len(labels) == 1:
+        orgs = apps.get(labels[0], set())
+        if len(orgs) == 1:
+            return (next(iter(orgs)), labels[0]), ""
+        if len(orgs) > 1:
+            return None, f"app {labels[0]} exists in several orgs: use {labels[0]}.<org>.{domain}"
+        return None, f"no app {labels[0]}"
+    if len(labels) == 2 and labels[1] in apps.get(labels[0], set()):
+        return (labels[1], labels[0]), ""
+    return None, f"no app at {name}"
+
+
+class Proxy:
+    def __init__(
+        self,
+        replica: Replica,
+        config: Config,
+        *,
+        starter: Starter | None = None,
+        report_load: Callable[[dict[tuple[str, str], int]], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
+    ):
+        self.replica = replica
+        self.config = config
+        self.starter = starter
+        self.report_load = report_load
+        self.rng = rng or random.Random()
+        self.pool = Pool(connect_timeout=config.connect_timeout_s, idle_timeout=config.pool_idle_s)
+        # Exact concurrency of instances on this host (edge and host roles share it).
+        self.local_load: dict[tuple[str, str], int] = defaultdict(int)
+        # This edge's requests in flight to instances on other hosts.
+        self.outstanding: dict[tuple[str, str], int] = defaultdict(int)
+        self.app_inflight: dict[AppKey, int] = defaultdict(int)
+        self.waiters: dict[AppKey, deque[asyncio.Future]] = defaultdict(deque)
+        self._starting: dict[tuple[str, str], asyncio.Task] = {}
+        self._apps: dict[str, set[str]] = {}
+        self._apps_stamp = 0.0
+        self._load_dirty = asyncio.Event()
+        self._idle_seen: set[tuple[str, str]] = set()
+        self.inflight_total = 0
+
+    # -- replica views ---------------------------------------------------------
+    def load(self, inst: Instance) -> int:
+        if inst.host == self.replica.self_host:
+            return self.local_load.get(inst.key, 0)
+        return max(inst.load, self.outstanding.get(inst.key, 0))
+
+    def rtt(self, host: str) -> float | None:
+        if host == self.replica.self_host:
+            return 0.0
+        return self.replica.rtt(host)
+
+    def _app_index(self) -> dict[str, set[str]]:
+        # The replica changes at gossip speed; rebuilding the name index at most
+        # every 100 ms keeps the per-request cost at one dict lookup.
+        now = time.monotonic()
+        if now - self._apps_stamp > 0.1:
+            index: dict[str, set[str]] = {}
+            for org, app in self.replica.apps():
+                index.setdefault(app, set()).add(org)
+            self._apps, self._apps_stamp = index, now
+        return self._apps
+
+    # -- local slots -------------------------------------------------------------
+    def acquire(self, inst: Instance, hard: int | None) -> bool:
+        n = self.local_load.get(inst.key, 0)
+        if hard is not None and n >= hard:
+            return False
+        self.local_load[inst.key] = n + 1
+        self._load_dirty.set()
+        return True
+
+    def release(self, inst: Instance) -> None:
+        n = self.local_load.get(inst.key, 0) - 1
+        if n <= 0:
+            self.local_load.pop(inst.key, None)
+        else:
+            self.local_load[inst.key] = n
+        self._load_dirty.set()
+        waiters = self.waiters.get((inst.org, inst.app))
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+    async def _wait_for_slot(self, app: AppKey, timeout: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[app].append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            pass
+        finally:
+            if not fut.done():
+                fut.cancel()
+                self.waiters[app].remove(fut)
+
+    # -- edge ---------------------------------------------------------------------
+    async def edge(self, req: Request) -> None:
+        cfg = self.config
+        started = time.monotonic()
+        app, reason = resolve_app(req.header(b"host"), cfg.domain, self._app_index())
+        if app is None:
+            self._answer(req, 404, f"kubefly: {reason}\n", b"unknown-app")
+            return
+        if self.app_inflight[app] >= cfg.app_max_inflight:
+            self._answer(req, 503, f"kubefly: app {app[1]} is over its concurrency budget at this proxy\n", b"app-budget")
+            metrics.REQUESTS.labels(app[0], app[1], "503").inc()
+            return
+        self.app_inflight[app] += 1
+        self.inflight_total += 1
+        status = 0
+        try:
+            async with asyncio.timeout(cfg.total_timeout_s):
+                status = await self._route(req, app, cfg, started)
+        except TimeoutError:
+            status = 504
+            if not req.conn.busy_writing:
+                self._answer(req, 504, "kubefly: request timed out\n", b"timeout")
+            else:
+                req.conn.close()
+        finally:
+            self.app_inflight[app] -= 1
+            self.inflight_total -= 1
+            metrics.REQUESTS.labels(app[0], app[1], str(status or 499)).inc()
+            metrics.LATENCY.labels(app[0], app[1]).observe(time.monotonic() - started)
+
+    def _forward_headers(self, req: Request, request_id: bytes) -> list[tuple[bytes, bytes]]:
+        out = [(n, v) for n, v in http1.end_to_end(req.headers) if n not in EDGE_ASSERTED]
+        client = req.conn.peer.encode()
+        xff = req.header(b"x-forwarded-for")
+        host = req.header(b"host") or b""
+        port = req.conn.local_port
+        out = [(n, v) for n, v in out if n not in (b"x-forwarded-for", b"forwarded")]
+        prior = req.header(b"forwarded")
+        fwd = b'for="%s";proto=http;host="%s"' % (client, host)
+        out += [
+            (b"x-forwarded-for", xff + b", " + client if xff else client),
+            (b"forwarded", prior + b", " + fwd if prior else fwd),
+            (b"x-forwarded-proto", b"http"),
+            (b"x-forwarded-host", host),
+            (b"x-forwarded-port", port),
+            (b"fly-client-ip", client),
+            (b"fly-forwarded-port", port),
+            (b"fly-region", self.replica.self_region.encode()),
+            (b"fly-request-id", request_id),
+        ]
+        return out
+
+    async def _route(self, req: Request, app: AppKey, cfg: Config, started: float) -> int:
+        org, name = app
+        if req.body.empty:
+            body, replayable = b"", True
+        else:
+            body, replayable = await req.body.read_upto(cfg.replay_body_limit)
+        request_id = b"%s-%s" % (os.urandom(8).hex().encode(), self.replica.self_region.encode())
+        headers = self._forward_headers(req, request_id)
+        force = (req.header(b"fly-force-instance-id") or b"").decode("latin-1").strip() or None
+        region = (req.header(b"fly-prefer-region") or b"").decode("latin-1").strip() or self.replica.self_region
+        deadline = started + cfg.retry_budget_s
+        exclude: set[tuple[str, str]] = set()
+        attempts = replays = 0
+        while True:
+            instances = self.replica.instances(org, name)
+            if force is not None:
+                instances = [i for i in instances if force in (i.machine_id, i.instance_id)]
+                if not instances:
+                    return self._answer(req, 404, f"kubefly: app {name} has no instance {force}\n", b"no-instance")
+            strategy = cfg.strategy_for(org, name, len(instances))
+            choices = routing.order(
+                instances,
+                region=region,
+                load=self.load,
+                rtt=self.rtt,
+                rng=self.rng,
+                strategy=strategy,
+                sample=cfg.sample,
+                exclude=frozenset(exclude),
+            )
+            if force is None and (not choices or routing.all_above_soft(choices)):
+                candidate = routing.autostart_candidate(instances, region=region, rtt=self.rtt)
+                if candidate is not None and self.starter is not None:
+                    waiting = self._autostart(candidate)
+                    if not choices:
+                        # Nothing can serve now: hold the request until the machine passes its checks.
+                        if not await self._wait_started(waiting, candidate, cfg.autostart_timeout_s):
+                            return self._answer(req, 503, f"kubefly: app {name} did not start in time\n", b"autostart")
+                        continue
+            if not choices:
+                if not any(i.routable for i in instances):
+                    return self._answer(req, 503, f"kubefly: app {name} has no started instance\n", b"no-instance")
+                remaining = deadline - time.monotonic()
+                capacity = sum((routing.http_service(i).hard_limit or 0) for i in instances if i.routable)
+                if remaining <= 0 or attempts >= cfg.max_attempts or len(self.waiters[app]) >= max(capacity, 1):
+                    return self._answer(req, 503, f"kubefly: every instance of {name} is at its limit\n", b"full")
+                # A slot frees on this host (wake-up) or a peer's load report changes (re-check).
+                await self._wait_for_slot(app, min(remaining, 0.05))
+                exclude.clear()
+                continue
+            choice = choices[0]
+            attempts += 1
+            result = await self._attempt(req, choice, headers, body, replayable, cfg, request_id)
+            if isinstance(result, int):
+                return result
+            if isinstance(result, Replay):
+                replays += 1
+                if replays > cfg.max_replays:
+                    return self._answer(req, 502, "kubefly: too many replays\n", b"replay-chain")
+                headers = [(n, v) for n, v in headers if n != b"fly-replay-src"] + [
+                    (b"fly-replay-src", b"instance=%s;region=%s" % (choice.instance.machine_id.encode(), choice.instance.region.encode()))
+                ]
+                force = result.instance
+                if result.region:
+                    region = result.region
+                exclude = {choice.instance.key} if result.elsewhere else set()
+                attempts = 0
+                deadline = time.monotonic() + cfg.retry_budget_s
+                continue
+            if result is Outcome.full:
+                metrics.FULL.labels(org, name).inc()
+            if not replayable or attempts >= cfg.max_attempts or time.monotonic() >= deadline:
+                return self._answer(req, 503, f"kubefly: no instance of {name} could take the request\n", b"full")
+            metrics.RETRIES.labels(org, name).inc()
+            if force is None:
+                exclude.add(choice.instance.key)
+            else:
+                await asyncio.sleep(0.01)  # forced to one instance: let it free a slot
+
+    def _autostart(self, inst: Instance) -> asyncio.Task:
+        task = self._starting.get(inst.key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._start(inst))
+            self._starting[inst.key] = task
+            task.add_done_callback(lambda _t, key=inst.key: self._starting.pop(key, None))
+        return task
+
+    async def _start(self, inst: Instance) -> None:
+        log().info("autostart", org=inst.org, app=inst.app, machine=inst.machine_id, region=inst.region)
+        metrics.AUTOSTARTS.labels(inst.org, inst.app).inc()
+        try:
+            await self.starter.start(inst)
+        except Exception as exc:
+            log().warning("autostart failed", org=inst.org, app=inst.app, machine=inst.machine_id, error=str(exc))
+
+    async def _wait_started(self, task: asyncio.Task, inst: Instance, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(task)
+                # Bounded by the timeout; the replica shows the instance once its host's agent sees it pass its checks.
+                while True:
+                    for i in self.replica.instances(inst.org, inst.app):
+                        if i.machine_id == inst.machine_id and i.routable:
+                            return True
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            return False
+
+    async def _attempt(self, req, choice, headers, body, replayable, cfg, request_id):
+        inst, service = choice.instance, choice.service
+        if inst.host == self.replica.self_host:
+            if not self.acquire(inst, service.hard_limit):
+                return Outcome.full
+            try:
+                return await self._exchange(
+                    req, (inst.address, service.internal_port), headers, body, replayable, cfg, request_id, edge=True
+                )
+            finally:
+                self.release(inst)
+        target = cfg.host_proxy(inst.host)
+        hop = headers + [(http1.H_INSTANCE, f"{inst.org}/{inst.machine_id}".encode())]
+        if cfg.hop_token:
+            hop.append((http1.H_HOP_TOKEN, cfg.hop_token.encode()))
+        self.outstanding[inst.key] += 1
+        try:
+            return await self._exchange(req, target, hop, body, replayable, cfg, request_id, edge=True)
+        finally:
+            n = self.outstanding[inst.key] - 1
+            if n:
+                self.outstanding[inst.key] = n
+            else:
+                del self.outstanding[inst.key]
+
+    # -- one upstream exchange -------------------------------------------------------
+    async def _exchange(self, req, target, headers, body, replayable, cfg, request_id, *, edge: bool):
+        """Send the request, stream the answer back. Returns a status, Outcome or Replay.
+
+        `edge`: this proxy took the client's connection, so it acts on
+        `fly-replay` and adds the request id; a host hop passes both through.
+        """
+        for fresh in (False, True):
+            try:
+                conn = await self.pool.acquire(*target)
+            except UpstreamError:
+                return Outcome.retry
+            try:
+                return await self._send(req, conn, headers, body, replayable, cfg, request_id, edge)
+            except UpstreamError as exc:
+                conn.close()
+                if exc.sent or not replayable:
+                    if req.conn.busy_writing:
+                        req.conn.close()
+                        return 502
+                    return self._answer(req, 502, f"kubefly: instance failed: {exc}\n", b"upstream")
+                if fresh or not conn.reused:
+                    return Outcome.retry
+                # A pooled connection the instance had already closed: one more try on a new one.
+            except TimeoutError:
+                conn.close()
+                return self._answer(req, 504, "kubefly: instance did not answer in time\n", b"timeout")
+        return Outcome.retry
+
+    async def _send(self, req, conn: UpstreamConn, headers, body, replayable, cfg, request_id, edge):
+        client = req.conn
+        conn.begin(req.method == b"HEAD", cfg.idle_timeout_s)
+        lines = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target), http1.serialize_headers(headers)]
+        if req.upgrade:
+            lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % (req.header(b"upgrade") or b""))
+        if replayable:
+            if body or not req.body.empty:
+                lines.append(b"content-length: %d\r\n" % len(body))
+            lines.append(b"\r\n")
+            lines.append(body)
+            conn.write(b"".join(lines))
+        else:
+            lines.append(b"transfer-encoding: chunked\r\n\r\n" if req.body.chunked else b"content-length: %d\r\n\r\n" % req.body.length)
+            conn.write(b"".join(lines))
+            while True:
+                piece = await req.body.read()
+                if not piece:
+                    break
+                conn.write(http1.chunk(piece) if req.body.chunked else piece)
+                await conn.drain()
+            if req.body.chunked:
+                conn.write(http1.LAST_CHUNK)
+        async with asyncio.timeout(cfg.response_timeout_s):
+            status, rheaders = await conn.head()
+        # A host proxy, or the app itself, says it is at its limit: try elsewhere.
+        if status == 503 and http1.get(rheaders, http1.H_FULL) is not None:
+            conn.reusable = False
+            conn.close()
+            return Outcome.full
+        replay = http1.get(rheaders, b"fly-replay")
+        if edge and replay is not None and replayable and not req.upgrade:
+            directive = parse_replay(replay)
+            if directive is not None:
+                conn.reusable = False
+                conn.close()
+                return directive
+        if status == 101 and req.upgrade:
+            return await self._tunnel(req, conn, rheaders)
+        no_body = http1.status_has_no_body(status, req.method)
+        keep = req.keep_alive and not client.draining and not req.upgrade
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, http1.REASONS.get(status, b"Status"))]
+        if edge:
+            out.append(http1.serialize_headers([h for h in http1.end_to_end(rheaders) if h[0] != b"fly-replay"]))
+            out.append(b"fly-request-id: %s\r\n" % request_id)
+        else:
+            out.append(http1.serialize_headers(http1.end_to_end(rheaders)))
+        length = http1.get(rheaders, b"content-length")
+        chunked = False
+        if length is not None and (not no_body or req.method == b"HEAD"):
+            out.append(b"content-length: %s\r\n" % length)
+        elif not no_body:
+            if req.version == "1.1":
+                chunked = True
+                out.append(b"transfer-encoding: chunked\r\n")
+            else:
+                keep = False  # HTTP/1.0 client: the end of the body is the end of the connection
+        out.append(b"connection: keep-alive\r\n\r\n" if keep else b"connection: close\r\n\r\n")
+        req.keep_alive = keep
+        client.busy_writing = True
+        client.write(b"".join(out))
+        if not no_body:
+            def sink(data: bytes, _chunked=chunked) -> None:
+                client.write(http1.chunk(data) if _chunked else data)
+                if client.write_paused:
+                    conn.pause()
+                    client.on_writable = conn.resume
+
+            conn.set_sink(sink)
+        await conn.done()
+        if chunked:
+            client.write(http1.LAST_CHUNK)
+        client.busy_writing = False
+        if not req.body.done:
+            # The instance answered before reading the whole body: the connection cannot be reused.
+            conn.reusable = False
+        self.pool.release(conn)
+        return status
+
+    async def _tunnel(self, req, conn: UpstreamConn, rheaders) -> int:
+        client = req.conn
+        client.write(
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            + http1.serialize_headers([h for h in rheaders if h[0] not in (b"content-length",)])
+            + b"\r\n"
+        )
+        closed = asyncio.get_running_loop().create_future()
+
+        def finish() -> None:
+            if not closed.done():
+                closed.set_result(None)
+            conn.close()
+            client.close()
+
+        conn.start_tunnel(client.write, finish)
+        client.start_tunnel(conn.write_raw, finish)
+        # Bytes the client sent with the upgrade request belong to the tunnel.
+        await closed
+        return 101
+
+    def _answer(self, req: Request, status: int, text: str, code: bytes) -> int:
+        req.conn.write(
+            http1.simple_response(
+                status, text.encode(), keep_alive=req.keep_alive and req.body.done, extra=[(b"kubefly-error", code)]
+            )
+        )
+        return status
+
+    # -- host role ------------------------------------------------------------------
+    async def host(self, req: Request) -> None:
+        """A hop from an edge proxy for an instance on this host: enforce its limit, forward."""
+        cfg = self.config
+        if cfg.hop_token and req.header(http1.H_HOP_TOKEN) != cfg.hop_token.encode():
+            self._answer(req, 403, "kubefly: not a kubefly edge\n", b"hop-token")
+            return
+        org, _, machine = (req.header(http1.H_INSTANCE) or b"").decode("latin-1").partition("/")
+        inst = next(
+            (
+                i
+                for i in self.replica.instances(org)
+                if i.machine_id == machine and i.host == self.replica.self_host and i.routable
+            ),
+            None,
+        )
+        service = routing.http_service(inst) if inst is not None else None
+        if inst is None or service is None or not self.acquire(inst, service.hard_limit):
+            req.conn.write(
+                http1.simple_response(503, b"", keep_alive=req.keep_alive and req.body.done, extra=[(http1.H_FULL, b"1")])
+            )
+            return
+        try:
+            if req.body.empty:
+                body, replayable = b"", True
+            else:
+                body, replayable = await req.body.read_upto(cfg.replay_body_limit)
+            headers = http1.end_to_end(req.headers)
+            request_id = req.header(b"fly-request-id") or b""
+            result = await self._exchange(
+                req, (inst.address, service.internal_port), headers, body, replayable, cfg, request_id, edge=False
+            )
+            if result is Outcome.retry or result is Outcome.full:
+                req.conn.write(
+                    http1.simple_response(503, b"", keep_alive=req.keep_alive, extra=[(http1.H_FULL, b"1")])
+                )
+        finally:
+            self.release(inst)
+
+    # -- background: load reports and autostop ---------------------------------------
+    async def report_loads(self) -> None:
+        """Publish this host's instance loads to the replica, coalesced to at most 10 per second."""
+        if self.report_load is None:
+            return
+        while True:
+            await self._load_dirty.wait()
+            self._load_dirty.clear()
+            try:
+                await self.report_load(dict(self.local_load) | self._zeroes())
+            except Exception as exc:
+                log().warning("load report failed", error=str(exc))
+            await asyncio.sleep(0.1)
+
+    def _zeroes(self) -> dict[tuple[str, str], int]:
+        return {i.key: 0 for i in self.replica.instances() if i.host == self.replica.self_host and i.key not in self.local_load}
+
+    async def autostop_pass(self) -> list[Instance]:
+        """Stop idle machines: one per region and app, decided by one proxy per region.
+
+        The decider is the proxy on the lowest-named host holding a started
+        instance of the app in that region, so proxies do not stop several at
+        once. An instance must be idle on two passes in a row.
+        """
+        if self.starter is None:
+            return []
+        stopped = []
+        idle_now: set[tuple[str, str]] = set()
+        for org, app in sorted(self.replica.apps()):
+            instances = self.replica.instances(org, app)
+            for victim in routing.autostop_victims(instances, self.load):
+                peers = [i.host for i in instances if i.region == victim.region and i.state.value == "started"]
+                if min(peers) != self.replica.self_host:
+                    continue
+                idle_now.add(victim.key)
+                if victim.key not in self._idle_seen:
+                    continue
+                log().info("autostop", org=org, app=app, machine=victim.machine_id, region=victim.region)
+                try:
+                    await self.starter.stop(victim)
+                except Exception as exc:
+                    log().warning("autostop failed", org=org, app=app, machine=victim.machine_id, error=str(exc))
+                    continue
+                metrics.AUTOSTOPS.labels(org, app).inc()
+                stopped.append(victim)
+        self._idle_seen = idle_now - {v.key for v in stopped}
+        return stopped
+
+    async def autostop_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.autostop_interval_s)
+            await self.autostop_pass()

@@ -1,0 +1,184 @@
+"""Pure routing decisions: which instance a request should try, in which order.
+
+Nothing here does I/O. The proxy hands in the instance rows it read from the
+local replica, a load function (exact counts for its own host, the gossiped
+figure plus its own outstanding requests for other hosts) and an RTT function.
+
+Order (strategy `closest`, the default):
+  1. instances in the request's region (the proxy's own region, or the one
+     `fly-prefer-region` names): under the soft limit, then between soft and
+     hard; least loaded first, then closest by RTT, ties random;
+  2. other regions, only after every local one: closest region first, then
+     least loaded (soft limits never push traffic across regions);
+  instances believed to be at their hard limit are left out.
+Strategy `leastload` (apps with many instances) ranks a random sample instead
+of every instance, so a pick costs O(sample), not O(n log n).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kubefly.instances import Instance, InstanceState, Service
+
+# Unknown RTT sorts after every measured one but keeps ordering total.
+UNKNOWN_RTT = 1e9
+
+CLOSEST = "closest"
+LEASTLOAD = "leastload"
+STRATEGIES = (CLOSEST, LEASTLOAD)
+
+
+class Band(IntEnum):
+    """The three load bands the proxy acts on (as on the seed platform)."""
+
+    under_soft = 0
+    soft = 1
+    full = 2
+
+
+def band(load: int, service: Service) -> Band:
+    if service.hard_limit is not None and load >= service.hard_limit:
+        return Band.full
+    if load >= service.soft_limit:
+        return Band.soft
+    return Band.under_soft
+
+
+def http_service(instance: Instance) -> Service | None:
+    """The service the HTTP proxy routes to: the one exposed on port 80, else the first."""
+    for service in instance.services:
+        if 80 in service.ports:
+            return service
+    return instance.services[0] if instance.services else None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    instance: Instance
+    service: Service
+    load: int
+    band: Band
+    rtt: float
+
+
+def _choices(
+    instances: Iterable[Instance],
+    load: Callable[[Instance], int],
+    rtt: Callable[[str], float | None],
+    exclude: frozenset[tuple[str, str]],
+) -> list[Choice]:
+    out = []
+    for inst in instances:
+        if not inst.routable or inst.key in exclude:
+            continue
+        service = http_service(inst)
+        if service is None:
+            continue
+        current = load(inst)
+        b = band(current, service)
+        if b is Band.full:
+            continue
+        measured = rtt(inst.host)
+        out.append(Choice(inst, service, current, b, UNKNOWN_RTT if measured is None else measured))
+    return out
+
+
+def order(
+    instances: Iterable[Instance],
+    *,
+    region: str,
+    load: Callable[[Instance], int],
+    rtt: Callable[[str], float | None],
+    rng: random.Random,
+    strategy: str = CLOSEST,
+    sample: int = 8,
+    exclude: frozenset[tuple[str, str]] = frozenset(),
+) -> list[Choice]:
+    """Candidates to try, best first. An empty list means nothing can take the request now."""
+    choices = _choices(instances, load, rtt, exclude)
+    local = [c for c in choices if c.instance.region == region]
+    remote = [c for c in choices if c.instance.region != region]
+    if strategy == LEASTLOAD:
+        return _sampled(local, sample, rng) + _sampled(remote, sample, rng)
+    # A random key per choice breaks ties without biasing toward replica order.
+    local.sort(key=lambda c: (c.band, c.load, c.rtt, rng.random()))
+    remote.sort(key=lambda c: (c.band, c.rtt, c.load, rng.random()))
+    return local + remote
+
+
+def _sampled(choices: list[Choice], sample: int, rng: random.Random) -> list[Choice]:
+    if len(choices) <= sample:
+        picked, rest = choices, []
+    else:
+        idx = set(rng.sample(range(len(choices)), sample))
+        picked = [c for i, c in enumerate(choices) if i in idx]
+        rest = [c for i, c in enumerate(choices) if i not in idx]
+        rng.shuffle(rest)
+    picked = sorted(picked, key=lambda c: (c.band, c.load, c.rtt, rng.random()))
+    return picked + rest
+
+
+def all_above_soft(choices: Sequence[Choice]) -> bool:
+    return all(c.band is not Band.under_soft for c in choices)
+
+
+def autostart_candidate(
+    instances: Iterable[Instance], *, region: str, rtt: Callable[[str], float | None]
+) -> Instance | None:
+    """A stopped instance with autostart, in the request's region if any, else the closest."""
+    best: tuple[int, float, str] | None = None
+    found = None
+    for inst in instances:
+        if inst.state is not InstanceState.stopped:
+            continue
+        service = http_service(inst)
+        if service is None or not service.autostart:
+            continue
+        measured = rtt(inst.host)
+        key = (0 if inst.region == region else 1, UNKNOWN_RTT if measured is None else measured, inst.machine_id)
+        if best is None or key < best:
+            best, found = key, inst
+    return found
+
+
+def autostop_victims(
+    instances: Sequence[Instance], load: Callable[[Instance], int]
+) -> list[Instance]:
+    """Idle instances of ONE app to stop in this pass: at most one per region.
+
+    A region keeps one more started instance than it has busy (over-soft)
+    ones; only idle instances (load 0) with autostop are stopped; the app never
+    goes below its minimum running.
+    """
+    started = [i for i in instances if i.state is InstanceState.started]
+    if not started:
+        return []
+    minimum = max((s.min_machines_running for i in started for s in i.services), default=0)
+    running = len(started)
+    victims = []
+    by_region: dict[str, list[Instance]] = {}
+    for inst in started:
+        by_region.setdefault(inst.region, []).append(inst)
+    for region in sorted(by_region):
+        members = by_region[region]
+        busy = 0
+        idle = []
+        for inst in members:
+            service = http_service(inst)
+            if service is None:
+                continue
+            current = load(inst)
+            if band(current, service) is not Band.under_soft:
+                busy += 1
+            if current == 0 and service.autostop != "off":
+                idle.append(inst)
+        excess = len(members) - (busy + 1)
+        # A lone idle instance is stopped too: nothing is using it.
+        if (excess >= 1 or len(members) == 1) and idle and running > minimum:
+            victims.append(min(idle, key=lambda i: i.machine_id))
+            running -= 1
+    return victims
