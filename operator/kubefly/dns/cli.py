@@ -1,0 +1,59 @@
+"""`kubefly dns`: the host's `.internal` resolver, beside its agent."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import click
+
+from kubefly import logs
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1", int(port))
+
+
+@click.command("dns")
+@click.option("--agent", "agent_url", default="http://127.0.0.1:7947", show_default=True, help="The local agent's API.")
+@click.option("--listen", default="127.0.0.1:5353", show_default=True, help="UDP and TCP address:port.")
+@click.option("--org", default=None, envvar="KUBEFLY_DNS_ORG",
+              help="The organisation (namespace) whose apps this resolver names; all orgs when unset.")
+@click.option("--ttl", default=5, show_default=True, type=click.IntRange(0, 5))
+@click.option("--forward", default=None, help="host:port of a resolver for names outside .internal (else REFUSED).")
+@click.option("--metrics-port", default=0, help="Serve /metrics on this port (0: off).")
+@click.option("--log-level", default="INFO", show_default=True)
+def dns_command(agent_url, listen, org, ttl, forward, metrics_port, log_level):
+    """Answer <app>.internal and friends from the local replica."""
+    logs.configure(log_level, component="dns")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if metrics_port:
+        from kubefly import metrics
+
+        metrics.serve(metrics_port, addr="127.0.0.1")
+    asyncio.run(_run(agent_url, _hostport(listen), org, ttl, _hostport(forward) if forward else None))
+
+
+async def _run(agent_url, listen, org, ttl, forward) -> None:
+    from kubefly.dns.server import DnsServer
+    from kubefly.gossip.client import ReplicaClient
+
+    log = logs.get("kubefly.dns.cli")
+    client = ReplicaClient(agent_url)
+    await client.start()
+    server = DnsServer(client.replica, org, ttl=ttl, forward=forward)
+    await server.start(*listen)
+    log.info("dns ready", listen=f"{listen[0]}:{listen[1]}", org=org or "*", forward=forward and f"{forward[0]}:{forward[1]}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    await client.close()
