@@ -24,7 +24,7 @@ def _addr(spec: str) -> tuple[str, int]:
 @click.option("--listen", default="0.0.0.0:8080", show_default=True, help="Where clients connect (the edge).")
 @click.option("--hop-listen", default="0.0.0.0:4281", show_default=True, help="Where other hosts' proxies reach instances on this host.")
 @click.option("--metrics-listen", default="0.0.0.0:9091", show_default=True, help="Prometheus /metrics.")
-@click.option("--agent", "agent_url", default="http://127.0.0.1:4280", show_default=True, help="The local host agent's API.")
+@click.option("--agent", "agent_url", default="http://127.0.0.1:7947", show_default=True, help="The local host agent's API.")
 @click.option("--static", "static_file", type=click.Path(path_type=Path, exists=True), help="Read instance rows from this JSON file instead of an agent (standalone: benchmarks, development).")
 @click.option("--self-host", default="local", show_default=True, help="With --static: this host's name.")
 @click.option("--self-region", default="local", show_default=True, help="With --static: this host's region.")

@@ -1,0 +1,128 @@
+"""Routing decisions: which instance first, which never."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kubefly.instances import CheckStatus, Instance, InstanceState, Service
+from kubefly.proxy import routing
+
+
+def inst(mid, *, region="ams", host="h1", soft=4, hard=8, state="started", check="passing", autostart=True,
+         autostop="stop", minimum=0, address="10.0.0.1"):
+    return Instance(
+        org="o", app="web", machine_id=mid, instance_id=mid + "-i", region=region, host=host, address=address,
+        state=InstanceState(state), check_status=CheckStatus(check),
+        services=[Service(internal_port=8080, ports=[80], soft_limit=soft, hard_limit=hard, autostart=autostart,
+                          autostop=autostop, min_machines_running=minimum)],
+    )
+
+
+RTT = {"h1": 0.0, "h2": 0.001, "far": 0.080, "farther": 0.150}
+
+
+def order(instances, loads=None, region="ams", seed=1, **kw):
+    loads = loads or {}
+    return [c.instance.machine_id for c in routing.order(
+        instances, region=region, load=lambda i: loads.get(i.machine_id, 0), rtt=RTT.get,
+        rng=random.Random(seed), **kw)]
+
+
+def test_bands():
+    svc = Service(internal_port=1, soft_limit=2, hard_limit=4)
+    assert [routing.band(n, svc) for n in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert routing.band(10**6, Service(internal_port=1, soft_limit=2)) is routing.Band.soft  # no hard limit: never full
+
+
+def test_least_loaded_first_then_closest():
+    got = order([inst("a", host="h2"), inst("b"), inst("c")], {"a": 1, "b": 2, "c": 1})
+    assert got == ["c", "a", "b"]  # c and a tie on load; c is on this host (closer)
+
+
+def test_full_and_unroutable_are_left_out():
+    instances = [inst("full"), inst("sick", check="failing"), inst("stopped", state="stopped"),
+                 inst("noaddr", address=""), inst("ok")]
+    assert order(instances, {"full": 8}) == ["ok"]
+
+
+def test_soft_band_only_after_every_instance_under_soft():
+    assert order([inst("busy"), inst("idle")], {"busy": 4, "idle": 3}) == ["idle", "busy"]
+    # Between soft and hard the instance is still used when all are over soft.
+    assert order([inst("busy"), inst("busier")], {"busy": 4, "busier": 6}) == ["busy", "busier"]
+
+
+def test_cross_region_only_after_every_local_instance():
+    instances = [inst("local-soft"), inst("remote-idle", region="iad", host="far")]
+    # Soft limits never push traffic across regions: the local instance over soft goes first.
+    assert order(instances, {"local-soft": 7}) == ["local-soft", "remote-idle"]
+    # A full local instance does.
+    assert order(instances, {"local-soft": 8}) == ["remote-idle"]
+
+
+def test_remote_regions_closest_first():
+    instances = [inst("syd", region="syd", host="farther"), inst("iad", region="iad", host="far")]
+    assert order(instances, {"iad": 3}) == ["iad", "syd"]
+
+
+def test_prefer_region_makes_that_region_local():
+    instances = [inst("here"), inst("there", region="iad", host="far")]
+    assert order(instances, region="iad") == ["there", "here"]
+
+
+def test_ties_are_broken_at_random():
+    firsts = {order([inst("a"), inst("b"), inst("c")], seed=s)[0] for s in range(50)}
+    assert firsts == {"a", "b", "c"}
+
+
+def test_exclude_removes_instances_that_said_full():
+    assert order([inst("a"), inst("b")], exclude=frozenset({("o", "a")})) == ["b"]
+
+
+def test_leastload_ranks_a_sample_then_the_rest():
+    instances = [inst(f"m{i:02}") for i in range(40)]
+    loads = {f"m{i:02}": 1 + i % 3 for i in range(40)}
+    loads["m17"] = 0
+    got = order(instances, loads, strategy=routing.LEASTLOAD, sample=5)
+    assert sorted(got) == sorted(i.machine_id for i in instances)  # every instance is still reachable on retry
+    head = got[:5]
+    assert [loads[m] for m in head] == sorted(loads[m] for m in head)
+    hits = sum(order(instances, loads, strategy=routing.LEASTLOAD, sample=5, seed=s)[0] == "m17" for s in range(200))
+    assert 0 < hits < 200  # in the sample sometimes, not always (it is a sample)
+
+
+def test_autostart_prefers_own_region_then_closest():
+    instances = [inst("far", region="syd", host="farther", state="stopped"),
+                 inst("near", region="iad", host="far", state="stopped"),
+                 inst("noauto", state="stopped", autostart=False),
+                 inst("running")]
+    assert routing.autostart_candidate(instances, region="ams", rtt=RTT.get).machine_id == "near"
+    instances.append(inst("home", state="stopped"))
+    assert routing.autostart_candidate(instances, region="ams", rtt=RTT.get).machine_id == "home"
+    assert routing.autostart_candidate([inst("x")], region="ams", rtt=RTT.get) is None
+
+
+@pytest.mark.parametrize(
+    ("loads", "expected"),
+    [
+        ({"a": 0, "b": 0, "c": 0}, ["a"]),  # one per region per pass
+        ({"a": 1, "b": 0, "c": 0}, ["b"]),  # only idle ones
+        ({"a": 5, "b": 5, "c": 0}, []),  # busy ones plus one spare are kept
+    ],
+)
+def test_autostop_one_idle_per_region(loads, expected):
+    instances = [inst("a"), inst("b"), inst("c")]
+    got = routing.autostop_victims(instances, lambda i: loads[i.machine_id])
+    assert [v.machine_id for v in got] == expected
+
+
+def test_autostop_per_region_and_minimum():
+    instances = [inst("a"), inst("b"), inst("x", region="iad"), inst("y", region="iad")]
+    got = routing.autostop_victims(instances, lambda i: 0)
+    assert sorted(v.machine_id for v in got) == ["a", "x"]
+    kept = [inst(m, minimum=3) for m in ("a", "b")] + [inst(m, region="iad", minimum=3) for m in ("x", "y")]
+    assert [v.machine_id for v in routing.autostop_victims(kept, lambda i: 0)] == ["a"]
+    assert routing.autostop_victims([inst("solo", minimum=1)], lambda i: 0) == []
+    assert [v.machine_id for v in routing.autostop_victims([inst("solo")], lambda i: 0)] == ["solo"]
+    assert routing.autostop_victims([inst("a", autostop="off"), inst("b", autostop="off")], lambda i: 0) == []
