@@ -275,6 +275,9 @@ class Agent:
                         "at": time.time()})
 
     def _member_changed(self, m: Member, old: str) -> None:
+        if old == DEAD and m.rtt is None and self._transport is not None:
+            # First contact: measure RTT now rather than when round-robin probing gets there.
+            asyncio.get_running_loop().call_later(random.uniform(0, 1.0), self._measure, m)
         if (old == DEAD) != (m.state == DEAD):
             log.info("member state", member=m.host, state=m.state, was=old, incarnation=m.inc)
             for key in list(self.store.by_origin.get(m.host, {})):
@@ -509,6 +512,21 @@ class Agent:
                 asyncio.create_task(self._probe(target))
             self.members.tick()
             await asyncio.sleep(self.cfg.probe_interval * random.uniform(0.9, 1.1))
+
+    def _measure(self, m: Member) -> None:
+        seq = self._next_seq()
+        fut = asyncio.get_running_loop().create_future()
+        self._acks[seq] = fut
+        sent = time.monotonic()
+
+        def done(f: asyncio.Future) -> None:
+            self._acks.pop(seq, None)
+            if not f.cancelled():
+                self.members.record_rtt(m.host, f.result() - sent)
+
+        fut.add_done_callback(done)
+        asyncio.get_running_loop().call_later(self.cfg.probe_interval, fut.cancel)
+        self._send_to(m.addr, m.host, {"t": "ping", "seq": seq})
 
     async def _probe(self, target: Member) -> None:
         loop = asyncio.get_running_loop()

@@ -76,8 +76,10 @@ class Membership:
     def is_live(self, host: str) -> bool:
         if host == self.me.host:
             return True
+        # An origin we have not heard of yet (just restarted) is served, not hidden:
+        # only a death we know of takes its rows out of the view.
         m = self.members.get(host)
-        return m is not None and m.state != DEAD
+        return m is None or m.state != DEAD
 
     def size(self) -> int:
         return 1 + len(self.alive())
