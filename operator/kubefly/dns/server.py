@@ -79,7 +79,7 @@ def parse(qname: str) -> Name | None:
         return Name("region", app, region=label)
     if len(front) == 2 and front[1] == "vm":
         return Name("vm", app, machine=front[0])
-    if len(front) == 4 and front[1:] == ["nearest", "of"]:
+    if len(front) == 3 and front[1:] == ["nearest", "of"]:
         m = _TOP.match(front[0])
         if m and int(m.group(1)) >= 1:
             return Name("nearest", app, n=int(m.group(1)))

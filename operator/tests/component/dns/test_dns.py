@@ -1,0 +1,172 @@
+"""`kubefly dns` as a real process over real agents, queried with dnspython over UDP and TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+import pytest_asyncio
+from dnslib import QTYPE, RR, A, DNSRecord
+
+from kubefly.gossip.harness import AgentCluster, free_port
+
+pytestmark = [pytest.mark.component, pytest.mark.asyncio(loop_scope="module")]
+
+KUBEFLY = str(Path(sys.executable).parent / "kubefly")
+
+
+class Upstream:
+    """A tiny real resolver for names outside .internal (the --forward target)."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            req = DNSRecord.parse(data)
+            reply = req.reply()
+            reply.add_answer(RR(req.q.qname, QTYPE.A, rdata=A("192.0.2.7"), ttl=60))
+            self.sock.sendto(reply.pack(), addr)
+
+    def close(self):
+        self.stop = True
+        self.thread.join()
+        self.sock.close()
+
+
+def start_dns(agent_api: str, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([KUBEFLY, "dns", "--agent", agent_api, "--listen", f"127.0.0.1:{port}", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            dns.query.udp(dns.message.make_query("_apps.internal", "TXT"), "127.0.0.1", port=port, timeout=0.5)
+            return proc, port
+        except (dns.exception.Timeout, ConnectionRefusedError):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.kill()
+    raise TimeoutError("dns did not answer")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env():
+    c = AgentCluster(3, regions=3)
+    procs = []
+    upstream = Upstream()
+    try:
+        await c.start()
+        a0, a1, a2 = c.agents
+        c.write_machine(a0, "m-local", address="127.0.0.10")
+        c.write_machine(a1, "m-v6", address="fdaa::11")
+        c.write_machine(a2, "m-far", address="127.0.0.12")
+        c.write_machine(a2, "m-stopped", address="127.0.0.13", state="stopped")
+        c.write_machine(a1, "m-sick", address="127.0.0.14",
+                        checks=[{"name": "t", "type": "tcp", "port": free_port(), "interval_seconds": 1}])
+        c.write_machine(a1, "db-1", app="db", address="127.0.0.20")
+        c.write_machine(a1, "other-org", org="globex", app="secret", address="127.0.0.30")
+        keys = [("acme", m) for m in ("m-local", "m-v6", "m-far", "m-stopped", "db-1")]
+        assert await c.converge(c.agents, lambda v: all(k in v for k in keys)
+                                and v.get(("acme", "m-sick"), {}).get("check_status") == "failing")
+        p, port = start_dns(a0.api, "--org", "acme")
+        procs.append(p)
+        pf, fport = start_dns(a0.api, "--org", "acme", "--forward", f"127.0.0.1:{upstream.port}")
+        procs.append(pf)
+        yield {"port": port, "fport": fport, "cluster": c}
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(5)
+        upstream.close()
+        await c.close()
+
+
+def ask(port: int, name: str, rdtype: str, tcp: bool = False):
+    q = dns.message.make_query(name, rdtype)
+    fn = dns.query.tcp if tcp else dns.query.udp
+    return fn(q, "127.0.0.1", port=port, timeout=3)
+
+
+def addrs(resp) -> set[str]:
+    return {r.to_text() for rrset in resp.answer for r in rrset}
+
+
+def txt(resp) -> str:
+    return "".join(s.decode() for rrset in resp.answer for r in rrset for s in r.strings)
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+async def test_app_names(env, tcp):
+    port = env["port"]
+    # started + passing only: the stopped and the failing machines are not answered
+    assert addrs(ask(port, "web.internal", "A", tcp)) == {"127.0.0.10", "127.0.0.12"}
+    assert addrs(ask(port, "global.web.internal", "AAAA", tcp)) == {"fdaa::11"}
+    assert addrs(ask(port, "r2.web.internal", "A", tcp)) == {"127.0.0.12"}
+    assert addrs(ask(port, "m-v6.vm.web.internal", "AAAA", tcp)) == {"fdaa::11"}
+    resp = ask(port, "web.internal", "A", tcp)
+    assert resp.rcode() == dns.rcode.NOERROR and all(rrset.ttl <= 5 for rrset in resp.answer)
+
+
+async def test_nearest_puts_own_host_first(env):
+    port = env["port"]
+    assert addrs(ask(port, "top1.nearest.of.web.internal", "A")) == {"127.0.0.10"}
+    assert len(addrs(ask(port, "top2.nearest.of.web.internal", "A"))) == 2
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+async def test_txt_names(env, tcp):
+    port = env["port"]
+    assert sorted(txt(ask(port, "vms.web.internal", "TXT", tcp)).split(",")) == ["m-far r2", "m-local r0", "m-v6 r1"]
+    assert txt(ask(port, "regions.web.internal", "TXT", tcp)) == "r0,r1,r2"
+    # the DNS serves one org: globex's app is not listed
+    assert txt(ask(port, "_apps.internal", "TXT", tcp)) == "db,web"
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+async def test_unknown_and_foreign_names(env, tcp):
+    port = env["port"]
+    for name in ("nope.internal", "nope.vm.web.internal", "r9.web.internal", "secret.internal", "x.y.z.web.internal"):
+        assert ask(port, name, "A", tcp).rcode() == dns.rcode.NXDOMAIN, name
+    known_no_data = ask(port, "db.internal", "AAAA", tcp)
+    assert known_no_data.rcode() == dns.rcode.NOERROR and not known_no_data.answer
+    assert ask(port, "example.com", "A", tcp).rcode() == dns.rcode.REFUSED
+
+
+async def test_forwarding(env):
+    resp = ask(env["fport"], "example.com", "A")
+    assert resp.rcode() == dns.rcode.NOERROR and addrs(resp) == {"192.0.2.7"}
+    assert addrs(ask(env["fport"], "web.internal", "A")) == {"127.0.0.10", "127.0.0.12"}
+
+
+async def test_answers_follow_the_replica(env):
+    c = env["cluster"]
+    c.write_machine(c.agents[1], "m-new", address="127.0.0.40")
+    deadline = time.monotonic() + 10
+    while "127.0.0.40" not in addrs(ask(env["port"], "web.internal", "A")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert "127.0.0.40" in addrs(ask(env["port"], "web.internal", "A"))
+    c.delete_machine(c.agents[1], "m-new")
+    deadline = time.monotonic() + 10
+    while "127.0.0.40" in addrs(ask(env["port"], "web.internal", "A")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert "127.0.0.40" not in addrs(ask(env["port"], "web.internal", "A"))
