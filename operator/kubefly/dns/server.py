@@ -105,7 +105,7 @@ def select(replica: Replica, org: str | None, name: Name) -> list[Instance] | No
             r = replica.rtt(i.host)
             return (r if r is not None else float("inf"), i.machine_id)
 
-        live = sorted(live, key=distance)[: name.n]
+        live = sorted(live, key=distance)  # truncated to N after the address-family filter
     return sorted(live, key=lambda i: i.machine_id) if name.kind != "nearest" else live
 
 
@@ -146,15 +146,18 @@ def answer(replica: Replica, org: str | None, request: DNSRecord, ttl: int) -> D
             value = ",".join(sorted({i.region for i in rows}))
             reply.add_answer(RR(q.qname, QTYPE.TXT, rdata=_txt(value), ttl=ttl))
         return reply
+    records = []
     for inst in rows:
         try:
             ip = ipaddress.ip_address(inst.address.strip("[]"))
         except ValueError:
             continue
         if ip.version == 6 and qtype in ("AAAA", "ANY"):
-            reply.add_answer(RR(q.qname, QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=ttl))
+            records.append(RR(q.qname, QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=ttl))
         elif ip.version == 4 and qtype in ("A", "ANY"):
-            reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(str(ip)), ttl=ttl))
+            records.append(RR(q.qname, QTYPE.A, rdata=A(str(ip)), ttl=ttl))
+    for rr in records[: name.n] if name.kind == "nearest" else records:
+        reply.add_answer(rr)
     return reply
 
 
