@@ -179,6 +179,12 @@ class MachineStatus(StatusModel):
     version: int | None = Field(default=None, ge=0)
     address: str | None = None
     restart_count: int | None = Field(default=None, ge=0)
+    spec_digest: str | None = Field(default=None, description="Digest of the spec the current version was built from.")
+    rolled_secrets_digest: str | None = Field(
+        default=None, description="The secrets-digest annotation the last replace acted on."
+    )
+    retry_window_start: datetime | None = Field(default=None, description="Start of the current 5-minute restart window.")
+    retry_window_base: int | None = Field(default=None, ge=0, description="restartCount when the window started.")
     observed_generation: int | None = Field(default=None, ge=0)
     conditions: Conditions = Field(default_factory=list)
     events: list[MachineEvent] = Field(default_factory=list, max_length=20, description="The latest events, newest last.")

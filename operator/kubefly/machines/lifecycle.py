@@ -1,0 +1,478 @@
+"""A Machine's life as a pure function: (machine, its pod, its host, ...) -> plan.
+
+`reconcile(world)` looks at one Machine and everything it depends on, as the
+controller last saw them, and returns the status to write and at most one
+action on the pod. It is level-based and idempotent: running it twice on the
+same world asks for the same thing, so a restarted operator, or a stale watch,
+can at worst repeat a create (AlreadyExists) or a delete (NotFound).
+
+States (Fly's words): created (placed, not booted: desired state stopped at
+create, like skip_launch), starting, started, stopping, stopped, replacing
+(spec or secrets changed: the pod is being replaced on the same host),
+destroying, failed (could not be created: capacity, volume, invalid spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from kubefly import labels
+from kubefly.conditions import get_condition, set_condition
+from kubefly.machines.pod import SECRETS_DIGEST, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
+from kubefly.placement.machines import Decision
+from kubefly.platform import PlatformSettings
+
+MAX_EVENTS = 20
+RETRY_WINDOW = timedelta(minutes=5)
+# Ready reasons that mean "this machine exited and stays stopped until its spec changes".
+EXIT_REASONS = ("Exited", "RestartLimitExceeded")
+PLACEMENT_FAILURES = ("InsufficientCapacity", "RegionClosed", "NoHostsInRegion", "HostUnavailable",
+                      "VolumeHostGone", "VolumeAttached", "VolumeMismatch", "InvalidSpec")
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int
+    oom_killed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the controller keeps of a machine's pod (from the watch)."""
+
+    name: str
+    instance: str | None
+    spec_digest: str | None
+    secrets_digest: str | None
+    phase: str
+    deleting: bool
+    ready: bool
+    running: bool
+    restart_count: int
+    last_exit: Exit | None  # the latest termination: current state, else lastState
+    waiting_reason: str | None
+    unschedulable: str | None
+    ip: str | None
+
+
+def _exit(terminated: dict | None) -> Exit | None:
+    if not terminated:
+        return None
+    reason = terminated.get("reason") or ""
+    return Exit(int(terminated.get("exitCode", 0)), reason == "OOMKilled", reason)
+
+
+def pod_view(pod: dict) -> PodView:
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    ann = meta.get("annotations") or {}
+    cs = next((c for c in status.get("containerStatuses") or [] if c.get("name") == "machine"), {})
+    state = cs.get("state") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    sched = conds.get("PodScheduled") or {}
+    return PodView(
+        name=meta.get("name", ""),
+        instance=ann.get(labels.INSTANCE_ID),
+        spec_digest=ann.get(SPEC_DIGEST),
+        secrets_digest=ann.get(SECRETS_DIGEST),
+        phase=status.get("phase") or "Pending",
+        deleting=bool(meta.get("deletionTimestamp")),
+        ready=(conds.get("Ready") or {}).get("status") == "True",
+        running="running" in state,
+        restart_count=int(cs.get("restartCount") or 0),
+        last_exit=_exit(state.get("terminated")) or _exit((cs.get("lastState") or {}).get("terminated")),
+        waiting_reason=(state.get("waiting") or {}).get("reason"),
+        unschedulable=sched.get("message") if sched.get("status") == "False" else None,
+        ip=status.get("podIP"),
+    )
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    name: str
+    app: str
+    region: str
+    host: str | None
+    claim: str | None
+    attached: str | None
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    """The machine's host as the Node says: None in World.host means the Node is gone."""
+
+    name: str
+    ready: bool
+    since: str | None  # lastTransitionTime of the Ready condition
+
+
+@dataclass(frozen=True)
+class World:
+    machine: dict
+    accepted: bool
+    accepted_message: str
+    now: datetime
+    pod: PodView | None = None
+    host: HostHealth | None = None
+    volume: VolumeView | None = None
+    secrets: list[SecretRef] | None = None  # None: some are missing (secrets_missing says which)
+    secrets_missing: str = ""
+    decision: Decision | None = None  # placement, when the machine has no host yet
+    platform: PlatformSettings = field(default_factory=PlatformSettings)
+
+
+@dataclass
+class Plan:
+    status: dict
+    create_pod: dict | None = None
+    delete_pod_grace: int | None = None  # delete the pod with this grace period
+    attach_volume: VolumeView | None = None  # claim this volume before anything else
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
+    placement: Decision | None = None  # a placement made now (for the create metrics)
+
+
+def _ts(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def requested_by(meta: dict) -> str | None:
+    """The field manager of the latest spec change (the API does not record the user on the object)."""
+    spec_writes = [m for m in meta.get("managedFields") or [] if "f:spec" in (m.get("fieldsV1") or {})]
+    if not spec_writes:
+        return None
+    return max(spec_writes, key=lambda m: m.get("time") or "").get("manager")
+
+
+class _Builder:
+    """Accumulates the new status, machine events and Kubernetes Events of one reconcile."""
+
+    def __init__(self, w: World):
+        self.w = w
+        self.meta = w.machine["metadata"]
+        self.spec = w.machine.get("spec") or {}
+        old = w.machine.get("status") or {}
+        self.old = old
+        self.gen = self.meta.get("generation")
+        self.st = {k: old[k] for k in OWNED_STATUS if k in old}
+        self.st["observedGeneration"] = self.gen
+        self.plan = Plan(status=self.st)
+
+    def cond(self, type_: str, ok: bool, reason: str, message: str) -> None:
+        self.st["conditions"] = set_condition(self.st.get("conditions"), type_, ok, reason, message, self.gen, _ts(self.w.now))
+
+    def state(self, new: str) -> None:
+        self.st["state"] = new
+
+    def log(self, type_: str, status: str, source: str = "kubefly", message: str | None = None, **extra) -> None:
+        entry = {"type": type_, "status": status, "source": source, "timestamp": _ts(self.w.now)}
+        if message:
+            entry["message"] = message[:1024]
+        if source == "user" and (who := requested_by(self.meta)):
+            entry["requestedBy"] = who
+        entry.update({k: v for k, v in extra.items() if v is not None})
+        self.st["events"] = ([*(self.st.get("events") or []), entry])[-MAX_EVENTS:]
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append((type_, reason, message))
+
+
+OWNED_STATUS = ("state", "host", "region", "instanceId", "version", "address", "restartCount", "conditions", "events",
+          "specDigest", "rolledSecretsDigest", "retryWindowStart", "retryWindowBase")
+
+
+def reconcile(w: World) -> Plan:
+    b = _Builder(w)
+    st, spec, name = b.st, b.spec, b.meta["name"]
+    if not w.accepted:
+        b.cond("Accepted", False, "InvalidSpec", w.accepted_message)
+        if not st.get("host"):
+            b.state("failed")
+            b.cond("Ready", False, "InvalidSpec", f"not created: {w.accepted_message}")
+        return b.plan
+    b.cond("Accepted", True, "SpecValid", "spec is valid")
+
+    if not st.get("host"):
+        if not _place(b):
+            return b.plan
+    if spec.get("mounts") and w.volume and w.volume.attached != name and b.plan.attach_volume is None:
+        if w.volume.attached:
+            # Someone else took the volume while we held the host: refuse, never share a volume.
+            return _fail_volume(b, "VolumeAttached", f"spec.mounts[0].volume: volume {w.volume.name} is attached to machine {w.volume.attached}")
+        b.plan.attach_volume = w.volume
+
+    _host_health(b)
+    _lifecycle(b)
+    return b.plan
+
+
+def _fail_volume(b: _Builder, reason: str, message: str) -> Plan:
+    b.state("failed")
+    b.cond("Placed", False, reason, message)
+    b.cond("Ready", False, reason, message)
+    if (get_condition(b.old.get("conditions"), "Placed") or {}).get("reason") != reason:
+        b.event("Warning", reason, message)
+        b.log("launch", "failed", message=message)
+    return b.plan
+
+
+def _place(b: _Builder) -> bool:
+    """Choose the host (once, for the machine's life). False: nothing more to do this round."""
+    w, st, spec, name = b.w, b.st, b.spec, b.meta["name"]
+    placed = get_condition(b.old.get("conditions"), "Placed")
+    if (
+        b.old.get("state") == "failed"
+        and placed
+        and placed.get("reason") in PLACEMENT_FAILURES
+        and placed.get("observedGeneration") == b.gen
+    ):
+        return False  # a failed create is final for this spec; a changed spec tries again
+    mounts = spec.get("mounts") or []
+    if mounts:
+        vol_name, v = mounts[0]["volume"], w.volume
+        if v is None or not v.host or not v.claim:
+            why = "does not exist" if v is None else "is not placed on a host yet"
+            b.state("created")
+            b.cond("Placed", False, "WaitingForVolume", f"spec.mounts[0].volume: volume {vol_name} {why}")
+            b.cond("Ready", False, "WaitingForVolume", f"waiting for volume {vol_name}")
+            return False
+        if v.app != spec["app"] or v.region != spec["region"]:
+            _fail_volume(
+                b, "VolumeMismatch",
+                f"spec.mounts[0].volume: volume {vol_name} belongs to app {v.app} in region {v.region}, "
+                f"not app {spec['app']} in region {spec['region']}",
+            )
+            return False
+        if v.attached and v.attached != name:
+            _fail_volume(b, "VolumeAttached", f"spec.mounts[0].volume: volume {vol_name} is attached to machine {v.attached}")
+            return False
+        b.plan.attach_volume = v if v.attached != name else None
+    decision = w.decision
+    if decision is None:
+        return False
+    b.plan.placement = decision
+    if not decision.ok:
+        b.state("failed")
+        b.cond("Placed", False, decision.reason, decision.message)
+        b.cond("Ready", False, decision.reason, f"not created: {decision.message}")
+        b.event("Warning", decision.reason, decision.message)
+        b.log("launch", "failed", message=decision.message)
+        b.plan.attach_volume = None
+        return False
+    st["host"], st["region"] = decision.host, spec["region"]
+    b.state("created")
+    b.cond("Placed", True, "Placed", decision.message)
+    b.event("Normal", "Placed", decision.message)
+    b.log("launch", "placed", source="user", message=decision.message)
+    return True
+
+
+def _host_health(b: _Builder) -> None:
+    w, host, spec = b.w, b.st["host"], b.spec
+    mounts = spec.get("mounts") or []
+    stays = (
+        f"its volume {mounts[0]['volume']} is on that host, so the machine is not moved; to run elsewhere, "
+        f"fork the volume (a new Volume with spec.forkFrom) and create a new Machine that mounts the fork"
+        if mounts
+        else "the machine stays bound to it; to run elsewhere now, delete this Machine and create a new one"
+    )
+    old = get_condition(b.old.get("conditions"), "HostReady")
+    if w.host is None:
+        msg = f"host {host} was removed from the cluster; {stays}"
+        b.cond("HostReady", False, "HostGone", msg)
+        if not old or old.get("reason") != "HostGone":
+            b.event("Warning", "HostGone", msg)
+            b.log("host", "gone", message=msg)
+    elif not w.host.ready:
+        msg = f"host {host} is NotReady since {w.host.since or 'unknown'}; the machine comes back when the host does; {stays}"
+        b.cond("HostReady", False, "HostNotReady", msg)
+        if not old or old.get("reason") != "HostNotReady":
+            b.event("Warning", "HostNotReady", msg)
+            b.log("host", "not_ready", message=msg)
+    else:
+        b.cond("HostReady", True, "HostReady", f"host {host} is Ready")
+        if old and old.get("status") == "False":
+            b.event("Normal", "HostRecovered", f"host {host} is Ready again")
+
+
+def _held(b: _Builder, what: str) -> bool:
+    """Platform maintenance holds every change to a started machine; say why and until when."""
+    m = b.w.platform.maintenance
+    if m is None:
+        return False
+    msg = f"{what} is held: {m.describe()}"
+    old = get_condition(b.old.get("conditions"), "Held")
+    b.cond("Held", True, "PlatformMaintenance", msg)
+    if not old or old.get("status") != "True":
+        b.event("Normal", "PlatformMaintenance", msg)
+        b.log("update", "held", message=msg)
+    return True
+
+
+def _lifecycle(b: _Builder) -> None:
+    w, st, spec, pod = b.w, b.st, b.spec, b.w.pod
+    held_before = get_condition(b.old.get("conditions"), "Held")
+    if w.platform.maintenance is None and held_before and held_before.get("status") == "True":
+        b.cond("Held", False, "MaintenanceLifted", "platform maintenance is over; changes proceed")
+        b.event("Normal", "MaintenanceLifted", "platform maintenance is over; held changes proceed")
+    if pod and pod.ip:
+        st["address"] = pod.ip
+    stop_grace = (spec.get("stop") or {}).get("timeoutSeconds", 5)
+    current = st.get("state")
+
+    if spec.get("state", "started") == "stopped":
+        b.cond("Ready", False, "Stopped", "desired state is stopped")
+        if pod and not pod.deleting:
+            if current == "started" and _held(b, "stopping the machine"):
+                return
+            b.plan.delete_pod_grace = stop_grace
+            b.state("stopping")
+            b.log("stop", "requested", source="user")
+            b.event("Normal", "Stopping", f"stopping the machine (stop timeout {stop_grace}s)")
+        elif pod:
+            b.state("stopping")
+        else:
+            if current not in (None, "created", "stopped"):
+                b.log("stop", "stopped")
+                b.event("Normal", "Stopped", "the machine is stopped")
+            b.state("created" if current in (None, "created") else "stopped")
+        return
+
+    ready = get_condition(b.old.get("conditions"), "Ready")
+    if ready and ready.get("reason") in EXIT_REASONS and ready.get("observedGeneration") == b.gen:
+        # It exited for good under this spec: stay stopped; clear away the dead pod.
+        if pod and not pod.deleting:
+            b.plan.delete_pod_grace = 0
+        return
+
+    if pod and pod.deleting:
+        if current != "replacing":
+            b.state("stopping")
+        return
+
+    if w.host is None or not w.host.ready:
+        b.cond("Ready", False, "HostNotReady", f"host {st['host']} is not Ready")
+        if pod is None:
+            return  # a pod pinned to a lost host could only hang in Pending
+
+    if w.secrets is None:
+        b.cond("SecretsReady", False, "WaitingForSecrets", w.secrets_missing)
+        if pod is None:
+            b.cond("Ready", False, "WaitingForSecrets", w.secrets_missing)
+            return
+    else:
+        b.cond("SecretsReady", True, "SecretsReady", f"{len(w.secrets)} AppSecret(s) in the environment")
+
+    digest = spec_digest(spec)
+    if pod is None:
+        _start(b, digest)
+        return
+
+    wanted_secrets = (b.meta.get("annotations") or {}).get(SECRETS_DIGEST)
+    why = None
+    if pod.instance != st.get("instanceId"):
+        why = "the pod is of another version"
+    elif pod.spec_digest != digest:
+        why = "the spec changed"
+    elif (
+        wanted_secrets is not None
+        and wanted_secrets != (pod.secrets_digest or "")
+        and wanted_secrets != st.get("rolledSecretsDigest")
+    ):
+        why = "the app's secrets changed"
+    if why:
+        if current == "started" and _held(b, f"replacing the machine ({why})"):
+            return
+        if pod.instance == st.get("instanceId"):
+            st["version"] = int(st.get("version") or 0) + 1
+            st["instanceId"] = instance_id(b.meta["uid"], st["version"])
+            st["specDigest"] = digest
+        if wanted_secrets is not None:
+            st["rolledSecretsDigest"] = wanted_secrets
+        b.plan.delete_pod_grace = stop_grace
+        b.state("replacing")
+        b.cond("Ready", False, "Replacing", f"replacing the machine: {why}")
+        b.log("update", "replacing", source="user" if why == "the spec changed" else "kubefly", message=why)
+        b.event("Normal", "Replacing", f"replacing the machine on host {st['host']}: {why}")
+        return
+    _observe(b, pod)
+
+
+def _start(b: _Builder, digest: str) -> None:
+    w, st, spec = b.w, b.st, b.spec
+    if st.get("specDigest") != digest or not st.get("instanceId"):
+        st["version"] = int(st.get("version") or 0) + 1
+        st["instanceId"] = instance_id(b.meta["uid"], st["version"])
+        st["specDigest"] = digest
+    claim = w.volume.claim if (spec.get("mounts") and w.volume) else None
+    b.plan.create_pod = build_pod(
+        b.w.machine, host=st["host"], region=st.get("region") or spec["region"], instance=st["instanceId"],
+        secrets=w.secrets or [], claim=claim,
+    )
+    st["restartCount"] = 0
+    st.pop("retryWindowStart", None)
+    st.pop("retryWindowBase", None)
+    was = st.get("state")
+    b.state("starting")
+    b.cond("Ready", False, "Starting", f"starting version {st['version']} on host {st['host']}")
+    if was != "replacing":
+        b.log("start", "requested", source="user")
+    b.event("Normal", "Starting", f"starting instance {st['instanceId']} (version {st['version']}) on host {st['host']}")
+
+
+def _observe(b: _Builder, pod: PodView) -> None:
+    """Turn the pod's phase and container status into the machine's state, events and restart decisions."""
+    st, spec, now = b.st, b.spec, b.w.now
+    restart = spec.get("restart") or {}
+    policy, max_retries = restart.get("policy", "on-failure"), restart.get("maxRetries", 10)
+    ex = pod.last_exit
+
+    if pod.phase in ("Succeeded", "Failed"):
+        code = ex.code if ex else (0 if pod.phase == "Succeeded" else 1)
+        msg = f"the machine exited with code {code}" + (" (OOM killed)" if ex and ex.oom_killed else "")
+        b.log("exit", "stopped", message=msg, exitCode=code, oomKilled=bool(ex and ex.oom_killed))
+        b.event("Warning" if code else "Normal", "OOMKilled" if ex and ex.oom_killed else "Exited", f"{msg}; restart policy {policy}: it stays stopped")
+        b.state("stopped")
+        b.cond("Ready", False, "Exited", f"{msg}; restart policy {policy}: change the spec or set spec.state to stopped and back to started to start it again")
+        b.plan.delete_pod_grace = 0
+        return
+
+    seen = int(st.get("restartCount") or 0)
+    if pod.restart_count > seen:
+        start = st.get("retryWindowStart")
+        if not start or now - datetime.fromisoformat(start.replace("Z", "+00:00")) > RETRY_WINDOW:
+            st["retryWindowStart"], st["retryWindowBase"] = _ts(now), seen
+        retries = pod.restart_count - int(st.get("retryWindowBase") or 0)
+        st["restartCount"] = pod.restart_count
+        code = ex.code if ex else None
+        oom = bool(ex and ex.oom_killed)
+        if policy == "on-failure" and retries > max_retries:
+            msg = (f"exited {retries} times within {int(RETRY_WINDOW.total_seconds() // 60)} minutes, more than "
+                   f"restart.maxRetries={max_retries}; last exit code {code}{' (OOM killed)' if oom else ''}")
+            b.log("exit", "stopped", message=msg, exitCode=code, oomKilled=oom)
+            b.event("Warning", "RestartLimitExceeded", msg)
+            b.state("stopped")
+            b.cond("Ready", False, "RestartLimitExceeded", f"{msg}; it stays stopped: fix it and change the spec, or set spec.state to stopped and back to started")
+            b.plan.delete_pod_grace = 0
+            return
+        msg = f"exited with code {code}{' (OOM killed)' if oom else ''}; restart {pod.restart_count} ({policy})"
+        b.log("exit", "restarting", message=msg, exitCode=code, oomKilled=oom)
+        b.event("Warning", "OOMKilled" if oom else "Exited", msg)
+
+    if pod.running:
+        if st.get("state") != "started":
+            b.log("start", "started")
+            b.event("Normal", "Started", f"instance {st.get('instanceId')} is started on host {st['host']}")
+        b.state("started")
+        if b.w.host is not None and b.w.host.ready:
+            if pod.ready:
+                b.cond("Ready", True, "Started", "started and its checks pass")
+            else:
+                b.cond("Ready", False, "ChecksFailing", "started; its checks do not pass yet, so it gets no traffic")
+        return
+    b.state("starting")
+    if pod.unschedulable:
+        b.cond("Ready", False, "Unschedulable", f"the host does not take the pod: {pod.unschedulable}")
+    elif pod.waiting_reason:
+        b.cond("Ready", False, pod.waiting_reason, f"the container is waiting: {pod.waiting_reason}")

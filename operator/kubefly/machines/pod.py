@@ -1,0 +1,192 @@
+"""The Pod a Machine runs as: a pure function of the Machine, its host and its secrets.
+
+The pod is pinned to the host by required node affinity (not `nodeName`), so
+the scheduler still checks resources, taints and local-volume affinity. It
+tolerates its host going NotReady/unreachable for ever: a machine stays on its
+host, as on Fly, and the Machine's conditions say the host is lost, instead of
+the pod being evicted and recreated somewhere it can never start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from kubefly import API_VERSION, labels
+from kubefly.instances import Service as InstanceService
+from kubefly.placement.machines import guest_requests
+
+SECRETS_DIGEST = f"{labels.PREFIX}/secrets-digest"
+# Digest of everything the pod is built from, so a spec change shows as a differing pod.
+SPEC_DIGEST = f"{labels.PREFIX}/spec-digest"
+CONTAINER = "machine"
+RESTART_POLICY = {"no": "Never", "always": "Always", "on-failure": "OnFailure"}
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    app_secret: str
+    secret_name: str
+    digest: str
+
+
+def combined_digest(refs: list[SecretRef]) -> str:
+    """The AppSecrets' status.digest joined by commas in AppSecret name order (the contract with AppSecret)."""
+    return ",".join(ref.digest for ref in sorted(refs, key=lambda r: r.app_secret))
+
+
+def spec_digest(spec: dict) -> str:
+    """The part of the spec a pod is built from; `state` and `metadata` do not need a new pod."""
+    relevant = {k: v for k, v in spec.items() if k not in ("state", "metadata")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def instance_id(uid: str, version: int) -> str:
+    """Deterministic, so a restarted operator re-creates exactly what it meant to."""
+    return hashlib.sha256(f"{uid}/{version}".encode()).hexdigest()[:16]
+
+
+def services_annotation(services: list[dict]) -> str:
+    out = []
+    for svc in services:
+        conc = svc.get("concurrency") or {}
+        out.append(
+            InstanceService(
+                internal_port=svc["internalPort"],
+                protocol=svc.get("protocol", "tcp"),
+                ports=[p["port"] for p in svc.get("ports") or []],
+                concurrency_type=conc.get("type", "connections"),
+                soft_limit=conc.get("softLimit", 20),
+                hard_limit=conc.get("hardLimit"),
+                autostart=svc.get("autostart", True),
+                autostop=svc.get("autostop", "off"),
+                min_machines_running=svc.get("minMachinesRunning", 0),
+            ).model_dump(mode="json")
+        )
+    return json.dumps(out, separators=(",", ":"))
+
+
+def readiness_probe(check: dict) -> dict:
+    """A check as a readiness probe: it gates routing only; there is never a liveness probe."""
+    if check["type"] == "http":
+        action = {
+            "httpGet": {
+                "port": check["port"],
+                "path": check.get("path") or "/",
+                "httpHeaders": [{"name": k, "value": v} for k, v in sorted((check.get("headers") or {}).items())],
+            }
+        }
+    else:
+        action = {"tcpSocket": {"port": check["port"]}}
+    return {
+        **action,
+        "initialDelaySeconds": check.get("gracePeriodSeconds", 0),
+        "periodSeconds": check.get("intervalSeconds", 15),
+        "timeoutSeconds": check.get("timeoutSeconds", 2),
+        "failureThreshold": 1,
+    }
+
+
+def build_pod(
+    machine: dict,
+    *,
+    host: str,
+    region: str,
+    instance: str,
+    secrets: list[SecretRef],
+    claim: str | None = None,
+) -> dict:
+    meta, spec = machine["metadata"], machine["spec"]
+    name, namespace = meta["name"], meta["namespace"]
+    cpu_millis, memory_mib = guest_requests(spec.get("guest"))
+    cpu_limit = (spec.get("guest") or {}).get("cpus", 1)
+    checks = spec.get("checks") or []
+    mounts = spec.get("mounts") or []
+    env = [{"name": k, "value": v} for k, v in sorted((spec.get("env") or {}).items())]
+    env += [
+        {"name": "FLY_APP_NAME", "value": spec["app"]},
+        {"name": "FLY_MACHINE_ID", "value": name},
+        {"name": "FLY_REGION", "value": region},
+        {"name": "FLY_MACHINE_VERSION", "value": instance},
+    ]
+    container: dict = {
+        "name": CONTAINER,
+        "image": spec["image"],
+        "env": env,
+        "envFrom": [{"secretRef": {"name": ref.secret_name}} for ref in sorted(secrets, key=lambda r: r.app_secret)],
+        "resources": {
+            "requests": {"cpu": f"{cpu_millis}m", "memory": f"{memory_mib}Mi"},
+            "limits": {"cpu": str(cpu_limit), "memory": f"{memory_mib}Mi"},
+        },
+        "ports": [
+            {"containerPort": svc["internalPort"], "protocol": svc.get("protocol", "tcp").upper()}
+            for svc in spec.get("services") or []
+        ],
+    }
+    if checks:
+        # Kubernetes has one readiness probe per container: the first check gates
+        # readiness; the host agent runs every check (annotation) for routing.
+        container["readinessProbe"] = readiness_probe(checks[0])
+    volumes = []
+    if mounts and claim:
+        container["volumeMounts"] = [{"name": "data", "mountPath": mounts[0]["path"]}]
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": claim}})
+
+    pod_labels = {
+        labels.APP: spec["app"],
+        labels.MACHINE: name,
+        labels.REGION: region,
+        labels.HOST: host,
+        labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
+    }
+    if mounts:
+        pod_labels[labels.VOLUME] = mounts[0]["volume"]
+    stop = spec.get("stop") or {}
+    restart = (spec.get("restart") or {}).get("policy", "on-failure")
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": pod_labels,
+            "annotations": {
+                labels.INSTANCE_ID: instance,
+                labels.SERVICES: services_annotation(spec.get("services") or []),
+                labels.CHECKS: json.dumps(checks, separators=(",", ":"), sort_keys=True),
+                SECRETS_DIGEST: combined_digest(secrets),
+                SPEC_DIGEST: spec_digest(spec),
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "Machine",
+                    "name": name,
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "containers": [container],
+            "volumes": volumes,
+            "restartPolicy": RESTART_POLICY[restart],
+            "terminationGracePeriodSeconds": stop.get("timeoutSeconds", 5),
+            "enableServiceLinks": False,
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [host]}]}
+                        ]
+                    }
+                }
+            },
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+            ],
+        },
+    }

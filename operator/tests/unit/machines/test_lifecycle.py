@@ -1,0 +1,236 @@
+"""The machine state machine and pod builder, as pure functions."""
+
+from datetime import datetime, timedelta, timezone
+
+from kubefly import labels
+from kubefly.conditions import get_condition
+from kubefly.machines.lifecycle import Exit, HostHealth, PodView, VolumeView, World, pod_view, reconcile
+from kubefly.machines.pod import SECRETS_DIGEST, SecretRef, build_pod, spec_digest
+from kubefly.placement.machines import Decision
+from kubefly.platform import Maintenance, PlatformSettings
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+HOST = HostHealth("a1", True, None)
+
+
+def machine(status=None, generation=1, annotations=None, **spec):
+    return {
+        "apiVersion": "kubefly.dev/v1alpha1", "kind": "Machine",
+        "metadata": {"name": "m1", "namespace": "o", "uid": "u1", "generation": generation,
+                     "annotations": annotations or {}},
+        "spec": {"app": "web", "region": "ams", "image": "nginx", **spec},
+        "status": status or {},
+    }
+
+
+def world(m, **kw):
+    kw.setdefault("host", HOST)
+    kw.setdefault("secrets", [])
+    return World(m, True, "spec is valid", NOW, **kw)
+
+
+def cond(plan, type_):
+    return get_condition(plan.status["conditions"], type_)
+
+
+def run(m, **kw):
+    """Apply a plan's status to the machine, as the controller does."""
+    plan = reconcile(world(m, **kw))
+    m["status"] = {**m["status"], **plan.status}
+    return plan
+
+
+def pod_of(plan, **kw) -> PodView:
+    p = plan.create_pod
+    base = dict(name="m1", instance=p["metadata"]["annotations"][labels.INSTANCE_ID],
+                spec_digest=p["metadata"]["annotations"]["kubefly.dev/spec-digest"],
+                secrets_digest=p["metadata"]["annotations"][SECRETS_DIGEST], phase="Running", deleting=False,
+                ready=True, running=True, restart_count=0, last_exit=None, waiting_reason=None, unschedulable=None,
+                ip="10.0.0.5")
+    return PodView(**{**base, **kw})
+
+
+def test_placement_then_pod_in_one_pass():
+    m = machine()
+    plan = run(m, decision=Decision("a1", "Placed", "placed on a1"))
+    assert plan.status["host"] == "a1" and plan.status["state"] == "starting"
+    assert plan.create_pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["a1"]
+    assert plan.status["version"] == 1 and plan.status["instanceId"]
+    assert [e["type"] for e in plan.status["events"]] == ["launch", "start"]
+
+
+def test_no_room_fails_with_the_reason_and_creates_nothing_then_stays_failed():
+    m = machine()
+    d = Decision(None, "InsufficientCapacity", "no room in region ams: memory short")
+    plan = run(m, decision=d)
+    assert plan.status["state"] == "failed" and plan.create_pod is None
+    assert cond(plan, "Placed")["reason"] == "InsufficientCapacity"
+    assert ("Warning", "InsufficientCapacity", d.message) in plan.events
+    again = reconcile(world(m, decision=Decision("a1", "Placed", "ok")))
+    assert again.create_pod is None and again.placement is None  # final until the spec changes
+    m["metadata"]["generation"] = 2
+    assert reconcile(world(m, decision=Decision("a1", "Placed", "ok"))).create_pod is not None
+
+
+def test_desired_stopped_only_creates_then_start_is_immediate():
+    m = machine(state="stopped")
+    plan = run(m, decision=Decision("a1", "Placed", "ok"))
+    assert plan.status["state"] == "created" and plan.create_pod is None
+    m["spec"]["state"], m["metadata"]["generation"] = "started", 2
+    plan = run(m)
+    assert plan.create_pod is not None and plan.status["state"] == "starting"
+
+
+def test_running_ready_pod_is_started_and_ready_and_checks_gate_ready_only():
+    m = machine(status={"host": "a1", "region": "ams"})
+    p = run(m)
+    plan = run(m, pod=pod_of(p))
+    assert plan.status["state"] == "started" and cond(plan, "Ready")["status"] == "True"
+    plan = run(m, pod=pod_of(p, ready=False))
+    assert plan.status["state"] == "started" and cond(plan, "Ready")["reason"] == "ChecksFailing"
+    assert plan.delete_pod_grace is None
+
+
+def test_spec_change_replaces_on_same_host_with_new_version():
+    m = machine(status={"host": "a1", "region": "ams"}, stop={"timeoutSeconds": 30})
+    first = run(m)
+    pod = pod_of(first)
+    run(m, pod=pod)
+    m["spec"]["image"], m["metadata"]["generation"] = "nginx:2", 2
+    plan = run(m, pod=pod)
+    assert plan.status["state"] == "replacing" and plan.delete_pod_grace == 30
+    assert plan.status["version"] == 2 and plan.status["instanceId"] != pod.instance
+    plan = run(m)  # old pod gone
+    assert plan.create_pod["metadata"]["annotations"][labels.INSTANCE_ID] == m["status"]["instanceId"]
+    assert plan.create_pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["a1"]
+    assert m["status"]["version"] == 2
+
+
+def test_secrets_annotation_rolls_the_pod_once():
+    refs = [SecretRef("s1", "s1-secret", "d1")]
+    m = machine(status={"host": "a1", "region": "ams"})
+    pod = pod_of(run(m, secrets=refs))
+    run(m, pod=pod, secrets=refs)
+    m["metadata"]["annotations"][SECRETS_DIGEST] = "d2"
+    plan = run(m, pod=pod, secrets=refs)
+    assert plan.status["state"] == "replacing" and plan.status["rolledSecretsDigest"] == "d2"
+    # Even if the new pod's digest differs from the annotation, it is not replaced again and again.
+    new = pod_of(run(m, secrets=refs))
+    assert run(m, pod=new, secrets=refs).delete_pod_grace is None
+
+
+def test_maintenance_holds_changes_to_started_machines_and_lifting_resumes():
+    m = machine(status={"host": "a1", "region": "ams"})
+    pod = pod_of(run(m))
+    run(m, pod=pod)
+    m["spec"]["image"], m["metadata"]["generation"] = "nginx:2", 2
+    until = NOW + timedelta(hours=1)
+    held = run(m, pod=pod, platform=PlatformSettings(Maintenance("kernel upgrade", until)))
+    assert held.delete_pod_grace is None and m["status"]["state"] == "started"
+    c = cond(held, "Held")
+    assert c["status"] == "True" and c["reason"] == "PlatformMaintenance"
+    assert "kernel upgrade" in c["message"] and "2026-11-23T13:00:00Z" in c["message"]
+    lifted = run(m, pod=pod)
+    assert lifted.delete_pod_grace is not None and cond(lifted, "Held")["status"] == "False"
+
+
+def test_restart_policy_maps_to_the_pod_and_stop_timeout_to_grace():
+    for policy, expected in (("no", "Never"), ("always", "Always"), ("on-failure", "OnFailure")):
+        pod = build_pod(machine(restart={"policy": policy}, stop={"timeoutSeconds": 42}),
+                        host="a1", region="ams", instance="i", secrets=[])
+        assert pod["spec"]["restartPolicy"] == expected
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 42
+
+
+def test_on_failure_gives_up_after_max_retries_and_stays_stopped():
+    m = machine(status={"host": "a1", "region": "ams"}, restart={"policy": "on-failure", "maxRetries": 2})
+    pod = pod_of(run(m))
+    run(m, pod=pod)
+    oom = Exit(137, True, "OOMKilled")
+    plan = run(m, pod=pod_of(run(m), restart_count=2, last_exit=oom))
+    assert m["status"]["state"] == "started" and plan.status["events"][-2]["oomKilled"] is True
+    plan = run(m, pod=pod_of(run(m), restart_count=3, last_exit=Exit(1, False, "Error"), running=False))
+    assert m["status"]["state"] == "stopped" and cond(plan, "Ready")["reason"] == "RestartLimitExceeded"
+    assert plan.delete_pod_grace == 0 and "maxRetries=2" in cond(plan, "Ready")["message"]
+    assert run(m).create_pod is None  # stays stopped under this spec
+    m["metadata"]["generation"] = 2
+    assert run(m).create_pod is not None
+
+
+def test_policy_no_exit_stops_with_exit_code():
+    m = machine(status={"host": "a1", "region": "ams"}, restart={"policy": "no"})
+    pod = pod_of(run(m))
+    plan = run(m, pod=PodView(**{**pod.__dict__, "phase": "Failed", "running": False,
+                                  "last_exit": Exit(3, False, "Error")}))
+    assert m["status"]["state"] == "stopped" and plan.status["events"][-1]["exitCode"] == 3
+    assert run(m).create_pod is None
+
+
+def test_lost_host_is_reported_with_remedy_and_volume_machine_not_moved():
+    vol = VolumeView("data", "web", "ams", "a1", "data-claim", "m1", "5")
+    m = machine(status={"host": "a1", "region": "ams"}, mounts=[{"volume": "data", "path": "/data"}])
+    plan = run(m, host=HostHealth("a1", False, "2026-11-23T11:59:00Z"), volume=vol)
+    c = cond(plan, "HostReady")
+    assert c["reason"] == "HostNotReady" and "fork the volume" in c["message"]
+    assert plan.create_pod is None and m["status"]["host"] == "a1"
+    assert cond(run(m, host=None, volume=vol), "HostReady")["reason"] == "HostGone"
+
+
+def test_volume_waits_claims_and_refuses_other_machines_volume():
+    m = machine(mounts=[{"volume": "data", "path": "/data"}])
+    plan = reconcile(world(m, volume=VolumeView("data", "web", "ams", None, None, None, "1")))
+    assert cond(plan, "Placed")["reason"] == "WaitingForVolume" and plan.create_pod is None
+    vol = VolumeView("data", "web", "ams", "a2", "data-claim", None, "2")
+    plan = reconcile(world(m, volume=vol, decision=Decision("a2", "Placed", "ok")))
+    assert plan.attach_volume == vol and plan.status["host"] == "a2"
+    assert plan.create_pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "data-claim"
+    taken = VolumeView("data", "web", "ams", "a2", "data-claim", "other", "3")
+    plan = reconcile(world(m, volume=taken))
+    assert plan.status["state"] == "failed" and cond(plan, "Placed")["reason"] == "VolumeAttached"
+    assert "other" in cond(plan, "Placed")["message"]
+    foreign = VolumeView("data", "api", "ams", "a2", "c", None, "3")
+    plan = reconcile(world(m, volume=foreign))
+    assert cond(plan, "Placed")["reason"] == "VolumeMismatch" and "spec.mounts[0].volume" in cond(plan, "Placed")["message"]
+
+
+def test_missing_secrets_wait_without_a_pod():
+    m = machine(status={"host": "a1", "region": "ams"})
+    plan = reconcile(world(m, secrets=None, secrets_missing="spec.secrets: waiting for AppSecret(s) db"))
+    assert plan.create_pod is None and cond(plan, "SecretsReady")["reason"] == "WaitingForSecrets"
+
+
+def test_invalid_spec_is_refused_and_nothing_created():
+    plan = reconcile(World(machine(), False, "spec.guest.memoryMb: must be a multiple of 256", NOW))
+    assert plan.status["state"] == "failed" and plan.create_pod is None
+    assert "spec.guest.memoryMb" in cond(plan, "Accepted")["message"]
+
+
+def test_pod_shape():
+    m = machine(env={"A": "1"}, guest={"cpuKind": "shared", "cpus": 2, "memoryMb": 512},
+                services=[{"internalPort": 8080, "ports": [{"port": 80}]}],
+                checks=[{"name": "alive", "type": "http", "port": 8080, "path": "/health"}])
+    pod = build_pod(m, host="a1", region="ams", instance="abc", secrets=[SecretRef("b", "b-s", "d2"), SecretRef("a", "a-s", "d1")])
+    c = pod["spec"]["containers"][0]
+    assert c["resources"]["requests"] == {"cpu": "124m", "memory": "512Mi"}
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "512Mi"}
+    assert {"name": "A", "value": "1"} in c["env"]
+    assert c["envFrom"] == [{"secretRef": {"name": "a-s"}}, {"secretRef": {"name": "b-s"}}]
+    assert c["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health" and "livenessProbe" not in c
+    md = pod["metadata"]
+    assert md["labels"][labels.APP] == "web" and md["labels"][labels.HOST] == "a1" and md["labels"][labels.REGION] == "ams"
+    assert md["annotations"][SECRETS_DIGEST] == "d1,d2"
+    assert '"internal_port":8080' in md["annotations"][labels.SERVICES]
+    assert md["ownerReferences"][0]["controller"] is True
+    assert spec_digest(m["spec"]) == spec_digest({**m["spec"], "state": "stopped"})
+
+
+def test_pod_view_reads_exit_and_oom():
+    v = pod_view({"metadata": {"name": "m1", "annotations": {labels.INSTANCE_ID: "i"}},
+                  "status": {"phase": "Running", "podIP": "10.0.0.1", "containerStatuses": [
+                      {"name": "machine", "restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                       "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
+    assert v.restart_count == 2 and v.last_exit == Exit(137, True, "OOMKilled") and not v.running
+    assert v.waiting_reason == "CrashLoopBackOff" and v.instance == "i"
