@@ -1,0 +1,447 @@
+"""Machine controller: thin Kopf handlers around kubefly.machines.lifecycle.
+
+Each Machine has a daemon (one asyncio task) that loops: read the machine and
+the cluster snapshot (Kopf indices of nodes, pods, volumes, AppSecrets and
+placed machines: no API listing per reconcile), call the pure planner, apply
+its plan (claim the volume, patch status, create or delete the pod), then
+sleep until something it depends on changes. Watch handlers wake it.
+
+Placement is decided synchronously and recorded in RESERVED before the first
+await, so two machines placed at the same moment never count the same room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter, Gauge
+
+from kubefly import GROUP, VERSION, logs, platform
+from kubefly import labels as kflabels
+from kubefly.api.machine import Machine
+from kubefly.controllers import acceptance
+from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
+from kubefly.machines import lifecycle
+from kubefly.machines.pod import SecretRef
+from kubefly.placement import machines as placement
+
+MACHINE_CREATES = Counter(
+    "kubefly_machine_creates_total", "Machine creates (placements) by region and outcome", ["region", "outcome"]
+)
+MACHINES_BY_STATE = Gauge("kubefly_machines", "Machines by state", ["state"])
+
+log = logs.get("kubefly.controllers.machine")
+# Wait between reconciles when nothing wakes a machine: a safety net, not the mechanism.
+IDLE_RESYNC_S = 120.0
+PLATFORM_POLL_S = 2.0
+
+RESERVED: dict[tuple[str, str], placement.Placed] = {}
+WAKERS: dict[tuple[str, str], asyncio.Event] = {}
+MOUNTERS: dict[tuple[str, str], set[tuple[str, str]]] = {}  # (ns, volume) -> machines
+BY_APP: dict[tuple[str, str], set[tuple[str, str]]] = {}  # (ns, app) -> machines
+LATEST: dict[tuple[str, str], dict] = {}  # the machine as our own last status patch returned it
+STATES: dict[tuple[str, str], str] = {}
+HOST_READY: dict[str, bool] = {}
+PLATFORM = platform.PlatformSettings()
+
+
+class _Kube:
+    """The Kubernetes API from worker threads (the official client is synchronous)."""
+
+    def __init__(self) -> None:
+        config.load_config()
+        cfg = client.Configuration.get_default_copy()
+        cfg.connection_pool_maxsize = 16
+        api = client.ApiClient(cfg)
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.pool = ThreadPoolExecutor(16, thread_name_prefix="kube")
+
+    async def call(self, fn, *args, **kwargs):
+        kwargs.setdefault("_preload_content", False)
+        resp = await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        return json.loads(resp.data) if resp.data else None
+
+
+_kube: _Kube | None = None
+
+
+def kube() -> _Kube:
+    global _kube
+    if _kube is None:
+        _kube = _Kube()
+    return _kube
+
+
+def wake(key: tuple[str, str]) -> None:
+    if (ev := WAKERS.get(key)) is not None:
+        ev.set()
+
+
+# ---- indices: the cluster snapshot, fed by watches -------------------------
+
+
+@kopf.index("nodes")
+def hosts(name, labels: dict, spec, status, **_):
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    alloc = status.get("allocatable") or {}
+    tainted = any(t.get("effect") in ("NoSchedule", "NoExecute") and not t.get("key", "").startswith("node.kubernetes.io/")
+                  for t in spec.get("taints") or [])
+    return {name: (
+        placement.Host(
+            name=name,
+            region=labels.get(kflabels.NODE_REGION),
+            cpu_millis=_cpu_millis(alloc.get("cpu", "0")),
+            memory_mib=_memory_mib(alloc.get("memory", "0")),
+            pods=int(alloc.get("pods", "0") or 0),
+            ready=ready.get("status") == "True",
+            cordoned=bool(spec.get("unschedulable")) or tainted,
+        ),
+        ready.get("lastTransitionTime"),
+    )}
+
+
+
+@kopf.index(GROUP, VERSION, "machines")
+def placed_machines(namespace, name, spec, status, **_):
+    host = status.get("host")
+    if not host or status.get("state") == "failed":
+        return None
+    cpu, mem = placement.guest_requests(spec.get("guest"))
+    return {(namespace, name): placement.Placed((namespace, name), f"{namespace}/{spec.get('app')}", host, cpu, mem)}
+
+
+@kopf.index("pods", labels={kflabels.MANAGED_BY: kflabels.MANAGED_BY_VALUE})
+def machine_pods(namespace, labels: dict, body, **_):
+    machine = labels.get(kflabels.MACHINE)
+    return {(namespace, machine): lifecycle.pod_view(body)} if machine else None
+
+
+@kopf.index(GROUP, VERSION, "volumes")
+def volumes(namespace, name, spec, status, meta, **_):
+    return {(namespace, name): lifecycle.VolumeView(
+        name=name, app=spec.get("app", ""), region=spec.get("region", ""), host=status.get("host"),
+        claim=status.get("claim"), attached=status.get("attachedMachine"), resource_version=meta.get("resourceVersion", ""),
+    )}
+
+
+@kopf.index(GROUP, VERSION, "appsecrets")
+def app_secrets(namespace, name, spec, status, **_):
+    return {(namespace, spec.get("app")): (name, status.get("secretName"), status.get("digest") or "")}
+
+
+def _cpu_millis(q: str) -> int:
+    q = str(q)
+    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
+
+
+def _memory_mib(q: str) -> int:
+    q = str(q)
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024, "k": 1000 / 2**20, "M": 10**6 / 2**20, "G": 10**9 / 2**20}
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return int(float(q[: -len(suffix)]) * factor)
+    return int(int(q) / 2**20)
+
+
+def _one(index, key):
+    store = index.get(key) if index is not None else None
+    return next(iter(store), None) if store else None
+
+
+# ---- watch handlers that wake the affected machines ------------------------
+
+
+@kopf.on.event("pods", labels={kflabels.MANAGED_BY: kflabels.MANAGED_BY_VALUE})
+def pod_changed(namespace, labels: dict, **_):
+    wake((namespace, labels.get(kflabels.MACHINE)))
+
+
+@kopf.on.event("nodes")
+def node_changed(name, type, status, placed_machines: kopf.Index, **_):
+    ready = type != "DELETED" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in (status or {}).get("conditions") or []
+    )
+    if HOST_READY.get(name) == ready and type != "DELETED":
+        return
+    HOST_READY[name] = ready
+    # Room changed (a host came or went) or a host's machines must say so: wake those and the failed ones' peers.
+    for key, store in placed_machines.items():
+        if any(p.host == name for p in store):
+            wake(key)
+    for key, p in RESERVED.items():
+        if p.host == name:
+            wake(key)
+
+
+@kopf.on.event(GROUP, VERSION, "volumes")
+def volume_changed(namespace, name, **_):
+    for key in MOUNTERS.get((namespace, name), ()):
+        wake(key)
+
+
+@kopf.on.event(GROUP, VERSION, "appsecrets")
+def appsecret_changed(namespace, spec, **_):
+    for key in BY_APP.get((namespace, spec.get("app")), ()):
+        wake(key)
+
+
+@kopf.on.event(GROUP, VERSION, "machines")
+def machine_changed(namespace, name, type, status, **_):
+    key = (namespace, name)
+    old, new = STATES.get(key), None if type == "DELETED" else (status or {}).get("state")
+    if old != new:
+        if old:
+            MACHINES_BY_STATE.labels(old).dec()
+        if new:
+            MACHINES_BY_STATE.labels(new).inc()
+        if new is None:
+            STATES.pop(key, None)
+        else:
+            STATES[key] = new
+    wake(key)
+
+
+# ---- platform settings ------------------------------------------------------
+
+
+async def _watch_platform(stop: asyncio.Event) -> None:
+    """Poll the one ConfigMap (a namespaced Role allows only that): cheap and needs no cluster-wide read."""
+    global PLATFORM
+    ns, last_error = platform.home_namespace(), None
+    while not stop.is_set():
+        try:
+            cm = await kube().call(kube().core.read_namespaced_config_map, platform.CONFIGMAP, ns)
+            settings = platform.parse((cm or {}).get("data"))
+            last_error = None
+        except ApiException as exc:
+            settings = PLATFORM if exc.status != 404 else platform.PlatformSettings()
+            if exc.status != 404 and last_error != exc.status:
+                log.error("cannot read the platform settings", configmap=f"{ns}/{platform.CONFIGMAP}", status=exc.status)
+            last_error = exc.status
+        except ValueError as exc:
+            settings = PLATFORM
+            if last_error != str(exc):
+                log.error("platform settings refused; keeping the previous ones", error=str(exc))
+            last_error = str(exc)
+        if settings != PLATFORM:
+            PLATFORM = settings
+            log.info("platform settings changed", maintenance=bool(settings.maintenance),
+                     closed_regions=sorted(settings.closed_regions))
+            for key in list(WAKERS):
+                wake(key)
+        try:
+            await asyncio.wait_for(stop.wait(), PLATFORM_POLL_S)
+        except TimeoutError:
+            pass
+
+
+@kopf.on.startup()
+async def start_platform_watch(memo: kopf.Memo, **_) -> None:
+    memo.platform_stop = asyncio.Event()
+    memo.platform_task = asyncio.create_task(_watch_platform(memo.platform_stop))
+
+
+@kopf.on.cleanup()
+async def stop_platform_watch(memo: kopf.Memo, **_) -> None:
+    memo.platform_stop.set()
+    await memo.platform_task
+
+
+# ---- the machine's daemon ----------------------------------------------------
+
+
+def _fresher(live: dict, mine: dict | None) -> dict:
+    """The live (watched) body, unless our own last patch is newer than what the watch delivered yet."""
+    if mine is None:
+        return live
+    try:
+        if int(mine["metadata"]["resourceVersion"]) > int(live["metadata"]["resourceVersion"]):
+            return mine
+    except (KeyError, ValueError):
+        pass
+    return live
+
+
+def _secrets(spec: dict, namespace: str, index) -> tuple[list[SecretRef] | None, str]:
+    found = {name: (secret, digest) for name, secret, digest in (index.get((namespace, spec["app"])) or ())}
+    wanted = spec.get("secrets")
+    names = sorted(found) if wanted is None else sorted(wanted)
+    missing = [n for n in names if n not in found or not found[n][0]]
+    if missing:
+        where = "spec.secrets" if wanted is not None else f"AppSecrets of app {spec['app']}"
+        return None, f"{where}: waiting for AppSecret(s) {', '.join(missing)} (missing or not materialised yet)"
+    return [SecretRef(n, found[n][0], found[n][1]) for n in names], ""
+
+
+def _world(machine: dict, *, hosts, placed_machines, machine_pods, volumes, app_secrets) -> lifecycle.World:
+    meta, spec, status = machine["metadata"], machine.get("spec") or {}, machine.get("status") or {}
+    key = (meta["namespace"], meta["name"])
+    verdict = acceptance.check(Machine, machine)
+    if not verdict.ok:
+        return lifecycle.World(machine, False, verdict.message, datetime.now(timezone.utc))
+    mounts = spec.get("mounts") or []
+    volume = _one(volumes, (key[0], mounts[0]["volume"])) if mounts else None
+    secrets, missing = _secrets(spec, key[0], app_secrets)
+    decision = None
+    if not status.get("host") and (not mounts or (volume and volume.host and volume.claim)):
+        cpu, mem = placement.guest_requests(spec.get("guest"))
+        request = placement.Request(key, f"{key[0]}/{spec['app']}", spec["region"], cpu, mem,
+                                    volume=mounts[0]["volume"] if mounts else None,
+                                    volume_host=volume.host if volume else None)
+        taken = {k: p for k, store in placed_machines.items() for p in store}
+        taken.update(RESERVED)
+        decision = placement.place(request, (h for h, _ in (next(iter(s)) for s in hosts.values())),
+                                   taken.values(), PLATFORM.closed_regions)
+    host_entry = _one(hosts, status["host"]) if status.get("host") else None
+    if decision is not None and decision.ok:
+        host_entry = _one(hosts, decision.host)
+    health = lifecycle.HostHealth(host_entry[0].name, host_entry[0].ready, host_entry[1]) if host_entry else None
+    return lifecycle.World(
+        machine, True, verdict.message, datetime.now(timezone.utc),
+        pod=_one(machine_pods, key), host=health, volume=volume, secrets=secrets, secrets_missing=missing,
+        decision=decision, platform=PLATFORM,
+    )
+
+
+def _status_patch(old: dict, new: dict) -> dict:
+    return {k: new.get(k) for k in (*lifecycle.OWNED_STATUS, "observedGeneration") if new.get(k) != old.get(k)}
+
+
+async def _apply(machine: dict, plan: lifecycle.Plan, logger) -> dict | None:
+    meta, spec = machine["metadata"], machine.get("spec") or {}
+    ns, name = meta["namespace"], meta["name"]
+    key = (ns, name)
+    k = kube()
+    if plan.placement is not None and plan.placement.ok:
+        cpu, mem = placement.guest_requests(spec.get("guest"))
+        RESERVED[key] = placement.Placed(key, f"{ns}/{spec['app']}", plan.placement.host, cpu, mem)
+    try:
+        if plan.attach_volume is not None:
+            v = plan.attach_volume
+            await k.call(k.custom.patch_namespaced_custom_object_status, GROUP, VERSION, ns, "volumes", v.name,
+                         {"metadata": {"resourceVersion": v.resource_version}, "status": {"attachedMachine": name}})
+            kopf.event(machine, type="Normal", reason="VolumeAttached", message=f"claimed volume {v.name}")
+        updated = None
+        patch = _status_patch(machine.get("status") or {}, plan.status)
+        if patch:
+            updated = await k.call(k.custom.patch_namespaced_custom_object_status, GROUP, VERSION, ns, "machines", name,
+                                   {"status": patch})
+    except BaseException:
+        if plan.placement is not None and plan.placement.ok:
+            RESERVED.pop(key, None)
+        raise
+    if plan.placement is not None:
+        MACHINE_CREATES.labels(spec.get("region", ""), "placed" if plan.placement.ok else plan.placement.reason).inc()
+    for type_, reason, message in plan.events:
+        kopf.event(machine, type=type_, reason=reason, message=message)
+    if patch.get("state"):
+        log.info("machine state", namespace=ns, name=name, state=patch["state"], host=plan.status.get("host"))
+    if plan.delete_pod_grace is not None:
+        try:
+            await k.call(k.core.delete_namespaced_pod, name, ns, grace_period_seconds=plan.delete_pod_grace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    if plan.create_pod is not None:
+        try:
+            await k.call(k.core.create_namespaced_pod, ns, plan.create_pod)
+        except ApiException as exc:
+            if exc.status != 409:  # already there: a restarted operator finds what it made
+                raise
+    return updated
+
+
+@kopf.daemon(GROUP, VERSION, "machines", id="machine", cancellation_timeout=5.0)
+async def run_machine(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, name, logger,
+                      hosts: kopf.Index, placed_machines: kopf.Index, machine_pods: kopf.Index,
+                      volumes: kopf.Index, app_secrets: kopf.Index, **_) -> None:
+    key = (namespace, name)
+    waker = WAKERS.setdefault(key, asyncio.Event())
+    backoff = 0.0
+    while not stopped:
+        waker.clear()
+        started = time.monotonic()
+        machine = _fresher(copy.deepcopy(dict(body)), LATEST.get(key))
+        spec = machine.get("spec") or {}
+        if spec.get("app"):
+            BY_APP.setdefault((namespace, spec["app"]), set()).add(key)
+        for m in spec.get("mounts") or []:
+            MOUNTERS.setdefault((namespace, m.get("volume")), set()).add(key)
+        outcome, timeout = "accepted", IDLE_RESYNC_S
+        try:
+            world = _world(machine, hosts=hosts, placed_machines=placed_machines, machine_pods=machine_pods,
+                           volumes=volumes, app_secrets=app_secrets)
+            outcome = "accepted" if world.accepted else "invalid"
+            plan = lifecycle.reconcile(world)
+            updated = await _apply(machine, plan, logger)
+            if updated is not None:
+                LATEST[key] = updated
+            backoff = 0.0
+        except ApiException as exc:
+            outcome, backoff = "error", min(max(backoff * 2, 0.5), 30.0)
+            timeout = backoff
+            # 409 on the volume claim or a stale status write: someone else moved first; look again.
+            (log.info if exc.status == 409 else log.error)(
+                "reconcile did not apply", namespace=namespace, name=name, status=exc.status, reason=exc.reason)
+        except Exception:
+            outcome, backoff = "error", min(max(backoff * 2, 0.5), 30.0)
+            timeout = backoff
+            log.exception("reconcile failed", namespace=namespace, name=name)
+        RECONCILES.labels("Machine", outcome).inc()
+        RECONCILE_SECONDS.labels("Machine").observe(time.monotonic() - started)
+        waits = [asyncio.ensure_future(waker.wait()), asyncio.ensure_future(stopped.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+
+@kopf.on.delete(GROUP, VERSION, "machines", id="destroy")
+async def destroy_machine(body, namespace, name, spec, status, patch, machine_pods: kopf.Index, hosts: kopf.Index, **_):
+    """Destroy: stop the pod (honouring the stop timeout), release the volume, never delete it."""
+    key, k = (namespace, name), kube()
+    pod = _one(machine_pods, key)
+    if pod is not None:
+        if status.get("state") != "destroying":
+            patch.status["state"] = "destroying"
+        host = _one(hosts, status.get("host")) if status.get("host") else None
+        # A lost host never confirms the stop: remove the pod outright instead of waiting for ever.
+        grace = (spec.get("stop") or {}).get("timeoutSeconds", 5) if host and host[0].ready else 0
+        if not pod.deleting or grace == 0:
+            try:
+                await k.call(k.core.delete_namespaced_pod, name, namespace, grace_period_seconds=grace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+        raise kopf.TemporaryError("waiting for the machine's pod to stop", delay=1)
+    for m in spec.get("mounts") or []:
+        await _release_volume(namespace, m["volume"], name)
+    for table in (RESERVED, LATEST, WAKERS):
+        table.pop(key, None)
+    for machines in (*MOUNTERS.values(), *BY_APP.values()):
+        machines.discard(key)
+    kopf.event(body, type="Normal", reason="Destroyed", message="the machine is destroyed")
+
+
+async def _release_volume(namespace: str, volume: str, machine: str) -> None:
+    k = kube()
+    try:
+        v = await k.call(k.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, "volumes", volume)
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    if (v.get("status") or {}).get("attachedMachine") != machine:
+        return  # only ever clear our own claim
+    await k.call(k.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, "volumes", volume,
+                 {"metadata": {"resourceVersion": v["metadata"]["resourceVersion"]}, "status": {"attachedMachine": None}})
