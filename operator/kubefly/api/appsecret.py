@@ -54,11 +54,19 @@ class AppSecretSpec(ApiModel):
         return data
 
 
+class Rollout(ApiModel):
+    """A roll of the app's started machines onto new values, kept here so a restarted operator resumes it."""
+
+    machine: str | None = Field(default=None, max_length=63, description="The machine being replaced now, if any.")
+    from_instance_id: str | None = Field(default=None, description="That machine's instance before the roll.")
+
+
 class AppSecretStatus(StatusModel):
     keys: list[str] = Field(default_factory=list, max_length=MAX_KEYS)
     digest: str | None = Field(default=None, description="Digest of the whole set of keys and values.")
     key_digests: dict[str, str] = Field(default_factory=dict, max_length=MAX_KEYS)
     secret_name: str | None = Field(default=None, description="The Secret that holds the values for the machines.")
+    rollout: Rollout | None = Field(default=None, description="Present while machines are being rolled one at a time.")
     observed_generation: int | None = Field(default=None, ge=0)
     conditions: Conditions = Field(default_factory=list)
 

@@ -1,0 +1,1 @@
+"""Sealed secrets: values encrypted for the cluster's key, opened only by the operator."""
