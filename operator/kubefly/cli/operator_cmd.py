@@ -21,8 +21,15 @@ from kubefly import logs, metrics
     default=None,
     help="Peering priority; the highest runs, others stand by. Default: random, because equal priorities freeze all replicas.",
 )
+@click.option(
+    "--home-namespace",
+    envvar="KUBEFLY_NAMESPACE",
+    default="kubefly-system",
+    show_default=True,
+    help="The operator's own namespace: the sealing key Secret and its public ConfigMap live there.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
-def operator_command(namespaces, metrics_port, health_port, peering, standalone, priority, log_level):
+def operator_command(namespaces, metrics_port, health_port, peering, standalone, priority, home_namespace, log_level):
     """Run the kubefly operator (Kopf)."""
     import kopf
     import uvloop
@@ -39,4 +46,5 @@ def operator_command(namespaces, metrics_port, health_port, peering, standalone,
         peering_name=None if standalone else peering,
         priority=priority if priority is not None else random.randint(1, 2**31 - 1),
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+        memo=kopf.Memo(home_namespace=home_namespace),
     )

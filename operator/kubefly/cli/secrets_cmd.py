@@ -1,0 +1,106 @@
+"""`kubefly secrets`: seal values for the cluster, as an AppSecret manifest.
+
+    kubefly secrets seal --app web -n my-org DATABASE_URL=postgres://... | kubectl apply -f -
+
+Values are encrypted on this machine with the cluster's public key (from the
+ConfigMap the operator publishes, or `--public-key FILE`); only the operator
+can open them. Nothing here sends a value anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import yaml
+from pydantic import ValidationError
+
+from kubefly import API_VERSION
+from kubefly.api.appsecret import KEY_PATTERN, AppSecret
+from kubefly.secrets import keystore, sealing
+
+
+@click.group("secrets")
+def secrets_group() -> None:
+    """Seal app secrets for this cluster."""
+
+
+def _pairs(assignments: tuple[str, ...], env_file: Path | None) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if env_file is not None:
+        for number, line in enumerate(env_file.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                raise click.BadParameter(f"line {number} is not KEY=VALUE", param_hint="--from-env-file")
+            key, value = line.split("=", 1)
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key.strip().removeprefix("export ").strip()] = value
+    for item in assignments:
+        if "=" not in item:
+            raise click.BadParameter(f"{item.split('=')[0]!r} is not KEY=VALUE", param_hint="KEY=VALUE")
+        key, value = item.split("=", 1)
+        values[key] = value
+    for key in values:
+        if not re.match(KEY_PATTERN, key) or len(key) > 255:
+            raise click.BadParameter(f"{key!r} is not an environment variable name ({KEY_PATTERN})", param_hint="KEY")
+    if not values:
+        raise click.UsageError("nothing to seal: give KEY=VALUE arguments or --from-env-file")
+    return values
+
+
+def _public_key(public_key_file: Path | None, home_namespace: str):
+    if public_key_file is not None:
+        try:
+            return sealing.load_public(public_key_file.read_text())
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--public-key") from exc
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    config.load_config()
+    try:
+        return keystore.fetch_public(client.CoreV1Api(), home_namespace)
+    except ApiException as exc:
+        raise click.ClickException(
+            f"cannot read ConfigMap {home_namespace}/{keystore.NAME} ({exc.status} {exc.reason}): "
+            "is the operator running? Or pass --public-key FILE"
+        ) from exc
+
+
+@secrets_group.command("seal")
+@click.argument("assignments", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--app", required=True, help="The app whose machines get the values.")
+@click.option("--name", help="The AppSecret's name (default: the app's name).")
+@click.option("-n", "--namespace", default="default", show_default=True, help="The organisation (namespace).")
+@click.option("--from-env-file", "env_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read KEY=VALUE lines from a file (# comments allowed).")
+@click.option("--stage", is_flag=True, help="Store only: machines get the values at their next update.")
+@click.option("--public-key", "public_key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The cluster's public key (the ConfigMap's publicKey), instead of asking the cluster.")
+@click.option("--home-namespace", envvar="KUBEFLY_NAMESPACE", default="kubefly-system", show_default=True,
+              help="Where the operator publishes its public key.")
+def seal_command(assignments, app, name, namespace, env_file, stage, public_key_file, home_namespace):
+    """Print an AppSecret manifest with KEY=VALUE pairs sealed for the cluster."""
+    values = _pairs(assignments, env_file)
+    public = _public_key(public_key_file, home_namespace)
+    manifest = {
+        "apiVersion": API_VERSION,
+        "kind": "AppSecret",
+        "metadata": {"name": name or app, "namespace": namespace},
+        "spec": {
+            "app": app,
+            "data": {k: sealing.seal(public, namespace=namespace, app=app, key=k, value=v) for k, v in sorted(values.items())},
+            **({"stage": True} if stage else {}),
+        },
+    }
+    try:
+        AppSecret.model_validate(manifest)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise click.ClickException(f"the AppSecret would be invalid: {problems}") from exc
+    click.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)

@@ -1,0 +1,351 @@
+"""Volume handlers: place on a host, create the pinned PV and its claim, guard deletion.
+
+Thin: read the Volume and a snapshot (nodes, placed volumes), ask
+kubefly.placement.volumes for a host, apply kubefly.volumes.objects' PV/PVC
+with create-if-absent under deterministic names, then write status. Status is
+written with a resourceVersion precondition (and retried on conflict) because
+the Machine controller writes `attachedMachine` on the same objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubefly import GROUP, VERSION
+from kubefly.api.volume import Volume
+from kubefly.conditions import get_condition, set_condition
+from kubefly.controllers import acceptance
+from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
+from kubefly.placement import volumes as placement
+from kubefly.volumes import objects, redundancy
+
+PLURAL = "volumes"
+# Placements are decided one at a time so two Volumes never both take a host's last room.
+_PLACING = threading.Lock()
+_api: tuple[client.CoreV1Api, client.CustomObjectsApi] | None = None
+
+
+def kube_api() -> tuple[client.CoreV1Api, client.CustomObjectsApi]:
+    global _api
+    if _api is None:
+        config.load_config()
+        api = client.ApiClient()
+        _api = (client.CoreV1Api(api), client.CustomObjectsApi(api))
+    return _api
+
+
+def to_dict(obj) -> dict:
+    return client.ApiClient().sanitize_for_serialization(obj)
+
+
+def _get(namespace: str, name: str) -> dict | None:
+    try:
+        return kube_api()[1].get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def update_status(plural: str, namespace: str, name: str, mutate: Callable[[dict], dict | None]) -> dict | None:
+    """Read, let `mutate` compute a status merge patch from the fresh object, write it if not stale."""
+    custom = kube_api()[1]
+    for _ in range(10):
+        try:
+            body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        patch = mutate(body)
+        if not patch:
+            return body
+        try:
+            return custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name,
+                {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": patch},
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+            if exc.status == 404:
+                return None
+    raise kopf.TemporaryError(f"{plural} {namespace}/{name}: status kept changing under us", delay=1)
+
+
+def _condition_patch(body: dict, updates: list[tuple[str, bool, str, str]], extra: dict | None = None) -> dict | None:
+    status = body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    conditions = status.get("conditions") or []
+    for type_, ok, reason, message in updates:
+        conditions = set_condition(conditions, type_, ok, reason, message, generation)
+    patch = {k: v for k, v in (extra or {}).items() if status.get(k) != v}
+    if _essence(conditions) != _essence(status.get("conditions") or []):
+        patch["conditions"] = conditions
+    return patch or None
+
+
+def _essence(conditions: list[dict]) -> list[tuple]:
+    return sorted((c["type"], c["status"], c["reason"], c["message"]) for c in conditions)
+
+
+# ---- snapshot ----------------------------------------------------------------
+
+
+def _snapshot() -> tuple[list[placement.Host], list[placement.PlacedVolume]]:
+    core, custom = kube_api()
+    hosts = [placement.host_of_node(to_dict(n)) for n in core.list_node().items]
+    placed = []
+    for v in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]:
+        host = (v.get("status") or {}).get("host")
+        if host:
+            meta, spec = v["metadata"], v.get("spec") or {}
+            placed.append(placement.PlacedVolume(meta["namespace"], meta["name"], spec.get("app", ""), host, spec.get("sizeGb", 1)))
+    return hosts, placed
+
+
+def _read_pv(name: str) -> dict | None:
+    try:
+        return to_dict(kube_api()[0].read_persistent_volume(name))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _read_pvc(namespace: str, name: str) -> dict | None:
+    try:
+        return to_dict(kube_api()[0].read_namespaced_persistent_volume_claim(name, namespace))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _machine_exists(namespace: str, name: str) -> bool:
+    try:
+        kube_api()[1].get_namespaced_custom_object(GROUP, VERSION, namespace, "machines", name)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+# ---- reconcile ---------------------------------------------------------------
+
+
+def _place(body: dict, logger) -> str | None:
+    """The volume's host: from status, from its PV (status lost), or placed now."""
+    meta, spec = body["metadata"], body["spec"]
+    pv = _read_pv(objects.pv_name(meta["namespace"], meta["name"], meta["uid"]))
+    if pv is not None and objects.host_of_pv(pv):
+        return objects.host_of_pv(pv)
+    with _PLACING:
+        hosts, placed = _snapshot()
+        request = placement.VolumeRequest(meta["namespace"], meta["name"], spec["app"], spec["region"], spec["sizeGb"])
+        decision = placement.place(request, hosts, placed)
+        if isinstance(decision, placement.Refused):
+            update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+                b, [("Placed", False, decision.reason, decision.message), ("Ready", False, decision.reason, decision.message)]
+            ))
+            return None
+        # The host is recorded before anything is created on it, so a restart
+        # in between finds the decision and never places the volume twice.
+        message = f"pinned to host {decision.host} in region {spec['region']}"
+        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+            b, [("Placed", True, "Placed", message)], {"host": decision.host}
+        ))
+    logger.info(f"volume placed on host {decision.host}")
+    return decision.host
+
+
+def _ensure_objects(body: dict, host: str) -> tuple[dict, dict]:
+    core = kube_api()[0]
+    meta, spec = body["metadata"], body["spec"]
+    name = objects.pv_name(meta["namespace"], meta["name"], meta["uid"])
+    pv = _read_pv(name)
+    if pv is None:
+        wanted = objects.build_pv(namespace=meta["namespace"], volume=meta["name"], uid=meta["uid"], app=spec["app"],
+                                  region=spec["region"], host=host, size_gb=spec["sizeGb"])
+        pv = _create(lambda: core.create_persistent_volume(wanted), lambda: _read_pv(name))
+    pvc = _read_pvc(meta["namespace"], objects.claim_name(meta["name"]))
+    if pvc is None:
+        wanted = objects.build_pvc(body=body, pv=name, host=host, size_gb=spec["sizeGb"])
+        pvc = _create(lambda: core.create_namespaced_persistent_volume_claim(meta["namespace"], wanted),
+                      lambda: _read_pvc(meta["namespace"], objects.claim_name(meta["name"])))
+    if pvc["spec"].get("volumeName") != name:
+        raise kopf.TemporaryError(
+            f"claim {pvc['metadata']['name']} belongs to another volume (a predecessor's, still being deleted); waiting", delay=10
+        )
+    return pv, pvc
+
+
+def _create(create: Callable[[], object], read: Callable[[], dict | None]) -> dict:
+    try:
+        return to_dict(create())
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        found = read()  # created by an earlier run of this handler
+        if found is None:
+            raise kopf.TemporaryError("object conflicts but cannot be read; retrying", delay=2) from exc
+        return found
+
+
+def _grow(body: dict, pv: dict) -> tuple[str, bool, str, str] | None:
+    meta, spec = body["metadata"], body["spec"]
+    have = placement.quantity_bytes(pv["spec"]["capacity"]["storage"]) // placement.GIB
+    want = spec["sizeGb"]
+    if want <= have:
+        return None
+    host = objects.host_of_pv(pv)
+    with _PLACING:
+        hosts, placed = _snapshot()
+        me = placement.PlacedVolume(meta["namespace"], meta["name"], spec["app"], host, have)
+        refused = placement.check_growth(me, want, hosts, placed)
+        if refused:
+            return ("Resized", False, refused.reason, f"spec.sizeGb {want} GB not applied, still {have} GB: {refused.message}")
+        pv_patch, pvc_patch = objects.growth_patch(want)
+        core = kube_api()[0]
+        core.patch_persistent_volume(pv["metadata"]["name"], pv_patch)
+        core.patch_namespaced_persistent_volume_claim(objects.claim_name(meta["name"]), meta["namespace"], pvc_patch)
+    return ("Resized", True, "Extended", f"extended from {have} GB to {want} GB in place on host {host}")
+
+
+def _wait_bound(namespace: str, claim: str, pvc: dict) -> dict:
+    # The pre-bound pair binds within a sync of the PV controller; wait briefly
+    # here rather than post a retry event for something this quick.
+    deadline = time.monotonic() + 5
+    while (pvc.get("status") or {}).get("phase") != "Bound" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        pvc = _read_pvc(namespace, claim) or pvc
+    return pvc
+
+
+def _release_if_gone(body: dict) -> None:
+    meta = body["metadata"]
+    machine = (body.get("status") or {}).get("attachedMachine")
+    if machine and not _machine_exists(meta["namespace"], machine):
+        _detach_gone(meta["namespace"], meta["name"], machine)
+
+
+def _detach_gone(namespace: str, name: str, machine: str) -> None:
+    """Clear attachedMachine naming a Machine that no longer exists (only if it still names it)."""
+    update_status(PLURAL, namespace, name, lambda b: {"attachedMachine": None}
+                  if (b.get("status") or {}).get("attachedMachine") == machine and not _machine_exists(namespace, machine)
+                  else None)
+
+
+def refresh_redundancy(namespace: str, app: str) -> None:
+    """Every Volume of the app re-judged: siblings coming and going change each other's condition."""
+    items = kube_api()[1].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    siblings = [
+        redundancy.Sibling(v["metadata"]["name"], (v.get("spec") or {}).get("app", ""), (v.get("spec") or {}).get("region", ""),
+                           deleting=bool(v["metadata"].get("deletionTimestamp")))
+        for v in items
+    ]
+    for sibling in siblings:
+        if sibling.app != app or sibling.deleting:
+            continue
+        update_status(PLURAL, namespace, sibling.name, lambda b, s=sibling: _redundancy_patch(b, s, siblings))
+
+
+def _redundancy_patch(body: dict, sibling: redundancy.Sibling, siblings: list[redundancy.Sibling]) -> dict | None:
+    v = redundancy.verdict(sibling, siblings)
+    return _condition_patch(body, [(redundancy.CONDITION, v.redundant, v.reason, v.message)])
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="volume")
+@kopf.on.create(GROUP, VERSION, PLURAL, id="volume")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="volume")
+def reconcile(body: kopf.Body, logger, **_) -> None:
+    started = time.monotonic()
+    body = dict(body)
+    meta = body["metadata"]
+    result = acceptance.check(Volume, body)
+    if not result.ok:
+        # Nothing is created from a spec the models refuse.
+        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: {
+            "conditions": result.conditions(b), "observedGeneration": meta.get("generation")})
+        logger.warning(f"Volume refused: {result.message}")
+        RECONCILES.labels("Volume", "invalid").inc()
+        return
+    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+        b, [("Accepted", True, "SpecValid", result.message)]))
+    host = _place(body, logger)
+    if host is None:
+        RECONCILES.labels("Volume", "unplaced").inc()
+        refresh_redundancy(meta["namespace"], body["spec"]["app"])
+        message = get_condition((_get(meta["namespace"], meta["name"]) or {}).get("status", {}).get("conditions"), "Placed")
+        raise kopf.TemporaryError(f"not placed: {message['message'] if message else 'no host'}; retrying", delay=30)
+    pv, pvc = _ensure_objects(body, host)
+    resized = _grow(body, pv)
+    pvc = _wait_bound(meta["namespace"], pvc["metadata"]["name"], pvc)
+    phase = (pvc.get("status") or {}).get("phase", "Pending")
+    updates = [
+        ("Placed", True, "Placed", f"pinned to host {host} in region {body['spec']['region']}"),
+        ("Ready", phase == "Bound", "Bound" if phase == "Bound" else "ClaimPending",
+         f"claim {pvc['metadata']['name']} is {phase}, on PersistentVolume {pv['metadata']['name']} on host {host}"),
+    ]
+    if resized:
+        updates.append(resized)
+    _release_if_gone(_get(meta["namespace"], meta["name"]) or body)
+    extra = {"host": host, "persistentVolume": pv["metadata"]["name"], "claim": pvc["metadata"]["name"],
+             "observedGeneration": meta.get("generation")}
+    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(b, updates, extra))
+    refresh_redundancy(meta["namespace"], body["spec"]["app"])
+    RECONCILES.labels("Volume", "ready" if phase == "Bound" else "pending").inc()
+    RECONCILE_SECONDS.labels("Volume").observe(time.monotonic() - started)
+    if resized and not resized[1]:
+        logger.warning(resized[3])
+    if phase != "Bound":
+        raise kopf.TemporaryError(f"claim {pvc['metadata']['name']} is still {phase}; waiting for it to bind", delay=5)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="volume")
+def delete(body: kopf.Body, logger, **_) -> None:
+    meta, spec = body["metadata"], body.get("spec") or {}
+    fresh = _get(meta["namespace"], meta["name"]) or dict(body)
+    status = fresh.get("status") or {}
+    machine = status.get("attachedMachine")
+    if machine and _machine_exists(meta["namespace"], machine):
+        message = (f"deletion waits: the volume is attached to machine {machine}. "
+                   f"Delete Machine {machine} to detach it; this volume is then deleted")
+        blocked = get_condition(status.get("conditions"), "DeletionBlocked")
+        if not blocked or blocked.get("status") != "True":
+            kopf.warn(body, reason="VolumeAttached", message=message)
+        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+            b, [("DeletionBlocked", True, "AttachedToMachine", message)]))
+        raise kopf.TemporaryError(message, delay=5)
+    core = kube_api()[0]
+    # Claim first, then the volume: the PV's protection finalizer lets it go once unbound.
+    # Retain: the directory on the host stays (docs/volumes.md).
+    for remove in (
+        lambda: core.delete_namespaced_persistent_volume_claim(objects.claim_name(meta["name"]), meta["namespace"]),
+        lambda: core.delete_persistent_volume(status.get("persistentVolume") or objects.pv_name(meta["namespace"], meta["name"], meta["uid"])),
+    ):
+        try:
+            remove()
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    logger.info("volume deleted: its claim and PersistentVolume are removed; the host directory is retained")
+    if spec.get("app"):
+        refresh_redundancy(meta["namespace"], spec["app"])
+
+
+@kopf.on.event(GROUP, VERSION, "machines", id="volume-detach")
+def machine_event(type: str, namespace: str, name: str, **_) -> None:
+    """A Machine gone for good releases any Volume still naming it (the Machine controller's backstop)."""
+    if type != "DELETED":
+        return
+    for v in kube_api()[1].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        if (v.get("status") or {}).get("attachedMachine") == name:
+            _detach_gone(namespace, v["metadata"]["name"], name)
