@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages listed in hack/os-packages.txt that are missing.
+# Installs the Debian packages listed in hack/os-packages.txt (or the list
+# file given as the argument, e.g. hack/os-packages-kind.txt) that are missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-mapfile -t pkgs < <(grep -vE '^\s*(#|$)' "$here/os-packages.txt")
+mapfile -t pkgs < <(grep -vE '^\s*(#|$)' "${1:-$here/os-packages.txt}")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,3 @@
+module kubefly.dev/runc-wrapper
+
+go 1.26.0
