@@ -44,15 +44,16 @@ def pct(xs: list[float], p: float) -> float:
 class Watchers:
     """Follows every agent's /v1/watch and records when each agent merged each instance_id."""
 
-    def __init__(self, cluster: AgentCluster):
+    def __init__(self, cluster: AgentCluster, agents=None):
         self.c = cluster
+        self.agents = agents or cluster.agents
         self.seen: dict[str, dict[str, float]] = {}  # instance_id -> host -> merge time
         self.tasks: list[asyncio.Task] = []
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
 
     async def start(self) -> None:
         ready = []
-        for a in self.c.agents:
+        for a in self.agents:
             ev = asyncio.Event()
             ready.append(ev)
             self.tasks.append(asyncio.create_task(self._follow(a, ev)))
@@ -134,6 +135,8 @@ async def bytes_rate(c: AgentCluster, seconds: float) -> dict:
 
 
 async def under_load(c: AgentCluster, w: Watchers, rate: float, seconds: float) -> dict:
+    """Writes spread round-robin over every agent; lag is taken for the writes whose
+    origin is one of the sampled (followed) agents, from the origin to the last sample."""
     async def writer():
         k = 0
         t0 = time.monotonic()
@@ -144,22 +147,22 @@ async def under_load(c: AgentCluster, w: Watchers, rate: float, seconds: float) 
             await asyncio.sleep(max(0.0, t0 + k / rate - time.monotonic()))
         return k
 
-    before = {t for t in w.seen if t.startswith("load-")}
     task = asyncio.create_task(writer())
     rates = await bytes_rate(c, seconds)
     written = await task
     await asyncio.sleep(3)
-    host0 = c.agents[0].host
-    delivered = [t for t, s in w.seen.items() if t.startswith("load-") and t not in before and host0 in s]
+    host0 = w.agents[0].host
+    delivered = [t for t, s in w.seen.items() if t.startswith("load-") and host0 in s]
+    sampled = {a.host for a in w.agents}
     lags = []
     for t in delivered:
         s = w.seen[t]
-        if len(s) == len(c.agents):
-            lags.append(max(s.values()) - min(s.values()))
-    rates.update({"writes_per_s": round(written / seconds, 1),
+        origin = c.agents[int(t.split("-")[1]) % len(c.agents)].host
+        if origin in sampled and origin in s and len(s) == len(w.agents):
+            lags.append(max(s.values()) - s[origin])
+    rates.update({"lag_sampled_agents": len(w.agents), "writes_per_s": round(written / seconds, 1),
                   "changes_seen_per_s": round(len(delivered) / seconds, 1),
-                  "complete_fraction": round(len(lags) / max(1, len(delivered)), 3),
-                  "p50_s": round(pct(lags, 50), 4) if lags else None,
+                                    "p50_s": round(pct(lags, 50), 4) if lags else None,
                   "p99_s": round(pct(lags, 99), 4) if lags else None})
     return rates
 
@@ -177,9 +180,14 @@ async def run_size(n: int, writes: int, args, latency: str | None) -> dict:
         out = {"agents": n, "start_s": round(started, 1), "membership_converged_s": round(joined, 1)}
         out.update(await propagation(c, w, writes, args.gap, f"w{n}"))
         out["bytes_at_rest"] = await bytes_rate(c, args.rest_seconds)
-        if not args.skip_load:
-            out["bytes_under_load"] = await under_load(c, w, args.rate, args.load_seconds)
         await w.close()
+        if not args.skip_load:
+            # Following every agent at 100 changes/s would make this process the bottleneck:
+            # lag under load is measured on a sample (origins included by the writer's choice).
+            sample = Watchers(c, c.agents[:10])
+            await sample.start()
+            out["bytes_under_load"] = await under_load(c, sample, args.rate, args.load_seconds)
+            await sample.close()
         return out
     finally:
         await c.close()

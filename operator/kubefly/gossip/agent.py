@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,9 @@ class AgentConfig:
     probe_timeout: float = 0.5
     indirect_probes: int = 3
     suspicion_mult: float = 4.0
-    fanout: int = 4
-    rounds: int = 3
+    origin_fanout: int = 100  # peers an origin pushes its own new rows to directly
+    fanout: int = 3  # peers per relay round
+    rounds: int = 2
     gossip_interval: float = 0.05
     sync_interval: float = 2.0
     load_interval: float = 1.0
@@ -121,7 +123,8 @@ class Agent:
         self.loads: dict[Key, int] = {}
         self._loads_dirty = False
         self._watchers: set[asyncio.Queue] = set()
-        self._bcast: dict[tuple[str, Key], list] = {}  # (origin, key) -> [wire record, rounds left]
+        # (origin, key) -> [wire record, rounds left, first push goes to origin_fanout peers]
+        self._bcast: dict[tuple[str, Key], list] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self._acks: dict[int, asyncio.Future] = {}
@@ -155,6 +158,10 @@ class Agent:
             self._recompute(key)
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Udp(self), local_addr=(self.cfg.bind_ip, self.cfg.gossip_port))
+        try:  # room for bursts while the process is not scheduled (the kernel may cap it)
+            self._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        except OSError:
+            pass
         self._tcp = await asyncio.start_server(self._serve_sync, self.cfg.bind_ip, self.cfg.gossip_port)
         self.members.announce()
         self._tasks = [asyncio.create_task(c) for c in (
@@ -246,7 +253,7 @@ class Agent:
         self.store.put(rec, Instance.model_validate(row) if row is not None else None)
         self._index(rec.origin, key)
         self._recompute(key)
-        self._enqueue(rec)
+        self._enqueue(rec, direct=True)
 
     # == the reader-facing view ===================================================
     def _index(self, origin: str, key: Key) -> None:
@@ -403,6 +410,8 @@ class Agent:
             origin, h, key = head["o"], head["h"], head["k"]
             cur = self.store.get(origin, (key[0], key[1]))
             if cur is not None and isinstance(h, int) and h <= cur.hlc:
+                if h == cur.hlc:
+                    self._lose_interest(cur)
                 return False  # a duplicate or an older version: the common case, kept cheap
             if not self._origin_limit.allow(origin):
                 raise WireError("rate_limited", origin)
@@ -425,6 +434,15 @@ class Agent:
         self._enqueue(rec)
         LAG.observe(max(0.0, time.time() - hlcmod.wall_s(rec.hlc)))
         return True
+
+    def _lose_interest(self, rec: Record) -> None:
+        # Rumour mongering with feedback: a peer that already had it means the
+        # rumour is spreading without us, so push it for one round less.
+        entry = self._bcast.get((rec.origin, rec.key))
+        if entry is not None and entry[0][0] == rec.body:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._bcast[(rec.origin, rec.key)]
 
     def _refute(self, rec: Record) -> None:
         """A peer holds a version of one of our rows newer than ours (our store was lost):
@@ -462,8 +480,8 @@ class Agent:
         else:
             self._transport.sendto(data, addr)
 
-    def _enqueue(self, rec: Record) -> None:
-        self._bcast[(rec.origin, rec.key)] = [rec.wire, self.cfg.rounds]
+    def _enqueue(self, rec: Record, direct: bool = False) -> None:
+        self._bcast[(rec.origin, rec.key)] = [rec.wire, self.cfg.rounds, direct]
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -474,26 +492,40 @@ class Agent:
         self._flush_handle = loop.call_later(delay, self._flush)
 
     def _flush(self) -> None:
-        """One push round: every pending record to `fanout` random live peers, packed into datagrams."""
+        """One push round. An origin's new rows go straight to up to `origin_fanout`
+        peers (one hop for most of the cluster); every record, ours or relayed, then
+        goes to `fanout` random peers for `rounds` rounds (fewer when peers show
+        they already have it), so losses and the members beyond the direct
+        fan-out are covered within a few hops."""
         self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
+        direct = [e for e in self._bcast.values() if e[2]]
+        if direct:
+            peers = [m for m in self.members.random_alive(self.cfg.origin_fanout) if m.host not in self.dropped]
+            for e in direct:
+                e[2] = False
+            self._send_packed([e[0] for e in direct], peers)
+        first = {id(e) for e in direct}
+        relay = [e for e in self._bcast.values() if id(e) not in first]
         peers = [m for m in self.members.random_alive(self.cfg.fanout + len(self.dropped)) if m.host not in self.dropped]
-        peers = peers[: self.cfg.fanout]
+        self._send_packed([e[0] for e in relay], peers[: self.cfg.fanout])
+        for k, e in list(self._bcast.items()):
+            e[1] -= 1
+            if e[1] <= 0:
+                del self._bcast[k]
+        self._schedule_flush()
+
+    def _send_packed(self, wires: list, peers: list[Member]) -> None:
         batch, size = [], 0
-        for k, entry in list(self._bcast.items()):
-            wire = entry[0]
+        for wire in wires:
             n = len(wire[0]) + len(wire[1]) + 16
             if batch and size + n > MAX_DATAGRAM - 512:
                 self._send_batch(batch, peers)
                 batch, size = [], 0
             batch.append(wire)
             size += n
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del self._bcast[k]
         if batch:
             self._send_batch(batch, peers)
-        self._schedule_flush()
 
     def _send_batch(self, batch: list, peers: list[Member]) -> None:
         if not peers or self._transport is None:

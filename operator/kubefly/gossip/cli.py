@@ -32,8 +32,9 @@ def _hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
 @click.option("--probe-interval", default=1.0, show_default=True)
 @click.option("--probe-timeout", default=0.5, show_default=True)
 @click.option("--suspicion-mult", default=4.0, show_default=True)
-@click.option("--fanout", default=4, show_default=True)
-@click.option("--rounds", default=3, show_default=True, help="Push rounds per new record at each agent.")
+@click.option("--origin-fanout", default=100, show_default=True, help="Peers an origin pushes its own rows to directly.")
+@click.option("--fanout", default=3, show_default=True, help="Peers per relay round.")
+@click.option("--rounds", default=2, show_default=True, help="Push rounds per new record at each agent.")
 @click.option("--gossip-interval", default=0.05, show_default=True, help="Minimum seconds between push rounds.")
 @click.option("--sync-interval", default=2.0, show_default=True)
 @click.option("--origin-rate", default=100.0, show_default=True, help="New record versions/s accepted per origin.")
@@ -41,7 +42,7 @@ def _hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
 @click.option("--emulate-latency", default="", help="SAME_MS,CROSS_MS one-way delay on sends (benchmarks).")
 @click.option("--log-level", default="INFO", show_default=True)
 def agent_command(host, region, gossip, advertise, api, seeds, data_dir, key_file, source, machines_dir,
-                  source_poll, tombstone_ttl, probe_interval, probe_timeout, suspicion_mult, fanout, rounds,
+                  source_poll, tombstone_ttl, probe_interval, probe_timeout, suspicion_mult, origin_fanout, fanout, rounds,
                   gossip_interval, sync_interval, origin_rate, sender_rate, emulate_latency, log_level):
     """Gossip this host's instances; serve the cluster's replica to the proxy and DNS."""
     logs.configure(log_level, component="agent")
@@ -64,7 +65,7 @@ def agent_command(host, region, gossip, advertise, api, seeds, data_dir, key_fil
     cfg = AgentConfig(
         host=host, region=region, bind_ip=bind_ip, advertise_ip=advertise or ("127.0.0.1" if bind_ip == "0.0.0.0" else bind_ip),
         gossip_port=gport, seeds=[_hostport(s) for s in seeds], data_dir=data_dir, tombstone_ttl=tombstone_ttl,
-        probe_interval=probe_interval, probe_timeout=probe_timeout, suspicion_mult=suspicion_mult, fanout=fanout,
+        probe_interval=probe_interval, probe_timeout=probe_timeout, suspicion_mult=suspicion_mult, origin_fanout=origin_fanout, fanout=fanout,
         rounds=rounds, gossip_interval=gossip_interval, sync_interval=sync_interval, origin_rate=origin_rate,
         origin_burst=origin_rate * 5, sender_rate=sender_rate, sender_burst=sender_rate * 2, emulate_latency=latency,
     )
