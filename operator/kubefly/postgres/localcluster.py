@@ -1,0 +1,250 @@
+"""Real members and a real endpoint as local processes: the component tests' and the benchmark's cluster.
+
+Members run `kubefly postgres member` (postgres + repmgrd from Debian) in
+temporary directories. Two network modes:
+- loopback: every member on 127.0.0.1, its own ports;
+- netns (root only): each member in its own network namespace with two links,
+  a "cluster" link (replication, peer health) and a "client" link (endpoint,
+  tests). Cutting a member's cluster link is a real partition from its peers
+  while the endpoint still sees it, the case where two primaries could meet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMES = "abcdefg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kubefly_argv() -> list[str]:
+    script = Path(sys.executable).parent / "kubefly"
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from kubefly.cli.main import cli; cli()"]
+
+
+@dataclass
+class LocalMember:
+    name: str
+    node_id: int
+    cluster_host: str  # peers reach it here
+    client_host: str  # the endpoint and tests reach it here
+    pg_port: int
+    health_port: int
+    data_dir: Path
+    netns: str | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.client_host}:{self.health_port}/health"
+
+    def spec(self, host: str) -> str:
+        return f"{self.name}={host}:{self.pg_port}:{self.health_port}"
+
+
+class LocalCluster:
+    def __init__(self, root: Path, *, members: int = 3, synchronous: bool = False, netns: bool = False,
+                 fence_after_s: float = 3.0, region: str = "local") -> None:
+        self.root = root
+        self.synchronous = synchronous
+        self.fence_after_s = fence_after_s
+        self.region = region
+        self.tag = secrets.token_hex(2)
+        self.netns = netns
+        self.password = secrets.token_urlsafe(16)
+        self.members: list[LocalMember] = []
+        for i in range(members):
+            name = NAMES[i]
+            if netns:
+                m = LocalMember(name, i + 1, f"10.231.1.{i + 1}", f"10.231.2.{i + 1}", 5432, 5500,
+                                root / name, netns=f"kf{self.tag}{name}")
+            else:
+                m = LocalMember(name, i + 1, "127.0.0.1", "127.0.0.1", free_port(), free_port(), root / name)
+            self.members.append(m)
+        self.endpoint_port = free_port()
+        self.endpoint_proc: subprocess.Popen | None = None
+
+    # ---- network ---------------------------------------------------------------
+
+    def _ip(self, *args: str, ns: str | None = None) -> None:
+        argv = ["ip", *(["-n", ns] if ns else []), *args]
+        subprocess.run(argv, check=True, capture_output=True)
+
+    def _link(self, kind: str, m: LocalMember) -> str:
+        return f"k{kind}{self.tag}{m.name}"  # the root-side end of the member's link; <= 15 chars
+
+    def _setup_network(self) -> None:
+        for kind, subnet in (("c", 1), ("x", 2)):
+            br = f"kb{kind}{self.tag}"
+            self._ip("link", "add", br, "type", "bridge")
+            self._ip("link", "set", br, "up")
+            if kind == "x":
+                self._ip("addr", "add", f"10.231.{subnet}.254/24", "dev", br)
+        for m in self.members:
+            self._ip("netns", "add", m.netns)
+            self._ip("link", "set", "lo", "up", ns=m.netns)
+            for kind, subnet, inner in (("c", 1, "eth0"), ("x", 2, "eth1")):
+                outer = self._link(kind, m)
+                self._ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", m.netns)
+                self._ip("link", "set", outer, "master", f"kb{kind}{self.tag}", "up")
+                ip = m.cluster_host if kind == "c" else m.client_host
+                self._ip("addr", "add", f"{ip}/24", "dev", inner, ns=m.netns)
+                self._ip("link", "set", inner, "up", ns=m.netns)
+
+    def _teardown_network(self) -> None:
+        for m in self.members:
+            subprocess.run(["ip", "netns", "del", m.netns], capture_output=True)
+        for kind in ("c", "x"):
+            subprocess.run(["ip", "link", "del", f"kb{kind}{self.tag}"], capture_output=True)
+
+    def partition(self, name: str) -> None:
+        """Cut the member off from its peers (its cluster link goes down); clients still reach it."""
+        self._ip("link", "set", self._link("c", self.member(name)), "down")
+
+    def heal(self, name: str) -> None:
+        self._ip("link", "set", self._link("c", self.member(name)), "up")
+
+    # ---- processes ---------------------------------------------------------------
+
+    def member(self, name: str) -> LocalMember:
+        return next(m for m in self.members if m.name == name)
+
+    def _member_argv(self, m: LocalMember) -> list[str]:
+        argv = [*kubefly_argv(), "postgres", "member", "--name", m.name, "--node-id", str(m.node_id),
+                "--region", self.region, "--data-dir", str(m.data_dir), "--host", m.cluster_host,
+                "--pg-port", str(m.pg_port), "--health-port", str(m.health_port),
+                "--fence-after", str(self.fence_after_s),
+                "--synchronous" if self.synchronous else "--no-synchronous"]
+        if m.node_id == 1:
+            argv.append("--bootstrap")
+        for p in self.members:
+            if p is not m:
+                argv += ["--peer", p.spec(p.cluster_host)]
+        return (["ip", "netns", "exec", m.netns] if m.netns else []) + argv
+
+    def start_member(self, name: str) -> None:
+        m = self.member(name)
+        m.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, KUBEFLY_PG_SUPERUSER_PASSWORD=self.password, KUBEFLY_PG_REPMGR_PASSWORD=self.password)
+        log = open(self.root / f"{m.name}.member.log", "ab")
+        # Its own session: a kill takes the member's whole process group (supervisor, postgres, repmgrd).
+        m.proc = subprocess.Popen(self._member_argv(m), stdout=log, stderr=log, env=env, start_new_session=True)
+        log.close()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the member and everything it started, as when its machine dies."""
+        m = self.member(name)
+        if m.proc is not None and m.proc.poll() is None:
+            os.killpg(m.proc.pid, signal.SIGKILL)
+            m.proc.wait()
+        _kill_stragglers(m.data_dir)
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # the postgres user must reach the members' directories below
+        if self.netns:
+            self._setup_network()
+        for m in self.members:
+            self.start_member(m.name)
+        log = open(self.root / "endpoint.log", "ab")
+        argv = [*kubefly_argv(), "postgres", "endpoint", "--listen", f"127.0.0.1:{self.endpoint_port}",
+                "--fence-deadline", str(self.fence_after_s + 2)]
+        argv += [a for m in self.members for a in ("--member", m.spec(m.client_host))]
+        self.endpoint_proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        self.wait_healthy(timeout)
+
+    def stop(self) -> None:
+        procs = [m.proc for m in self.members] + [self.endpoint_proc]
+        for p in procs:
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in procs:
+            if p is None:
+                continue
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for m in self.members:
+            _kill_stragglers(m.data_dir)
+        if self.netns:
+            self._teardown_network()
+
+    # ---- observation ---------------------------------------------------------------
+
+    def health(self, name: str, timeout: float = 1.0) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.member(name).health_url, timeout=timeout) as resp:
+                return json.load(resp)
+        except (OSError, ValueError):
+            return None
+
+    def healths(self) -> dict[str, dict | None]:
+        return {m.name: self.health(m.name) for m in self.members}
+
+    def primary(self) -> str | None:
+        found = [n for n, h in self.healths().items() if h and h["role"] == "primary" and h["writable"]]
+        return found[0] if len(found) == 1 else None
+
+    def wait_healthy(self, timeout: float, *, members: list[str] | None = None) -> str:
+        """Until one writable primary and every other member streams from it, all with repmgrd; returns the primary."""
+        names = members or [m.name for m in self.members]
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = {n: self.health(n) for n in names}
+            prim = [n for n, h in last.items() if h and h["role"] == "primary" and h["writable"] and h["repmgrd"]]
+            standbys = [n for n, h in last.items() if h and h["role"] == "standby" and h["upstream"] and h["repmgrd"]
+                        and h["timeline"] == last[prim[0]]["timeline"]] if len(prim) == 1 else []
+            if len(prim) == 1 and len(standbys) == len(names) - 1:
+                return prim[0]
+            time.sleep(0.3)
+        raise TimeoutError(f"cluster not healthy after {timeout}s: {last}")
+
+    def dsn(self, *, host: str = "127.0.0.1", port: int | None = None, dbname: str = "postgres") -> str:
+        return (f"host={host} port={port or self.endpoint_port} user=postgres password={self.password} "
+                f"dbname={dbname} connect_timeout=5")
+
+    def member_dsn(self, name: str) -> str:
+        m = self.member(name)
+        return self.dsn(host=m.client_host, port=m.pg_port)
+
+
+def _kill_stragglers(data_dir: Path) -> None:
+    """SIGKILL any process still running from this member's data directory (postgres leftovers)."""
+    marker = str(data_dir.resolve()) + "/"
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and int(pid_dir.name) != os.getpid():
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def remove(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)

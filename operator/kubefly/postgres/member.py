@@ -1,0 +1,718 @@
+"""`kubefly postgres member`: the supervisor of one Postgres member (postgres + repmgrd).
+
+Postgres and repmgrd are children of this process (postgres dies with it:
+PR_SET_PDEATHSIG), so a member lives and dies as one unit, like the pod it runs
+in. repmgr starts and stops postgres through this process's local /ctl API.
+
+Every `check_interval` the supervisor reads its own postgres and every peer's
+/health, then, unless an operation is already running:
+- postgres down: boot (initdb, clone, rejoin, or start) as decide.boot_action says;
+- primary: fence itself (immediate stop) as decide.fence_reason says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import pwd
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psycopg
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+from psycopg import sql
+
+from kubefly import logs, metrics
+from kubefly.postgres import decide
+from kubefly.postgres import repmgr as rm
+from kubefly.postgres.repmgr import MemberSpec, Peer
+
+log = logs.get("kubefly.postgres.member")
+
+ROLE = Gauge("kubefly_postgres_role", "1 for the member's current role", ["role"])
+WRITABLE = Gauge("kubefly_postgres_writable", "1 while this member accepts writes as the primary")
+TIMELINE = Gauge("kubefly_postgres_timeline", "Current WAL timeline")
+LAG = Gauge("kubefly_postgres_lag_bytes", "Bytes of WAL this standby is behind the primary")
+VISIBLE = Gauge("kubefly_postgres_visible_peers", "Peers whose /health answered in the last check")
+FENCES = Counter("kubefly_postgres_fences_total", "Times this member fenced itself", ["reason"])
+BOOTS = Counter("kubefly_postgres_boot_actions_total", "Boot actions taken", ["action"])
+
+_PR_SET_PDEATHSIG = 1
+_LSN = re.compile(r"^([0-9A-Fa-f]+)/([0-9A-Fa-f]+)$")
+
+
+def lsn_to_int(text: str | None) -> int | None:
+    if not text:
+        return None
+    m = _LSN.match(text.strip())
+    return (int(m.group(1), 16) << 32) | int(m.group(2), 16) if m else None
+
+
+@dataclass
+class Local:
+    """What our own postgres said at the last check."""
+
+    up: bool = False
+    in_recovery: bool = False
+    timeline: int | None = None
+    lsn: int | None = None  # current WAL position (primary) or last received (standby)
+    replay_lsn: int | None = None
+    upstream: str | None = None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    superuser_password: str
+    repmgr_password: str
+
+    def __repr__(self) -> str:  # never print passwords, even in a traceback's locals
+        return "Credentials(<hidden>)"
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+class Member:
+    def __init__(
+        self,
+        spec: MemberSpec,
+        creds: Credentials,
+        *,
+        bootstrap: bool,
+        fence_after_s: float = 3.0,
+        check_interval_s: float = 0.5,
+        admin_token: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.creds = creds
+        self.bootstrap = bootstrap
+        self.fence_after_s = fence_after_s
+        self.check_interval_s = check_interval_s
+        self.admin_token = admin_token
+        self.layout = spec.layout
+        self.total = len(spec.peers) + 1
+        self.local = Local()
+        self.peer_views: dict[str, decide.View] = {p.name: decide.View() for p in spec.peers}
+        self.visible: dict[str, decide.Report] = {}
+        self.role = decide.STARTING
+        self.fenced = False
+        self.quorum_lost_since: float | None = None
+        self.primary_held_until = 0.0
+        self.op = asyncio.Lock()
+        self.pg: asyncio.subprocess.Process | None = None
+        self.repmgrd: asyncio.subprocess.Process | None = None
+        self._conn: psycopg.AsyncConnection | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._uid, self._gid = self._postgres_ids()
+        self._stopping = False
+        self._repmgrd_started_at = 0.0
+        self._astray_since: float | None = None
+
+    # ---- processes as the postgres user ----------------------------------
+
+    @staticmethod
+    def _postgres_ids() -> tuple[int | None, int | None]:
+        if os.geteuid() != 0:
+            return None, None  # already an unprivileged user (the image runs as postgres)
+        pw = pwd.getpwnam("postgres")
+        return pw.pw_uid, pw.pw_gid
+
+    def _preexec(self) -> None:
+        # Runs in the child between fork and exec: drop root, then die with the supervisor.
+        if self._uid is not None:
+            os.setgroups([])
+            os.setgid(self._gid)
+            os.setuid(self._uid)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": f"{self.spec.bindir}:/usr/local/bin:/usr/bin:/bin",
+            "PGPASSFILE": str(self.layout.pgpass),
+            "HOME": str(self.layout.root),
+            "LANG": "C.UTF-8",
+            "PGCONNECT_TIMEOUT": "3",
+            # repmgr's own metadata writes must not wait for a synchronous standby: at bootstrap
+            # and right after a promotion there is none yet, and repmgr would hang on its own commit.
+            "PGOPTIONS": "-c synchronous_commit=local",
+        }
+
+    def _chown(self, path: Path) -> None:
+        if self._uid is not None:
+            os.chown(path, self._uid, self._gid)
+
+    async def run_cmd(self, argv: list[str], *, timeout: float = 120.0, check: bool = True, stdin: bytes | None = None) -> str:
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self._env(),
+            cwd=str(self.layout.root),
+            preexec_fn=self._preexec,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise CommandFailed(f"{rm.describe(argv)} timed out after {timeout}s") from None
+        text = out.decode(errors="replace")
+        log.info("command", cmd=rm.describe(argv), rc=proc.returncode, seconds=round(time.monotonic() - started, 2),
+                 output=text[-2000:])
+        if check and proc.returncode != 0:
+            raise CommandFailed(f"{rm.describe(argv)} exited {proc.returncode}")
+        return text
+
+    # ---- files ------------------------------------------------------------
+
+    def prepare_dirs(self) -> None:
+        for d in (self.layout.root, self.layout.run, self.layout.logs):
+            d.mkdir(parents=True, exist_ok=True)
+            self._chown(d)
+        self.layout.run.chmod(0o700)
+        self._write(self.layout.pgpass, rm.render_pgpass(self.creds.repmgr_password, self.creds.superuser_password))
+        self._write(self.layout.repmgr_conf, rm.render_repmgr_conf(self.spec, f"http://127.0.0.1:{self.spec.health_port}"))
+
+    def _write(self, path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        self._chown(tmp)
+        os.replace(tmp, path)
+
+    def write_pg_config(self) -> None:
+        """Our own postgresql.conf/pg_hba.conf, over whatever initdb or a clone left there."""
+        self._write(self.layout.pgdata / "postgresql.conf", rm.render_postgresql_conf(self.spec))
+        self._write(self.layout.pgdata / "pg_hba.conf", rm.render_pg_hba())
+
+    def has_data(self) -> bool:
+        return (self.layout.pgdata / "PG_VERSION").exists()
+
+    def was_primary(self) -> bool:
+        return self.has_data() and not (self.layout.pgdata / "standby.signal").exists()
+
+    async def controldata(self) -> dict[str, str]:
+        out = await self.run_cmd([str(self.spec.bindir / "pg_controldata"), str(self.layout.pgdata)], timeout=30)
+        fields = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return fields
+
+    # ---- postgres lifecycle ----------------------------------------------
+
+    def pg_running(self) -> bool:
+        return self.pg is not None and self.pg.returncode is None
+
+    async def start_postgres(self, timeout: float = 120.0) -> None:
+        if self.pg_running():
+            return
+        self.write_pg_config()
+        logf = open(self.layout.logs / "postgres.log", "ab")
+        try:
+            self.pg = await asyncio.create_subprocess_exec(
+                str(self.spec.bindir / "postgres"), "-D", str(self.layout.pgdata),
+                stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env=self._env(), cwd=str(self.layout.root), preexec_fn=self._preexec,
+            )
+        finally:
+            logf.close()
+        log.info("postgres started", pid=self.pg.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.pg_running():
+                raise CommandFailed(f"postgres exited with {self.pg.returncode} while starting (see postgres.log)")
+            if await self.refresh_local():
+                return
+            await asyncio.sleep(0.2)
+        raise CommandFailed("postgres did not accept connections in time")
+
+    async def stop_postgres(self, mode: str = "fast", timeout: float = 30.0) -> None:
+        """fast: clean shutdown (standbys get the final WAL); immediate: stop now, crash-recover later."""
+        await self._close_conn()
+        proc = self.pg
+        if proc is None or proc.returncode is not None:
+            return
+        signals = {"fast": [signal.SIGINT, signal.SIGQUIT], "immediate": [signal.SIGQUIT]}[mode]
+        for sig in [*signals, signal.SIGKILL]:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout if sig == signal.SIGINT else 10)
+                break
+            except TimeoutError:
+                log.warning("postgres did not stop", signal=sig.name)
+        log.info("postgres stopped", mode=mode, rc=proc.returncode)
+        self.local = Local()
+
+    async def ensure_clean_shutdown(self) -> None:
+        """pg_rewind wants a cleanly shut down target: finish crash recovery in single-user mode first."""
+        state = (await self.controldata()).get("Database cluster state", "")
+        if state in ("in production", "in crash recovery"):
+            await self.run_cmd(
+                [str(self.spec.bindir / "postgres"), "--single", "-D", str(self.layout.pgdata), "postgres"],
+                stdin=b"", timeout=300,
+            )
+
+    # ---- repmgrd ------------------------------------------------------------
+
+    async def start_repmgrd(self) -> None:
+        if self.repmgrd_running():
+            return
+        self._repmgrd_started_at = time.monotonic()
+        logf = open(self.layout.logs / "repmgrd.stdout", "ab")
+        try:
+            self.repmgrd = await asyncio.create_subprocess_exec(
+                *rm.repmgrd_argv(self.spec), stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env=self._env(), cwd=str(self.layout.root), preexec_fn=self._preexec,
+            )
+        finally:
+            logf.close()
+        log.info("repmgrd started", pid=self.repmgrd.pid)
+
+    def repmgrd_running(self) -> bool:
+        return self.repmgrd is not None and self.repmgrd.returncode is None
+
+    def repmgrd_settled(self) -> bool:
+        """Running past its start-up checks (it exits within a second or two when its upstream is missing)."""
+        return self.repmgrd_running() and time.monotonic() - self._repmgrd_started_at > 3
+
+    async def stop_repmgrd(self) -> None:
+        proc, self.repmgrd = self.repmgrd, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    # ---- observation ------------------------------------------------------
+
+    async def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def refresh_local(self) -> bool:
+        if not self.pg_running():
+            self.local = Local()
+            return False
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    host=str(self.layout.run), port=self.spec.pg_port, user=rm.SUPERUSER, dbname="postgres",
+                    connect_timeout=2, autocommit=True, application_name="kubefly-member",
+                )
+            cur = await asyncio.wait_for(self._conn.execute(_LOCAL_SQL), 2)
+            row = await cur.fetchone()
+        except (psycopg.Error, OSError, TimeoutError):
+            await self._close_conn()
+            self.local = Local()
+            return False
+        in_recovery, lsn, replay, tli, upstream = row
+        self.local = Local(True, in_recovery, tli, lsn_to_int(lsn), lsn_to_int(replay), upstream)
+        return True
+
+    async def refresh_peers(self) -> None:
+        async def one(peer: Peer) -> None:
+            try:
+                async with self._http.get(f"http://{_hostport(peer.host, peer.health_port)}/health") as resp:
+                    body = await resp.json()
+                self.peer_views[peer.name] = decide.View(decide.Report.from_json(body), time.monotonic())
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                pass
+
+        await asyncio.gather(*(one(p) for p in self.spec.peers))
+        horizon = time.monotonic() - max(1.5, 3 * self.check_interval_s)
+        self.visible = {
+            name: v.report for name, v in self.peer_views.items() if v.seen_at is not None and v.seen_at >= horizon
+        }
+
+    def primary_lsn(self) -> int | None:
+        lsns = [r.lsn for r in self.visible.values() if r.role == decide.PRIMARY and r.lsn is not None]
+        return max(lsns) if lsns else None
+
+    def quorum(self) -> bool:
+        return decide.has_quorum(len(self.visible), self.total)
+
+    def health(self) -> dict:
+        loc = self.local
+        role = self.role
+        if loc.up:
+            role = decide.STANDBY if loc.in_recovery else decide.PRIMARY
+        writable = (
+            role == decide.PRIMARY
+            and not self.fenced
+            and (self.total == 1 or self.quorum())
+            and decide.newer_primary(self.spec.name, loc.timeline, self.visible) is None
+        )
+        lag = None
+        if role == decide.STANDBY and loc.replay_lsn is not None:
+            primary = self.primary_lsn()
+            lag = max(0, primary - loc.replay_lsn) if primary is not None else None
+        return {
+            "name": self.spec.name,
+            "node_id": self.spec.node_id,
+            "region": self.spec.region,
+            "role": role,
+            "writable": writable,
+            "timeline": loc.timeline,
+            "lsn": _lsn_text(loc.lsn),
+            "lsn_bytes": loc.lsn,
+            "replay_lsn": _lsn_text(loc.replay_lsn),
+            "lag_bytes": lag,
+            "upstream": loc.upstream,
+            "visible_peers": sorted(self.visible),
+            "quorum": self.quorum(),
+            "fenced": self.fenced,
+            "repmgrd": self.repmgrd_settled(),
+        }
+
+    def _export_metrics(self, h: dict) -> None:
+        for r in (decide.PRIMARY, decide.STANDBY, decide.FENCED, decide.STARTING, decide.EMPTY):
+            ROLE.labels(r).set(1 if h["role"] == r else 0)
+        WRITABLE.set(1 if h["writable"] else 0)
+        TIMELINE.set(h["timeline"] or 0)
+        LAG.set(h["lag_bytes"] or 0)
+        VISIBLE.set(len(h["visible_peers"]))
+
+    # ---- the supervision loop ------------------------------------------------
+
+    async def loop(self) -> None:
+        while not self._stopping:
+            await self.refresh_peers()
+            await self.refresh_local()
+            now = time.monotonic()
+            if self.quorum():
+                self.quorum_lost_since = None
+            elif self.quorum_lost_since is None:
+                self.quorum_lost_since = now
+            h = self.health()
+            self._export_metrics(h)
+            if not self.op.locked():
+                try:
+                    await self._step(now)
+                except (CommandFailed, OSError, psycopg.Error) as exc:
+                    log.error("step failed", error=str(exc))
+                    await asyncio.sleep(1)
+            await asyncio.sleep(self.check_interval_s)
+
+    async def _step(self, now: float) -> None:
+        if self.pg_running() and self.local.up and not self.local.in_recovery:
+            reason = decide.fence_reason(
+                me=self.spec.name, my_timeline=self.local.timeline, peers=self.visible, total_members=self.total,
+                quorum_lost_since=self.quorum_lost_since, now=now, fence_after_s=self.fence_after_s,
+            )
+            if reason:
+                async with self.op:
+                    await self.fence(reason)
+            return
+        if self.pg_running() and self.local.up:
+            await self._check_upstream(now)
+        if self.pg_running():
+            # repmgrd exits when its upstream is unreachable at start-up: retry, but not in a tight loop.
+            if self.local.up and not self.repmgrd_running() and now - self._repmgrd_started_at > 5:
+                await self.start_repmgrd()
+            return
+        action = decide.boot_action(
+            me=self.spec.name, has_data=self.has_data(), was_primary=self.was_primary(),
+            my_timeline=await self._stored_timeline(), bootstrap=self.bootstrap, peers=self.visible,
+            total_members=self.total, primary_held=now < self.primary_held_until,
+        )
+        if action.kind == "wait":
+            self.role = decide.FENCED if self.fenced else (decide.EMPTY if not self.has_data() else decide.STARTING)
+            return
+        async with self.op:
+            BOOTS.labels(action.kind).inc()
+            log.info("boot action", action=action.kind, source=action.source, why=action.why)
+            self.role = decide.STARTING
+            await self._do(action)
+
+    async def _check_upstream(self, now: float) -> None:
+        """A standby not streaming from the visible primary for a while follows it.
+
+        repmgrd normally does this, but a standby whose repmgrd could not start
+        (its upstream was already gone) or that missed the failover has nobody else to do it.
+        """
+        primaries = [n for n, r in self.visible.items() if r.role == decide.PRIMARY and r.writable]
+        if not self.local.in_recovery or len(primaries) != 1:
+            self._astray_since = None
+            return
+        primary = self._peer(primaries[0])
+        if self.local.upstream == f"{primary.host}:{primary.pg_port}":
+            self._astray_since = None
+            return
+        if self._astray_since is None:
+            self._astray_since = now
+        elif now - self._astray_since > 8:
+            self._astray_since = None
+            async with self.op:
+                log.warning("standby not following the primary; following it", primary=primary.name,
+                            upstream=self.local.upstream)
+                await self.run_cmd(rm.follow_argv(self.spec, self.visible[primary.name].node_id), timeout=60)
+
+    async def _stored_timeline(self) -> int | None:
+        if not self.has_data():
+            return None
+        tli = (await self.controldata()).get("Latest checkpoint's TimeLineID")
+        return int(tli) if tli and tli.isdigit() else None
+
+    def _peer(self, name: str) -> Peer:
+        return next(p for p in self.spec.peers if p.name == name)
+
+    async def _do(self, action: decide.Action) -> None:
+        if action.kind == "initdb":
+            await self.initdb()
+        elif action.kind == "clone":
+            await self.clone(self._peer(action.source))
+        elif action.kind == "rejoin":
+            await self.rejoin(self._peer(action.source))
+        elif action.kind in ("start-primary", "start-standby"):
+            await self.start_postgres()
+        self.fenced = False
+        await self.start_repmgrd()
+
+    # ---- the actions ----------------------------------------------------------
+
+    async def initdb(self) -> None:
+        pgdata = self.layout.pgdata
+        if pgdata.exists():
+            shutil.rmtree(pgdata)
+        pwfile = self.layout.run / "initdb.pw"
+        self._write(pwfile, self.creds.superuser_password + "\n")
+        try:
+            await self.run_cmd([
+                str(self.spec.bindir / "initdb"), "-D", str(pgdata), "-U", rm.SUPERUSER, f"--pwfile={pwfile}",
+                "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8",
+            ])
+        finally:
+            pwfile.unlink(missing_ok=True)
+        await self.start_postgres()
+        async with await psycopg.AsyncConnection.connect(
+            host=str(self.layout.run), port=self.spec.pg_port, user=rm.SUPERUSER, dbname="postgres", autocommit=True,
+            options="-c synchronous_commit=local",  # no standby exists yet to confirm these commits
+        ) as conn:
+            await conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN SUPERUSER REPLICATION PASSWORD {}").format(
+                    sql.Identifier(rm.REPMGR_USER), sql.Literal(self.creds.repmgr_password)
+                )
+            )
+            await conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(rm.REPMGR_DB), sql.Identifier(rm.REPMGR_USER)))
+        await self.run_cmd(rm.register_primary_argv(self.spec))
+
+    async def clone(self, source: Peer) -> None:
+        await self.stop_postgres("immediate")
+        pgdata = self.layout.pgdata
+        if pgdata.exists():
+            shutil.rmtree(pgdata)
+        pgdata.mkdir(mode=0o700)
+        self._chown(pgdata)
+        await self.run_cmd(rm.clone_argv(self.spec, source), timeout=600)
+        await self.start_postgres()
+        await self.run_cmd(rm.register_standby_argv(self.spec), timeout=60)
+
+    async def rejoin(self, primary: Peer) -> None:
+        """Come back as a standby of `primary`: pg_rewind through repmgr, a fresh clone if that fails."""
+        await self.stop_repmgrd()
+        await self.stop_postgres("immediate")
+        try:
+            await self.ensure_clean_shutdown()
+            await self.run_cmd(rm.rejoin_argv(self.spec, primary), timeout=180)
+            if not self.pg_running():
+                await self.start_postgres()
+        except CommandFailed as exc:
+            log.warning("rejoin failed, cloning afresh", error=str(exc), primary=primary.name)
+            await self.clone(primary)
+
+    async def fence(self, reason: str) -> None:
+        """Stop accepting writes now: health says not writable at once, then postgres stops immediately.
+
+        An immediate stop (not fast): a fast shutdown waits for walsenders to
+        deliver the last WAL, which may never happen across a partition.
+        """
+        self.fenced = True
+        self.role = decide.FENCED
+        FENCES.labels("newer-primary" if "timeline" in reason else "no-majority").inc()
+        log.warning("fencing", reason=reason)
+        await self.stop_repmgrd()
+        await self.stop_postgres("immediate")
+
+    # ---- planned switchover -------------------------------------------------
+
+    async def demote(self) -> dict:
+        """The primary's half of a switchover: stop cleanly, hand back the last WAL position."""
+        async with self.op:
+            self.fenced = True
+            self.role = decide.FENCED
+            self.primary_held_until = time.monotonic() + 120
+            await self.stop_repmgrd()
+            await self.stop_postgres("fast")
+            ckpt = (await self.controldata()).get("Latest checkpoint location")
+            log.info("demoted for switchover", checkpoint=ckpt)
+            return {"checkpoint_lsn": ckpt}
+
+    async def follow(self, node_id: int) -> None:
+        async with self.op:
+            await self.run_cmd(rm.follow_argv(self.spec, node_id), timeout=60)
+
+    async def switchover(self) -> dict:
+        """Make this standby the primary: pause repmgrd everywhere, demote the primary, catch up, promote."""
+        async with self.op:
+            if not (self.local.up and self.local.in_recovery):
+                raise web.HTTPConflict(text="switchover target must be a running standby")
+            primaries = [n for n, r in self.visible.items() if r.role == decide.PRIMARY]
+            if len(primaries) != 1:
+                raise web.HTTPConflict(text=f"need exactly one visible primary, see {primaries}")
+            old = self._peer(primaries[0])
+            others = [p for p in self.spec.peers if p.name != old.name]
+            await self.run_cmd(rm.service_argv(self.spec, "pause"), check=False)
+            try:
+                body = await self._admin_post(old, "/demote", timeout=90)
+                target = lsn_to_int(body.get("checkpoint_lsn"))
+                deadline = time.monotonic() + 30
+                while True:
+                    await self.refresh_local()
+                    if target is not None and (self.local.replay_lsn or 0) > target:
+                        break
+                    if time.monotonic() > deadline:
+                        raise CommandFailed("standby did not receive the old primary's final WAL")
+                    await asyncio.sleep(0.1)
+                await self.run_cmd(rm.promote_argv(self.spec), timeout=60)
+                await self.refresh_local()
+                for peer in others:
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        await self._admin_post(peer, "/follow", json={"node_id": self.spec.node_id}, timeout=90)
+            finally:
+                await self.run_cmd(rm.service_argv(self.spec, "unpause"), check=False)
+            log.info("switchover done", old_primary=old.name)
+            return {"primary": self.spec.name, "old_primary": old.name}
+
+    async def _admin_post(self, peer: Peer, path: str, *, json: dict | None = None, timeout: float) -> dict:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        async with self._http.post(
+            f"http://{_hostport(peer.host, peer.health_port)}{path}", json=json or {}, headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
+            if resp.status != 200:
+                raise CommandFailed(f"{peer.name}{path}: HTTP {resp.status} {await resp.text()}")
+            return await resp.json()
+
+    # ---- HTTP ---------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._h_health)
+        app.router.add_get("/metrics", self._h_metrics)
+        app.router.add_post("/ctl/{action}", self._h_ctl)
+        app.router.add_post("/switchover", self._h_switchover)
+        app.router.add_post("/demote", self._h_demote)
+        app.router.add_post("/follow", self._h_follow)
+        return app
+
+    async def _h_health(self, _req: web.Request) -> web.Response:
+        return web.json_response(self.health())
+
+    async def _h_metrics(self, _req: web.Request) -> web.Response:
+        body, ctype = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def _h_ctl(self, req: web.Request) -> web.Response:
+        # repmgr's service_*_command: from this machine only.
+        if req.remote not in ("127.0.0.1", "::1"):
+            raise web.HTTPForbidden()
+        action = req.match_info["action"]
+        log.info("ctl", action=action)
+        if action in ("stop", "restart"):
+            await self.stop_postgres("fast")
+        if action in ("start", "restart"):
+            await self.start_postgres()
+        elif action != "stop":
+            raise web.HTTPNotFound()
+        return web.json_response({"ok": True})
+
+    def _authorize(self, req: web.Request) -> None:
+        if self.admin_token and req.headers.get("Authorization") != f"Bearer {self.admin_token}":
+            raise web.HTTPUnauthorized()
+
+    async def _h_switchover(self, req: web.Request) -> web.Response:
+        self._authorize(req)
+        try:
+            return web.json_response(await self.switchover())
+        except CommandFailed as exc:
+            raise web.HTTPInternalServerError(text=str(exc)) from exc
+
+    async def _h_demote(self, req: web.Request) -> web.Response:
+        self._authorize(req)
+        if not (self.local.up and not self.local.in_recovery):
+            raise web.HTTPConflict(text="not a running primary")
+        return web.json_response(await self.demote())
+
+    async def _h_follow(self, req: web.Request) -> web.Response:
+        self._authorize(req)
+        node_id = int((await req.json())["node_id"])
+        try:
+            await self.follow(node_id)
+        except CommandFailed as exc:
+            raise web.HTTPInternalServerError(text=str(exc)) from exc
+        return web.json_response({"ok": True})
+
+    # ---- main -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        self.prepare_dirs()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", self.spec.health_port).start()
+        log.info("member up", name=self.spec.name, node_id=self.spec.node_id, peers=[p.name for p in self.spec.peers])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(self.loop())
+        await stop.wait()
+        self._stopping = True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self.stop_repmgrd()
+        await self.stop_postgres("fast")
+        await self._http.close()
+        await runner.cleanup()
+        log.info("member stopped")
+
+
+_LOCAL_SQL = """
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text ELSE pg_current_wal_lsn()::text END,
+       pg_last_wal_replay_lsn()::text,
+       CASE WHEN pg_is_in_recovery()
+            THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (pg_control_checkpoint()).timeline_id)
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
+       (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver)
+"""
+
+
+def _lsn_text(value: int | None) -> str | None:
+    return None if value is None else f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
