@@ -37,6 +37,8 @@ MACHINE_CREATES = Counter(
     "kubefly_machine_creates_total", "Machine creates (placements) by region and outcome", ["region", "outcome"]
 )
 MACHINES_BY_STATE = Gauge("kubefly_machines", "Machines by state", ["state"])
+MAINTENANCE = Gauge("kubefly_platform_maintenance", "1 while the platform maintenance switch is on")
+REGION_CLOSED = Gauge("kubefly_region_closed", "1 while a region takes no new machines", ["region"])
 
 log = logs.get("kubefly.controllers.machine")
 # Wait between reconciles when nothing wakes a machine: a safety net, not the mechanism.
@@ -51,6 +53,7 @@ LATEST: dict[tuple[str, str], dict] = {}  # the machine as our own last status p
 STATES: dict[tuple[str, str], str] = {}
 HOST_READY: dict[str, bool] = {}
 PLATFORM = platform.PlatformSettings()
+PLATFORM_REGIONS_SEEN: set[str] = set()
 
 
 class _Kube:
@@ -213,10 +216,10 @@ def machine_changed(namespace, name, type, status, **_):
 # ---- platform settings ------------------------------------------------------
 
 
-async def _watch_platform(stop: asyncio.Event) -> None:
+async def _watch_platform(ns: str, stop: asyncio.Event) -> None:
     """Poll the one ConfigMap (a namespaced Role allows only that): cheap and needs no cluster-wide read."""
     global PLATFORM
-    ns, last_error = platform.home_namespace(), None
+    last_error = None
     while not stop.is_set():
         try:
             cm = await kube().call(kube().core.read_namespaced_config_map, platform.CONFIGMAP, ns)
@@ -234,6 +237,10 @@ async def _watch_platform(stop: asyncio.Event) -> None:
             last_error = str(exc)
         if settings != PLATFORM:
             PLATFORM = settings
+            MAINTENANCE.set(1 if settings.maintenance else 0)
+            for region in settings.closed_regions | PLATFORM_REGIONS_SEEN:
+                REGION_CLOSED.labels(region).set(1 if region in settings.closed_regions else 0)
+            PLATFORM_REGIONS_SEEN.update(settings.closed_regions)
             log.info("platform settings changed", maintenance=bool(settings.maintenance),
                      closed_regions=sorted(settings.closed_regions))
             for key in list(WAKERS):
@@ -247,7 +254,8 @@ async def _watch_platform(stop: asyncio.Event) -> None:
 @kopf.on.startup()
 async def start_platform_watch(memo: kopf.Memo, **_) -> None:
     memo.platform_stop = asyncio.Event()
-    memo.platform_task = asyncio.create_task(_watch_platform(memo.platform_stop))
+    home = getattr(memo, "home_namespace", None) or platform.home_namespace()
+    memo.platform_task = asyncio.create_task(_watch_platform(home, memo.platform_stop))
 
 
 @kopf.on.cleanup()
