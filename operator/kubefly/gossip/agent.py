@@ -343,6 +343,8 @@ class Agent:
             return
         if not self._sender_limit.allow(sender):
             raise WireError("rate_limited")
+        if kind not in ("ping", "ack", "preq", "g"):
+            raise WireError("malformed", f"type {kind!r}")
         MESSAGES.labels("in", kind).inc()
         self._learn_sender(sender, msg.get("me"), addr)
         for u in msg.get("m") or ():
@@ -365,8 +367,6 @@ class Agent:
                 raise WireError("malformed", "records")
             for wire in records:
                 self._ingest(wire)
-        else:
-            raise WireError("malformed", f"type {kind!r}")
 
     def _learn_sender(self, sender: str, me: object, addr) -> None:
         if not (isinstance(me, list) and len(me) == 3):
