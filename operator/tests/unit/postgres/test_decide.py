@@ -1,0 +1,128 @@
+"""The pure decisions: which member the primary endpoint may use, when a primary fences, how a member boots."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kubefly.postgres import decide
+from kubefly.postgres.decide import Report, View
+
+
+def view(role="primary", writable=True, seen_at=100.0, timeline=1):
+    return View(Report("x", role, writable=writable, timeline=timeline), seen_at)
+
+
+def choose(views, now=100.0):
+    return decide.choose_primary(views, now, fresh_s=1.0, fence_deadline_s=5.0)
+
+
+def test_single_fresh_writable_primary_is_chosen():
+    assert choose({"a": view(), "b": view("standby", False), "c": View()}) == "a"
+
+
+def test_two_writable_primaries_choose_none():
+    assert choose({"a": view(timeline=1), "b": view(timeline=2)}) is None
+
+
+def test_silent_old_primary_blocks_new_one_until_its_fence_deadline():
+    views = {"a": view(seen_at=100.0), "b": view(seen_at=103.0, timeline=2)}
+    assert choose(views, now=103.0) is None  # a went quiet 3 s ago: it may still take writes
+    assert choose(views, now=105.5) is None  # b is stale now too
+    views["b"] = view(seen_at=105.5, timeline=2)
+    assert choose(views, now=105.5) == "b"  # a silent longer than the deadline has fenced itself
+
+
+def test_primary_that_reports_not_writable_does_not_block():
+    views = {"a": view(writable=False), "b": view(timeline=2)}
+    assert choose(views) == "b"
+
+
+def test_nobody_writable_chooses_none():
+    assert choose({"a": view("fenced", False), "b": view("standby", False)}) is None
+
+
+reports = st.builds(
+    lambda role, writable, age: View(Report("x", role, writable=writable), 100.0 - age),
+    st.sampled_from(["primary", "standby", "fenced", "starting"]),
+    st.booleans(),
+    st.floats(min_value=0, max_value=20),
+)
+
+
+@given(st.dictionaries(st.sampled_from("abcde"), reports, min_size=1))
+def test_chosen_member_is_the_only_possibly_writable_one(views):
+    chosen = choose(views)
+    possibly_writable = [n for n, v in views.items() if v.report.writable and 100.0 - v.seen_at <= 5.0]
+    if chosen is not None:
+        assert possibly_writable == [chosen]
+        assert 100.0 - views[chosen].seen_at <= 1.0
+
+
+def test_quorum_counts_self():
+    assert decide.has_quorum(1, 3)
+    assert not decide.has_quorum(0, 3)
+    assert decide.has_quorum(2, 5) and not decide.has_quorum(1, 5)
+    assert decide.has_quorum(0, 1)
+
+
+def fence(**kw):
+    args = dict(me="a", my_timeline=1, peers={}, total_members=3, quorum_lost_since=None, now=10.0, fence_after_s=3.0)
+    args.update(kw)
+    return decide.fence_reason(**args)
+
+
+def test_primary_with_majority_keeps_running():
+    assert fence(peers={"b": Report("b", "standby", timeline=1)}) is None
+
+
+def test_primary_fences_after_losing_majority_for_the_deadline():
+    assert fence(quorum_lost_since=8.0) is None
+    assert "majority" in fence(quorum_lost_since=7.0)
+
+
+def test_primary_fences_at_once_when_a_later_timeline_primary_is_visible():
+    assert "later timeline" in fence(peers={"b": Report("b", "primary", timeline=2)})
+    assert fence(peers={"b": Report("b", "primary", timeline=1)}, me="a") is None  # a < b: b steps down
+    assert fence(peers={"a": Report("a", "primary", timeline=1)}, me="b") is not None
+
+
+def test_single_member_never_fences_for_quorum():
+    assert fence(total_members=1, quorum_lost_since=0.0) is None
+
+
+def boot(**kw):
+    args = dict(me="b", has_data=True, was_primary=False, my_timeline=1, bootstrap=False, peers={}, total_members=3)
+    args.update(kw)
+    return decide.boot_action(**args)
+
+
+def test_empty_member_clones_from_the_primary():
+    a = boot(has_data=False, peers={"a": Report("a", "primary", timeline=1), "c": Report("c", "empty")})
+    assert (a.kind, a.source) == ("clone", "a")
+
+
+def test_bootstrap_only_when_every_peer_is_reachable_and_empty():
+    empty = {"b": Report("b", "empty"), "c": Report("c", "empty")}
+    assert boot(me="a", has_data=False, bootstrap=True, peers=empty).kind == "initdb"
+    assert boot(me="a", has_data=False, bootstrap=True, peers={"b": Report("b", "empty")}).kind == "wait"
+    assert boot(me="a", has_data=False, bootstrap=False, peers=empty).kind == "wait"
+    stopped = {"b": Report("b", "starting"), "c": Report("c", "empty")}
+    assert boot(me="a", has_data=False, bootstrap=True, peers=stopped).kind == "wait"
+
+
+def test_old_primary_rejoins_the_newest_primary():
+    peers = {"b": Report("b", "primary", timeline=2), "c": Report("c", "standby", timeline=2)}
+    a = boot(me="a", was_primary=True, peers=peers)
+    assert (a.kind, a.source) == ("rejoin", "b")
+
+
+def test_old_primary_restarts_as_primary_only_with_a_majority_and_no_later_timeline():
+    standbys = {"b": Report("b", "standby", timeline=1), "c": Report("c", "standby", timeline=1)}
+    assert boot(me="a", was_primary=True, peers=standbys).kind == "start-primary"
+    assert boot(me="a", was_primary=True, peers={}).kind == "wait"
+    later = {"b": Report("b", "standby", timeline=2)}
+    assert boot(me="a", was_primary=True, peers=later).kind == "wait"
+    assert boot(me="a", was_primary=True, peers=standbys, primary_held=True).kind == "wait"
+
+
+def test_standby_with_data_starts_as_standby():
+    assert boot(peers={}).kind == "start-standby"
