@@ -65,6 +65,20 @@ up: os-deps tools venv ## run the platform: cluster, CRDs, chart, operator
 down: venv ## stop the platform started by `make up`
 	@bash hack/down.sh
 
+# ---- kind: real pods on real kubelets (Docker) ------------------------------
+.PHONY: kind-up kind-down kind-images test-kind
+kind-up: tools venv ## kind-config.yaml's cluster on Docker, kubefly installed by Helm from its images; prints the kubeconfig path last
+	@bash hack/kind/up.sh
+
+kind-down: ## delete the kind cluster (cached images stay)
+	@bash hack/kind/down.sh
+
+kind-images: ## build the kind node image and kubefly's images without a registry (cached)
+	@bash hack/kind/docker.sh && bash hack/kind/node-image.sh && bash hack/kind/kubefly-images.sh
+
+test-kind: venv ## the kind tier only (builds what it needs, deletes its cluster after)
+	@$(PYTEST_RUN) e2e/kind
+
 # ---- benchmarks (figures in bench/results/*.json, not committed) ---------
 .PHONY: bench-gossip bench-proxy bench-failover bench-machines
 bench-gossip: venv ## gossip propagation latency at 20/50/100 agents

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make down`: stop the operator started by `make up` and delete the local control plane.
+# `make down`: delete what `make up` started: the kind cluster, or the operator
+# process and the local control plane.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 state=.cluster
@@ -9,3 +10,4 @@ if [ -f "$state/operator.pid" ]; then
   rm -f "$state/operator.pid"
 fi
 .venv/bin/python -m kubefly.devcluster down
+bash hack/kind/down.sh

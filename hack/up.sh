@@ -1,9 +1,33 @@
 #!/usr/bin/env bash
-# `make up`: the platform on the local control plane (real API server, simulated
-# hosts from kind-config.yaml), the chart installed as users install it, and the
-# operator running as a local process with the chart's ServiceAccount.
+# `make up`: the platform on kind (real pods on real kubelets, the operator in
+# the cluster) wherever Docker can run or be installed and started; otherwise
+# on the local control plane (real API server, simulated hosts from
+# kind-config.yaml) with the operator as a local process acting as the chart's
+# ServiceAccount. KUBEFLY_UP=kind|local chooses explicitly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=${KUBEFLY_UP:-auto}
+
+if [ "$mode" = kind ] || { [ "$mode" = auto ] && bash hack/kind/docker.sh; }; then
+  kubeconfig=$(bash hack/kind/up.sh | tail -n 1)
+  export KUBECONFIG=$kubeconfig
+  kubectl get machines -A
+  cat <<MSG
+
+kubefly is up on kind: hosts $(kubectl get nodes -l '!node-role.kubernetes.io/control-plane' -o jsonpath='{range .items[*]}{.metadata.name}({.metadata.labels.topology\.kubernetes\.io/region}) {end}')
+  operator: deployment/kubefly-operator in kubefly-system (kubectl -n kubefly-system logs deploy/kubefly-operator)
+
+Try:
+  export KUBECONFIG=$kubeconfig PATH=$(dirname "$(command -v kubectl)"):\$PATH
+  kubectl create namespace my-org
+  kubectl -n my-org apply -f examples/machine.yaml
+  kubectl get kubefly -A
+
+Stop everything with: make down
+MSG
+  exit 0
+fi
+[ "$mode" = auto ] && printf '[up] Docker cannot run here: using the local control plane\n'
 PY=.venv/bin/python
 state=.cluster
 release=kubefly

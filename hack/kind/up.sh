@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `make kind-up`: kind-config.yaml's cluster on Docker with real kubelets, and
+# kubefly installed in it by Helm from its own images.
+#
+#   hack/kind/up.sh [--name NAME] [--port-offset N]
+#
+# KUBEFLY_KIND_NODE_IMAGE=kind uses kind's own node image and CNI (a machine
+# that reaches registry.k8s.io and docker.io); the default builds the node
+# image here (hack/kind/node-image.sh). Prints the kubeconfig path last.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+name=$(awk '/^name:/ {print $2}' "$repo/kind-config.yaml")
+port_offset=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --name) name=$2; shift 2 ;;
+    --port-offset) port_offset=$2; shift 2 ;;
+    *) die "unknown argument $1" ;;
+  esac
+done
+t0=$SECONDS
+release=kubefly ns=kubefly-system
+kubeconfig="$kcache/$name.kubeconfig"
+
+bash "$repo/hack/kind/docker.sh"
+bash "$repo/hack/build-tools.sh" k8s kind helm >/dev/null
+
+# Only what this machine needs goes on top of kind-config.yaml.
+overlay=(--name "$name" --port-offset "$port_offset")
+node_image=""
+if [ "${KUBEFLY_KIND_NODE_IMAGE:-local}" = local ]; then
+  node_image=$(bash "$repo/hack/kind/node-image.sh")
+  overlay+=(--node-image "$node_image")
+fi
+[ -f /sys/fs/cgroup/cgroup.controllers ] || overlay+=(--cgroup-v1)
+config="$kcache/$name.kind-config.yaml"
+"$repo/.venv/bin/python" "$repo/hack/kind/overlay.py" --out "$config" "${overlay[@]}"
+log "cluster $name: ${node_image:-the kind project node image}; cgroup $([ -f /sys/fs/cgroup/cgroup.controllers ] && echo v2 || echo 'v1 (failCgroupV1: false)'); config $config"
+
+kubectl() { command kubectl --kubeconfig "$kubeconfig" "$@"; }
+if kind get clusters 2>/dev/null | grep -qx "$name" && kubectl get --raw /readyz >/dev/null 2>&1; then
+  log "cluster $name already running"
+else
+  kind delete cluster --name "$name" >/dev/null 2>&1 || true
+  timed "kind create cluster $name" kind create cluster --config "$config" --kubeconfig "$kubeconfig" >&2
+  if [ -n "$node_image" ]; then
+    pod_cidr=$(kubectl -n kube-system get cm kubeadm-config -o jsonpath='{.data.ClusterConfiguration}' | awk '/podSubnet:/ {print $2}')
+    sed -e "s|@IMAGE@|kubefly/flannel:$FLANNEL_VERSION|" -e "s|@POD_CIDR@|$pod_cidr|" "$repo/hack/kind/flannel.yaml" | kubectl apply -f - >/dev/null
+  fi
+  timed "nodes Ready" kubectl wait --for=condition=Ready node --all --timeout=180s >/dev/null
+  kubectl -n kube-system rollout status deployment/coredns --timeout=180s >/dev/null
+fi
+
+# kubefly's images, loaded into every node (no registry between them).
+declare -A img
+while IFS='=' read -r k v; do img[$k]=$v; done < <(bash "$repo/hack/kind/kubefly-images.sh")
+timed "kind load ${img[*]}" kind load docker-image --name "$name" "${img[@]}" >/dev/null
+
+values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never)
+timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
+  --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null
+kubectl -n "$ns" rollout status "deployment/$release-operator" --timeout=120s >/dev/null
+# The images by role, for the tests and for users' Machines.
+printf '%s\n' "${!img[@]}" | while read -r k; do echo "$k=${img[$k]}"; done > "$kcache/$name.images"
+log "kubefly on kind ($name) up in $((SECONDS - t0))s"
+echo "$kubeconfig"
