@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-from dnslib import AAAA, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSRecord
+from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSRecord
 from prometheus_client import Counter
 
 from kubefly import logs
@@ -124,6 +124,8 @@ def answer(replica: Replica, org: str | None, request: DNSRecord, ttl: int) -> D
         return None
     reply = request.reply()
     reply.header.ra = 0
+    if any(rr.rtype == QTYPE.OPT for rr in request.ar):
+        reply.add_ar(EDNS0(udp_len=4096))
     name = parse(qname)
     qtype = QTYPE[q.qtype]
     if name is None:
@@ -166,6 +168,18 @@ def _nx(reply: DNSRecord, ttl: int) -> DNSRecord:
     reply.add_auth(RR(ZONE + ".", QTYPE.SOA, ttl=ttl, rdata=SOA(
         "ns." + ZONE + ".", "hostmaster." + ZONE + ".", (1, ttl, ttl, ttl, ttl))))
     return reply
+
+
+def udp_limit(query: bytes) -> int:
+    """The UDP payload the client accepts: 512, or its EDNS0 size (capped at 4096)."""
+    try:
+        req = DNSRecord.parse(query)
+    except (DNSError, struct.error, IndexError, ValueError):
+        return 512
+    for rr in req.ar:
+        if rr.rtype == QTYPE.OPT:
+            return max(512, min(int(rr.rclass), 4096))
+    return 512
 
 
 class DnsServer:
@@ -250,8 +264,8 @@ class DnsServer:
     async def _udp_query(self, data: bytes, addr) -> None:
         out = await self.resolve(data, "udp")
         if out is not None and self._udp is not None:
-            if len(out) > 512:
-                # Classic UDP limit: truncate and let the client retry over TCP.
+            if len(out) > udp_limit(data):
+                # Too big for this client over UDP: truncate, it retries over TCP.
                 reply = DNSRecord.parse(out)
                 reply.rr = []
                 reply.header.tc = 1

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,7 +82,8 @@ class AgentProc:
 
 class AgentCluster:
     def __init__(self, n: int, *, regions: int = 3, root: Path | None = None, seeds: int = 2,
-                 extra_args: tuple[str, ...] = (), env: dict | None = None):
+                 extra_args: tuple[str, ...] = (), env: dict | None = None, keep: bool = False):
+        self._own_root = root is None and not keep
         self.root = root or Path(tempfile.mkdtemp(prefix="kubefly-gossip-"))
         self.key = secrets.token_urlsafe(32).encode()
         self.key_file = self.root / "cluster.key"
@@ -113,7 +115,7 @@ class AgentCluster:
             a.proc = subprocess.Popen(self.command(a), stdout=subprocess.DEVNULL, stderr=log, env=self.env,
                                       start_new_session=True)
 
-    async def start(self, timeout: float = 60.0) -> None:
+    async def start(self, timeout: float = 120.0) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         for a in self.agents:
             self.spawn(a)
@@ -163,6 +165,8 @@ class AgentCluster:
                     a.proc.wait()
         if self._session is not None:
             await self._session.close()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     @property
     def session(self) -> aiohttp.ClientSession:
