@@ -1,0 +1,182 @@
+"""Machines benchmark on the local control plane (kwok hosts).
+
+The kind-config hosts plus --hosts simulated ones (regions ams/iad/syd), the
+chart installed, `kubefly operator` running as its ServiceAccount. Two passes:
+
+  steady: --steady machines created at --rate per second; apply -> started latency (p50/p99)
+  burst:  --count machines created at once; time until all are started
+
+Apply time is taken just before each create call; started time is when the
+bench's watch first sees status.state == started. Peak RSS is the operator's
+VmHWM. Writes bench/results/machines.json and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "operator"))
+
+from kubefly import GROUP, VERSION  # noqa: E402
+from kubefly.devcluster import TOOLS_BIN, LocalCluster  # noqa: E402
+from kubefly.labels import NODE_REGION  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "machines.json"
+REGIONS = ("ams", "iad", "syd")
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+class Watcher:
+    """Records when each machine is first seen started."""
+
+    def __init__(self, custom, namespace: str):
+        self.started: dict[str, float] = {}
+        self._custom, self._ns, self._stop = custom, namespace, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            w = watch.Watch()
+            for ev in w.stream(self._custom.list_namespaced_custom_object, GROUP, VERSION, self._ns, "machines",
+                               timeout_seconds=30):
+                obj = ev["object"]
+                if (obj.get("status") or {}).get("state") == "started":
+                    self.started.setdefault(obj["metadata"]["name"], time.monotonic())
+                if self._stop.is_set():
+                    break
+
+    def wait(self, names: list[str], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(n in self.started for n in names):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def machine(namespace: str, name: str, i: int) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Machine", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"app": f"app{i % 20}", "region": REGIONS[i % 3], "image": "nginx:1.27"}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=1000, help="machines in the burst")
+    ap.add_argument("--steady", type=int, default=300, help="machines in the steady pass")
+    ap.add_argument("--rate", type=float, default=20.0, help="creates per second in the steady pass")
+    ap.add_argument("--hosts", type=int, default=50, help="simulated hosts beyond kind-config's")
+    ap.add_argument("--cluster", default="kubefly-bench-machines")
+    ap.add_argument("--keep", action="store_true", help="keep the cluster afterwards")
+    args = ap.parse_args()
+
+    from kubernetes import client, config
+
+    cluster = LocalCluster(args.cluster)
+    t0 = time.monotonic()
+    cluster.up()
+    for i in range(args.hosts):
+        cluster.apply_host(f"bench-host-{i}", {NODE_REGION: REGIONS[i % 3]})
+    cluster.wait_hosts_ready([f"bench-host-{i}" for i in range(args.hosts)], timeout=180)
+    helm = [str(TOOLS_BIN / "helm"), "--kubeconfig", str(cluster.kubeconfig)]
+    subprocess.run([*helm, "upgrade", "--install", "kubefly", str(REPO / "charts" / "kubefly"), "--namespace",
+                    "kubefly-system", "--create-namespace", "--set", "operator.enabled=false", "--wait"],
+                   check=True, capture_output=True)
+    print(f"[bench] cluster with {len(cluster.topology.hosts) + args.hosts} hosts in {time.monotonic() - t0:.0f}s",
+          file=sys.stderr)
+    workdir = REPO / "bench" / "results" / "machines-operator"
+    workdir.mkdir(parents=True, exist_ok=True)
+    sa = cluster.service_account_kubeconfig("kubefly-system", "kubefly", workdir / "kubeconfig")
+    op = subprocess.Popen([str(Path(sys.executable).with_name("kubefly")), "operator", "--peering", "kubefly",
+                           "--priority=1000", "--log-level=WARNING", f"--metrics-port={free_port()}",
+                           f"--health-port={free_port()}"],
+                          env={**os.environ, "KUBECONFIG": str(sa)}, stdout=(workdir / "operator.log").open("w"),
+                          stderr=subprocess.STDOUT)
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    result: dict = {"hosts": len(cluster.topology.hosts) + args.hosts, "cpus": os.cpu_count(),
+                    "note": "2 shared cores; other engineers' clusters may run at the same time"}
+    try:
+        time.sleep(5)  # the operator's startup
+        for ns in ("bench-steady", "bench-burst"):
+            core.create_namespace({"metadata": {"name": ns}})
+
+        # Steady rate.
+        watcher = Watcher(custom, "bench-steady")
+        applied: dict[str, float] = {}
+        start = time.monotonic()
+        for i in range(args.steady):
+            name = f"s-{i}"
+            time.sleep(max(0.0, start + i / args.rate - time.monotonic()))
+            applied[name] = time.monotonic()
+            custom.create_namespaced_custom_object(GROUP, VERSION, "bench-steady", "machines",
+                                                   machine("bench-steady", name, i))
+        ok = watcher.wait(list(applied), timeout=120)
+        watcher.stop()
+        lat = [watcher.started[n] - t for n, t in applied.items() if n in watcher.started]
+        result.update(steady_machines=args.steady, steady_rate_per_s=args.rate, steady_all_started=ok,
+                      p50_apply_to_started_s=round(pct(lat, 50), 3), p99_apply_to_started_s=round(pct(lat, 99), 3))
+        print(f"[bench] steady {args.rate}/s x {args.steady}: p50 {result['p50_apply_to_started_s']}s "
+              f"p99 {result['p99_apply_to_started_s']}s", file=sys.stderr)
+
+        # Burst.
+        watcher = Watcher(custom, "bench-burst")
+        names = [f"b-{i}" for i in range(args.count)]
+        start = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: custom.create_namespaced_custom_object(
+                GROUP, VERSION, "bench-burst", "machines", machine("bench-burst", names[i], i)), range(args.count)))
+        applied_s = time.monotonic() - start
+        ok = watcher.wait(names, timeout=300)
+        watcher.stop()
+        done = max((watcher.started.get(n, float("nan")) for n in names), default=float("nan"))
+        all_started = done - start if ok else None
+        result.update(burst_machines=args.count, burst_applied_s=round(applied_s, 2),
+                      all_started_s=round(all_started, 2) if all_started else None,
+                      burst_started=sum(n in watcher.started for n in names),
+                      creates_per_s=round(args.count / all_started, 1) if all_started else None)
+        result["operator_peak_rss_mb"] = round(peak_rss_mb(op.pid), 1)
+    finally:
+        op.terminate()
+        op.wait(timeout=30)
+        if not args.keep:
+            cluster.down()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
