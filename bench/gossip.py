@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -134,23 +136,32 @@ async def bytes_rate(c: AgentCluster, seconds: float) -> dict:
     return {"out_Bps_per_agent": round((o1 - o0) / dt / n), "in_Bps_per_agent": round((i1 - i0) / dt / n)}
 
 
+def paced_writes(targets: list[tuple[str, int, str]], rate: float, seconds: float) -> int:
+    """Runs in its own process, so the paced writes neither wait for this process's
+    event loop nor for its GIL; the same file shape as AgentCluster.write_machine."""
+    k = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        path, index, region = targets[k % len(targets)]
+        doc = {"org": "acme", "app": "web", "machine_id": f"load-{index}", "instance_id": f"load-{k}",
+               "address": "127.0.0.1", "state": "started", "region": region,
+               "services": [{"internal_port": 8080, "ports": [80]}]}
+        tmp = Path(path) / f".load-{index}.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, Path(path) / f"load-{index}.json")
+        k += 1
+        time.sleep(max(0.0, t0 + k / rate - time.monotonic()))
+    return k
+
+
 async def under_load(c: AgentCluster, w: Watchers, rate: float, seconds: float) -> dict:
     """Writes spread round-robin over every agent; lag is taken for the writes whose
     origin is one of the sampled (followed) agents, from the origin to the last sample."""
-    def writer() -> int:
-        # A thread, so the paced writes do not wait behind this process's event loop.
-        k = 0
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            a = c.agents[k % len(c.agents)]
-            c.write_machine(a, f"load-{a.index}", instance_id=f"load-{k}")
-            k += 1
-            time.sleep(max(0.0, t0 + k / rate - time.monotonic()))
-        return k
-
-    task = asyncio.create_task(asyncio.to_thread(writer))
-    rates = await bytes_rate(c, seconds)
-    written = await task
+    targets = [(str(a.machines), a.index, a.region) for a in c.agents]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        task = asyncio.get_running_loop().run_in_executor(pool, paced_writes, targets, rate, seconds)
+        rates = await bytes_rate(c, seconds)
+        written = await task
     await asyncio.sleep(3)
     host0 = w.agents[0].host
     delivered = [t for t, s in w.seen.items() if t.startswith("load-") and host0 in s]
