@@ -167,10 +167,7 @@ class Agent:
         self._tasks = [asyncio.create_task(c) for c in (
             self._dispatch_loop(), self._probe_loop(), self._sync_loop(), self._maintenance_loop(), self._load_loop())]
         self._reconcile()
-        for seed in self.cfg.seeds:
-            self._send_to(seed, None, {"t": "ping", "seq": self._next_seq()})
-        if self.cfg.seeds:
-            asyncio.create_task(self._sync_with(random.choice(self.cfg.seeds), None))
+        await self._join()
         log.info("agent started", host=self.cfg.host, region=self.cfg.region, gossip_port=self.cfg.gossip_port,
                  incarnation=self.members.me.inc, rows=self.store.count())
 
@@ -536,6 +533,30 @@ class Agent:
         for p in peers:
             self._sendraw(data, p.addr, p.host, "g")
 
+    async def _seed_addrs(self) -> list[tuple[str, int]]:
+        """Seeds may be names (a headless Service lists every agent): resolve them each time."""
+        loop = asyncio.get_running_loop()
+        me = (self.cfg.advertise_ip, self.cfg.gossip_port)
+        family = socket.AF_INET6 if ":" in self.cfg.bind_ip else socket.AF_INET  # our socket's family
+        out: set[tuple[str, int]] = set()
+        for host, port in self.cfg.seeds:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, family=family)
+            except OSError as exc:
+                log.warning("seed does not resolve", seed=f"{host}:{port}", error=str(exc))
+                continue
+            out.update((info[4][0], info[4][1]) for info in infos)
+        out.discard(me)
+        return sorted(out)
+
+    async def _join(self) -> None:
+        """Introduce ourselves to the seeds and pull the cluster's state from one of them."""
+        addrs = await self._seed_addrs()
+        for addr in addrs:
+            self._send_to(addr, None, {"t": "ping", "seq": self._next_seq()})
+        if addrs:
+            await self._sync_with(random.choice(addrs), None)
+
     # == failure detection ===========================================================
     async def _probe_loop(self) -> None:
         while True:
@@ -596,7 +617,7 @@ class Agent:
                 peer = random.choice(alive)
                 await self._sync_with(peer.addr, peer.host)
             elif self.cfg.seeds:
-                await self._sync_with(random.choice(self.cfg.seeds), None)
+                await self._join()
 
     def _sync_members(self, updates: object) -> None:
         for u in updates if isinstance(updates, list) else ():
@@ -713,6 +734,5 @@ class Agent:
             ROWS.labels("live").set(live)
             ROWS.labels("tombstone").set(self.store.count() - live)
             ROWS.labels("view").set(len(self.view))
-            if not self.members.alive():
-                for seed in self.cfg.seeds:
-                    self._send_to(seed, None, {"t": "ping", "seq": self._next_seq()})
+            if not self.members.alive() and self.cfg.seeds:
+                await self._join()

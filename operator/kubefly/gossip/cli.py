@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from pathlib import Path
 
 import click
@@ -16,13 +17,39 @@ def _hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     return (host.strip("[]") or default_host, int(port))
 
 
+def _default_advertise(bind_ip: str) -> str:
+    if bind_ip not in ("0.0.0.0", "::"):
+        return bind_ip
+    try:  # in a pod, the hostname resolves to the pod IP
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _node_region(node: str) -> str:
+    from kubernetes import client, config
+
+    from kubefly import labels
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    region = (client.CoreV1Api().read_node(node).metadata.labels or {}).get(labels.NODE_REGION)
+    if not region:
+        raise click.UsageError(f"node {node} has no {labels.NODE_REGION} label: pass --region")
+    return region
+
+
 @click.command("agent")
 @click.option("--host", "host", required=True, envvar="KUBEFLY_HOST", help="This host's name (the node name).")
-@click.option("--region", required=True, envvar="KUBEFLY_REGION")
+@click.option("--region", default="", envvar="KUBEFLY_REGION",
+              help="This host's region; default: the Node's topology.kubernetes.io/region label.")
 @click.option("--gossip", "gossip", default="0.0.0.0:7946", show_default=True, help="UDP+TCP bind address:port.")
 @click.option("--advertise", default="", envvar="KUBEFLY_ADVERTISE_IP", help="IP peers reach us on (default: bind IP).")
 @click.option("--api", "api", default="127.0.0.1:7947", show_default=True, help="Local API address:port.")
-@click.option("--seed", "seeds", multiple=True, help="host:port of a peer to join through (repeatable).")
+@click.option("--seed", "seeds", multiple=True,
+              help="host:port of a peer to join through (repeatable; a name resolving to many agents works).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="SQLite state; none = memory only.")
 @click.option("--key-file", default=None, envvar="KUBEFLY_GOSSIP_KEY_FILE", help="Cluster key (a mounted Secret).")
 @click.option("--source", type=click.Choice(["pods", "dir"]), default="pods", show_default=True)
@@ -58,12 +85,14 @@ def agent_command(host, region, gossip, advertise, api, seeds, data_dir, key_fil
     if source == "dir" and machines_dir is None:
         raise click.UsageError("--source dir needs --machines-dir")
     bind_ip, gport = _hostport(gossip, "0.0.0.0")
+    if not region:
+        region = _node_region(host)
     latency = (0.0, 0.0)
     if emulate_latency:
         same, cross = (float(x) / 1000 for x in emulate_latency.split(","))
         latency = (same, cross)
     cfg = AgentConfig(
-        host=host, region=region, bind_ip=bind_ip, advertise_ip=advertise or ("127.0.0.1" if bind_ip == "0.0.0.0" else bind_ip),
+        host=host, region=region, bind_ip=bind_ip, advertise_ip=advertise or _default_advertise(bind_ip),
         gossip_port=gport, seeds=[_hostport(s) for s in seeds], data_dir=data_dir, tombstone_ttl=tombstone_ttl,
         probe_interval=probe_interval, probe_timeout=probe_timeout, suspicion_mult=suspicion_mult, origin_fanout=origin_fanout, fanout=fanout,
         rounds=rounds, gossip_interval=gossip_interval, sync_interval=sync_interval, origin_rate=origin_rate,
