@@ -89,36 +89,44 @@ class LocalCluster:
     def _link(self, kind: str, m: LocalMember) -> str:
         return f"k{kind}{self.tag}{m.name}"  # the root-side end of the member's link; <= 15 chars
 
+    @property
+    def _switch(self) -> str:
+        # The bridges live in a namespace of their own: a fresh one has no firewall rules, while the
+        # host's (e.g. Docker's FORWARD policy drop, applied to bridged traffic) may drop ours.
+        return f"kf{self.tag}sw"
+
     def _setup_network(self) -> None:
-        for kind, subnet in (("c", 1), ("x", 2)):
-            br = f"kb{kind}{self.tag}"
-            self._ip("link", "add", br, "type", "bridge")
-            self._ip("link", "set", br, "up")
-            if kind == "x":
-                self._ip("addr", "add", f"10.231.{subnet}.254/24", "dev", br)
+        sw = self._switch
+        self._ip("netns", "add", sw)
+        for kind in ("c", "x"):
+            self._ip("link", "add", f"br{kind}", "type", "bridge", ns=sw)
+            self._ip("link", "set", f"br{kind}", "up", ns=sw)
+        # The root namespace (endpoint, tests) joins the client network only.
+        self._ip("link", "add", f"kx{self.tag}r", "type", "veth", "peer", "name", "uplink", "netns", sw)
+        self._ip("addr", "add", "10.231.2.254/24", "dev", f"kx{self.tag}r")
+        self._ip("link", "set", f"kx{self.tag}r", "up")
+        self._ip("link", "set", "uplink", "master", "brx", "up", ns=sw)
         for m in self.members:
             self._ip("netns", "add", m.netns)
             self._ip("link", "set", "lo", "up", ns=m.netns)
-            for kind, subnet, inner in (("c", 1, "eth0"), ("x", 2, "eth1")):
+            for kind, inner in (("c", "eth0"), ("x", "eth1")):
                 outer = self._link(kind, m)
-                self._ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", m.netns)
-                self._ip("link", "set", outer, "master", f"kb{kind}{self.tag}", "up")
+                self._ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", m.netns, ns=sw)
+                self._ip("link", "set", outer, "master", f"br{kind}", "up", ns=sw)
                 ip = m.cluster_host if kind == "c" else m.client_host
                 self._ip("addr", "add", f"{ip}/24", "dev", inner, ns=m.netns)
                 self._ip("link", "set", inner, "up", ns=m.netns)
 
     def _teardown_network(self) -> None:
-        for m in self.members:
-            subprocess.run(["ip", "netns", "del", m.netns], capture_output=True)
-        for kind in ("c", "x"):
-            subprocess.run(["ip", "link", "del", f"kb{kind}{self.tag}"], capture_output=True)
+        for ns in [m.netns for m in self.members] + [self._switch]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
     def partition(self, name: str) -> None:
         """Cut the member off from its peers (its cluster link goes down); clients still reach it."""
-        self._ip("link", "set", self._link("c", self.member(name)), "down")
+        self._ip("link", "set", self._link("c", self.member(name)), "down", ns=self._switch)
 
     def heal(self, name: str) -> None:
-        self._ip("link", "set", self._link("c", self.member(name)), "up")
+        self._ip("link", "set", self._link("c", self.member(name)), "up", ns=self._switch)
 
     # ---- processes ---------------------------------------------------------------
 
