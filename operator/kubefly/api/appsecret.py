@@ -57,6 +57,7 @@ class AppSecretSpec(ApiModel):
 class Rollout(ApiModel):
     """A roll of the app's started machines onto new values, kept here so a restarted operator resumes it."""
 
+    digest: str = Field(max_length=64, description="The AppSecret digest being rolled out.")
     machine: str | None = Field(default=None, max_length=63, description="The machine being replaced now, if any.")
     from_instance_id: str | None = Field(default=None, description="That machine's instance before the roll.")
 

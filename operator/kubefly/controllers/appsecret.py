@@ -140,7 +140,7 @@ def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
         # Every non-staged change starts a roll; the planner finds nothing to
         # do when every started machine already runs these values.
         if not staged and not (b.get("status") or {}).get("rollout"):
-            out["rollout"] = {"machine": None, "fromInstanceId": None}
+            out["rollout"] = {"digest": set_digest}
         if staged and (b.get("status") or {}).get("rollout"):
             out["rollout"] = None
         return out or None
@@ -221,7 +221,7 @@ def roll(body: kopf.Body, logger, **_) -> None:
         message = f"replacing machine {step.machine} with the new values"
         update_status(PLURAL, ns, name, lambda b: {
             **(_condition_patch(b, [("RolledOut", False, "Rolling", message)]) or {}),
-            "rollout": {"machine": step.machine, "fromInstanceId": step.from_instance_id},
+            "rollout": {"digest": status["digest"], "machine": step.machine, "fromInstanceId": step.from_instance_id},
         })
         logger.info(f"rolling machine {step.machine} onto secrets digest {step.digest}")
         return
