@@ -202,7 +202,8 @@ def render_repmgr_conf(spec: MemberSpec, ctl_url: str) -> str:
         ("primary_notification_timeout", 15),
         ("standby_follow_timeout", 15),
         ("standby_follow_restart", False),
-        ("node_rejoin_timeout", 60),
+        # A rejoin that has not attached by then falls back to a fresh clone (member.rejoin).
+        ("node_rejoin_timeout", 20),
         ("promote_check_timeout", 30),
         ("promote_check_interval", 1),
         ("degraded_monitoring_timeout", -1),
