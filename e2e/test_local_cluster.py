@@ -1,8 +1,12 @@
 """The local control plane itself: the hosts of kind-config.yaml, and host loss."""
 
 import json
+import os
+import signal
+import time
 
 from kubefly import topology
+from kubefly.devcluster import KWOK_WORKDIR, LocalCluster
 from kubefly.labels import NODE_REGION
 
 
@@ -52,3 +56,20 @@ def test_added_host_then_stopped_host_goes_not_ready_and_comes_back(kube):
         kube.wait_for("the restarted host to be Ready", lambda: ready() == "True", timeout=60)
     finally:
         kube.cluster.delete_host(name)
+
+
+def test_a_dead_controller_manager_is_noticed_and_up_rebuilds_the_cluster():
+    cluster = LocalCluster("kubefly-e2e-dead-component")
+    try:
+        cluster.up()
+        pidfile = KWOK_WORKDIR / "clusters" / cluster.name / "pids" / "kube-controller-manager.pid"
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not cluster.dead_components() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cluster.dead_components() == ["kube-controller-manager"]
+        assert not cluster.healthy()
+        cluster.up()
+        assert cluster.healthy() and cluster.dead_components() == []
+    finally:
+        cluster.down()

@@ -136,8 +136,21 @@ class LocalCluster:
             raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
+    def dead_components(self) -> list[str]:
+        """Components whose process is gone (kwokctl starts them once and never restarts them)."""
+        pids = KWOK_WORKDIR / "clusters" / self.name / "pids"
+        dead = []
+        for pidfile in sorted(pids.glob("*.pid")) if pids.is_dir() else []:
+            try:
+                os.kill(int(pidfile.read_text().strip()), 0)
+            except (ValueError, ProcessLookupError):
+                dead.append(pidfile.stem)
+            except PermissionError:
+                pass  # alive, another user's
+        return dead
+
     def healthy(self) -> bool:
-        if not self.kubeconfig.exists():
+        if not self.kubeconfig.exists() or self.dead_components():
             return False
         return self.kubectl("get", "--raw", "/readyz", "--request-timeout=3s", check=False).returncode == 0
 
@@ -160,6 +173,11 @@ class LocalCluster:
                 "--extra-args", "kwok-controller=manage-all-nodes=false",
                 "--extra-args", f"kwok-controller=manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
             )
+        # Without the controller-manager nothing binds volumes or marks lost hosts:
+        # a cluster with a dead component is not up, whatever /readyz says.
+        dead = self.dead_components()
+        if dead:
+            raise ClusterUnavailable(f"cluster {self.name}: {', '.join(dead)} exited; see {KWOK_WORKDIR / 'clusters' / self.name / 'logs'}")
         for host in self.topology.hosts:
             self.apply_host(host.name, host.labels, control_plane=host.role == "control-plane")
         self.wait_hosts_ready([h.name for h in self.topology.hosts])
