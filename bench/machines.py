@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--cluster", default="kubefly-bench-machines")
     ap.add_argument("--keep", action="store_true", help="keep the cluster afterwards")
     args = ap.parse_args()
+    # SIGTERM runs the cleanup below (operator stopped, cluster deleted) like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from kubernetes import client, config
 
@@ -132,6 +135,12 @@ def main() -> None:
         time.sleep(5)  # the operator's startup
         for ns in ("bench-steady", "bench-burst"):
             core.create_namespace({"metadata": {"name": ns}})
+        # Pods are refused until the controller-manager has made the namespace's default ServiceAccount.
+        deadline = time.monotonic() + 60
+        while not all(core.list_namespaced_service_account(ns).items for ns in ("bench-steady", "bench-burst")):
+            if time.monotonic() > deadline:
+                raise SystemExit("the controller-manager made no default ServiceAccount in 60 s")
+            time.sleep(0.5)
 
         # Steady rate.
         watcher = Watcher(custom, "bench-steady")

@@ -20,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import kopf
+import structlog
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
-from kubefly import GROUP, VERSION, logs, platform
+from kubefly import GROUP, VERSION, platform
 from kubefly import labels as kflabels
 from kubefly.api.machine import Machine
 from kubefly.controllers import acceptance
@@ -40,7 +41,8 @@ MACHINES_BY_STATE = Gauge("kubefly_machines", "Machines by state", ["state"])
 MAINTENANCE = Gauge("kubefly_platform_maintenance", "1 while the platform maintenance switch is on")
 REGION_CLOSED = Gauge("kubefly_region_closed", "1 while a region takes no new machines", ["region"])
 
-log = logs.get("kubefly.controllers.machine")
+# A lazy proxy: logs.configure() runs after this module is imported.
+log = structlog.get_logger("kubefly.controllers.machine")
 # Wait between reconciles when nothing wakes a machine: a safety net, not the mechanism.
 IDLE_RESYNC_S = 120.0
 PLATFORM_POLL_S = 2.0

@@ -175,6 +175,8 @@ def build_pod(
             "restartPolicy": RESTART_POLICY[restart],
             "terminationGracePeriodSeconds": stop.get("timeoutSeconds", 5),
             "enableServiceLinks": False,
+            # A machine has no business with the Kubernetes API.
+            "automountServiceAccountToken": False,
             "affinity": {
                 "nodeAffinity": {
                     "requiredDuringSchedulingIgnoredDuringExecution": {
