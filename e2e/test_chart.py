@@ -25,6 +25,14 @@ def test_values_schema_refuses_a_typo(kube):
     assert "replica" in proc.stderr
 
 
+def test_install_created_the_storage_class_the_operator_names(kube):
+    from kubefly.volumes.objects import STORAGE_CLASS
+
+    sc = json.loads(kube.kubectl("get", "storageclass", STORAGE_CLASS, "-o", "json").stdout)
+    assert sc["provisioner"] == "kubernetes.io/no-provisioner"
+    assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+
+
 def test_install_created_crds_that_helm_keeps(kube):
     for name in CRDS:
         crd = json.loads(kube.kubectl("get", "crd", name, "-o", "json").stdout)
