@@ -168,7 +168,13 @@ class OperatorProcess:
             except OSError:
                 return False
 
-        self.kube.wait_for("the operator's /healthz", healthy, timeout=60)
+        try:
+            self.kube.wait_for("the operator's /healthz", healthy, timeout=60)
+        except BaseException:
+            # Never leave an operator behind that a later test or session would compete with.
+            if self.process.poll() is None:
+                self.kill()
+            raise
         return self
 
     def kill(self) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from kubefly import API_VERSION, labels
 from kubefly.instances import Service as InstanceService
 from kubefly.placement.machines import guest_requests
+from kubefly.secrets.digest import combined_digest
 
 SECRETS_DIGEST = f"{labels.PREFIX}/secrets-digest"
 # Digest of everything the pod is built from, so a spec change shows as a differing pod.
@@ -29,11 +30,6 @@ class SecretRef:
     app_secret: str
     secret_name: str
     digest: str
-
-
-def combined_digest(refs: list[SecretRef]) -> str:
-    """The AppSecrets' status.digest joined by commas in AppSecret name order (the contract with AppSecret)."""
-    return ",".join(ref.digest for ref in sorted(refs, key=lambda r: r.app_secret))
 
 
 def spec_digest(spec: dict) -> str:
@@ -155,7 +151,7 @@ def build_pod(
                 labels.INSTANCE_ID: instance,
                 labels.SERVICES: services_annotation(spec.get("services") or []),
                 labels.CHECKS: json.dumps(checks, separators=(",", ":"), sort_keys=True),
-                SECRETS_DIGEST: combined_digest(secrets),
+                SECRETS_DIGEST: combined_digest((ref.app_secret, ref.digest) for ref in secrets),
                 SPEC_DIGEST: spec_digest(spec),
             },
             "ownerReferences": [

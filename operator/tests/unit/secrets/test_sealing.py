@@ -77,9 +77,6 @@ def test_set_digest_covers_keys_and_values():
     assert set_digest({"A": "1"}) != set_digest({"A": "3"})
 
 
-def test_combined_digest_matches_the_machine_controllers():
-    from kubefly.machines.pod import SecretRef, combined_digest as machines_combined
-
-    pairs = [("zeta", "d2"), ("alpha", "d1")]
-    refs = [SecretRef(name, f"{name}-secret", digest) for name, digest in pairs]
-    assert combined_digest(pairs) == machines_combined(refs) == "d1,d2"
+def test_combined_digest_joins_digests_in_appsecret_name_order():
+    assert combined_digest([("zeta", "d2"), ("alpha", "d1")]) == "d1,d2"
+    assert combined_digest([]) == ""
