@@ -9,6 +9,7 @@ cannot be built fails with the reason; it never skips.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -67,6 +68,14 @@ class Kube:
         if check and proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
+
+    def apply(self, manifest: dict) -> None:
+        self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+    def get(self, namespace: str, kind: str, name: str) -> dict | None:
+        """The object as JSON, or None when it does not exist."""
+        proc = self.kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
 
     def api_client(self):
         from kubernetes import client, config
