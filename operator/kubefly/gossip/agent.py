@@ -37,6 +37,7 @@ ROWS = Gauge("kubefly_gossip_rows", "Rows in the local replica", ["kind"])
 MESSAGES = Counter("kubefly_gossip_messages_total", "Gossip messages", ["direction", "type"])
 BYTES = Counter("kubefly_gossip_bytes_total", "Gossip bytes (UDP and TCP)", ["direction"])
 REJECTED = Counter("kubefly_gossip_rejected_total", "Messages or records refused", ["reason"])
+BACKLOG = Gauge("kubefly_gossip_own_backlog", "This host's changed rows waiting for their first push (paced)")
 LAG = Histogram("kubefly_gossip_propagation_lag_seconds", "From a row's write at its origin to its merge here",
                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
@@ -66,6 +67,7 @@ class AgentConfig:
     sender_rate: float = 500.0  # datagrams per second per sender
     sender_burst: float = 1000.0
     queue_size: int = 4096
+    max_rows_per_origin: int = 10_000
     emulate_latency: tuple[float, float] = (0.0, 0.0)  # one-way seconds: same region, other region
 
 
@@ -75,6 +77,13 @@ class TokenBuckets:
     def __init__(self, rate: float, burst: float, max_keys: int = 10_000):
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self._b: dict[str, list[float]] = {}
+
+    def take(self, key: str, n: int, now: float | None = None) -> int:
+        """Up to n tokens at once; returns how many were granted."""
+        granted = 0
+        while granted < n and self.allow(key, now):
+            granted += 1
+        return granted
 
     def allow(self, key: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
@@ -134,6 +143,9 @@ class Agent:
         self._origin_limit = TokenBuckets(cfg.origin_rate, cfg.origin_burst)
         self._sender_limit = TokenBuckets(cfg.sender_rate, cfg.sender_burst)
         self._sync_limit = TokenBuckets(2.0, 6.0)
+        # Our own pushes stay under what receivers accept from one origin; rows that
+        # change again while waiting are coalesced (the queue is keyed by row).
+        self._own_pace = TokenBuckets(cfg.origin_rate * 0.8, cfg.origin_burst * 0.8)
         self.dropped: set[str] = set()
         self._transport: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
@@ -398,8 +410,12 @@ class Agent:
         asyncio.get_running_loop().call_later(self.cfg.probe_interval, fut.cancel)
         self._send_to(target.addr, target.host, {"t": "ping", "seq": mine})
 
-    def _ingest(self, wire: object) -> bool:
-        """Merge one received record if it is new, authentic, valid and within its origin's rate."""
+    def _ingest(self, wire: object, pushed: bool = True) -> bool:
+        """Merge one received record if it is new, authentic, valid and within its origin's limits.
+
+        Pushed records are rate-limited per origin; anti-entropy is bounded otherwise
+        (one version per row per sync, syncs rate-limited per peer, rows capped per origin)
+        so a throttled origin still converges once its pushes were refused."""
         try:
             if not (isinstance(wire, list) and len(wire) == 2 and isinstance(wire[0], str)):
                 raise WireError("malformed", "record")
@@ -410,8 +426,10 @@ class Agent:
                 if h == cur.hlc:
                     self._lose_interest(cur)
                 return False  # a duplicate or an older version: the common case, kept cheap
-            if not self._origin_limit.allow(origin):
+            if pushed and not self._origin_limit.allow(origin):
                 raise WireError("rate_limited", origin)
+            if cur is None and len(self.store.by_origin.get(origin, ())) >= self.cfg.max_rows_per_origin:
+                raise WireError("too_many_rows", origin)
             rec = verify_record(self.keys, wire)
             if rec.origin == self.cfg.host:
                 self._refute(rec)
@@ -428,8 +446,11 @@ class Agent:
         self.store.put(rec, inst)
         self._index(rec.origin, rec.key)
         self._recompute(rec.key)
-        self._enqueue(rec)
-        LAG.observe(max(0.0, time.time() - hlcmod.wall_s(rec.hlc)))
+        if pushed:
+            self._enqueue(rec)
+            LAG.observe(max(0.0, time.time() - hlcmod.wall_s(rec.hlc)))
+        # Rows pulled by anti-entropy are not pushed on: that would let a sync carry
+        # an origin's backlog past its pace, and each peer runs its own syncs anyway.
         return True
 
     def _lose_interest(self, rec: Record) -> None:
@@ -496,17 +517,21 @@ class Agent:
         fan-out are covered within a few hops."""
         self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
-        direct = [e for e in self._bcast.values() if e[2]]
+        waiting = [e for e in self._bcast.values() if e[2]]
+        direct = waiting[: self._own_pace.take("own", len(waiting))]
+        BACKLOG.set(len(waiting) - len(direct))
         if direct:
             peers = [m for m in self.members.random_alive(self.cfg.origin_fanout) if m.host not in self.dropped]
             for e in direct:
                 e[2] = False
             self._send_packed([e[0] for e in direct], peers)
         first = {id(e) for e in direct}
-        relay = [e for e in self._bcast.values() if id(e) not in first]
+        relay = [e for e in self._bcast.values() if not e[2] and id(e) not in first]
         peers = [m for m in self.members.random_alive(self.cfg.fanout + len(self.dropped)) if m.host not in self.dropped]
         self._send_packed([e[0] for e in relay], peers[: self.cfg.fanout])
         for k, e in list(self._bcast.items()):
+            if e[2]:
+                continue  # still waiting for its first push
             e[1] -= 1
             if e[1] <= 0:
                 del self._bcast[k]
@@ -655,7 +680,7 @@ class Agent:
                 return
             self._sync_members(resp.get("members"))
             for wire in resp.get("records") or []:
-                self._ingest(wire)
+                self._ingest(wire, pushed=False)
             want = [o for o in resp.get("want") or [] if isinstance(o, str)]
             n = await write_frame(self.keys, writer, {"t": "push", "f": self.cfg.host,
                                                       "records": self._records_for(want)})
@@ -676,7 +701,7 @@ class Agent:
             if peer in self.dropped:
                 return
             if not self._sync_limit.allow(peer):
-                raise WireError("rate_limited", "sync")
+                raise WireError("sync_limited")
             self._sync_members(msg.get("members"))
             theirs = msg.get("digest")
             if not isinstance(theirs, dict):
@@ -690,7 +715,7 @@ class Agent:
                 push, n = await asyncio.wait_for(read_frame(self.keys, reader), 5.0)
                 BYTES.labels("in").inc(n)
                 for wire in push.get("records") or []:
-                    self._ingest(wire)
+                    self._ingest(wire, pushed=False)
         except WireError as exc:
             REJECTED.labels(exc.reason).inc()
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, KeyError, TypeError, AttributeError):

@@ -191,6 +191,43 @@ async def test_replica_client_follows_and_survives_agent_restart(cluster):
         await client.close()
 
 
+async def test_churning_agent_is_paced_below_receivers_limits(cluster):
+    churner, bystander = cluster.agents[13], cluster.agents[17]
+    limited = 'reason="rate_limited"'
+    before = await cluster.metric(bystander, "kubefly_gossip_rejected_total", limited)
+    client = ReplicaClient(bystander.api)
+    await client.start()
+    q = client.replica.subscribe(maxsize=100_000)
+    final: dict[str, str] = {}
+    backlog = 0.0
+    try:
+        t0 = time.monotonic()
+        v = 0
+        while time.monotonic() - t0 < 3:
+            for i in range(100):
+                v += 1
+                cluster.write_machine(churner, f"churn-{i}", org="churn", instance_id=f"v{v}")
+                final[f"churn-{i}"] = f"v{v}"
+            backlog = max(backlog, await cluster.metric(churner, "kubefly_gossip_own_backlog"))
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        # Every agent ends on the last version of every row ...
+        assert await cluster.converge(cluster.agents, lambda view: all(
+            view.get(("churn", m), {}).get("instance_id") == iid for m, iid in final.items()), timeout=30)
+        upserts = 0
+        while not q.empty():
+            ch = q.get_nowait()
+            upserts += ch.kind == "upsert" and ch.instance.org == "churn"
+    finally:
+        await client.close()
+    # ... while the churner held a backlog, pushed no faster than its pace (80/s, burst 400),
+    # so receivers never had to refuse its rows, and nobody was suspected.
+    assert backlog > 0
+    assert upserts <= 80 * (elapsed + 30) + 400
+    assert await cluster.metric(bystander, "kubefly_gossip_rejected_total", limited) == before
+    assert await members_alive(cluster, cluster.agents, N - 1)
+
+
 def _record_dgram(keys: wire.Keys, sender: str, records: list, port: int = 9) -> bytes:
     return wire.encode_dgram(keys, {"t": "g", "f": sender, "me": [port, "r0", 1], "r": records, "m": []})
 
