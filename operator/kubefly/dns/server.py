@@ -88,7 +88,8 @@ def parse(qname: str) -> Name | None:
 
 def select(replica: Replica, org: str | None, name: Name) -> list[Instance] | None:
     """Routable instances a name stands for; None when the app (or machine) is unknown."""
-    rows = [i for i in replica.instances() if i.app == name.app and (org is None or i.org == org)]
+    orgs = [org] if org is not None else sorted(o for o, a in replica.apps() if a == name.app)
+    rows = [i for o in orgs for i in replica.instances(o, name.app)]
     if not rows:
         return None
     if name.kind == "vm":

@@ -210,12 +210,20 @@ class ReplicaClient:
                 async with self._session.get(f"{self.base_url}/v1/watch") as resp:
                     resp.raise_for_status()
                     backoff = 0.1
-                    async for raw in resp.content:
-                        line = raw.strip()
-                        if not line:
-                            continue
-                        self.replica.apply_line(json.loads(line))
-                        if not self.connected:
+                    # Split lines ourselves: a snapshot of a big cluster is one line of
+                    # megabytes, beyond aiohttp's readline limit.
+                    buf, scanned = bytearray(), 0
+                    async for chunk in resp.content.iter_any():
+                        buf += chunk
+                        start = 0
+                        while (nl := buf.find(b"\n", scanned)) >= 0:
+                            line = bytes(buf[start:nl])
+                            start = scanned = nl + 1
+                            if line.strip():
+                                self.replica.apply_line(json.loads(line))
+                        del buf[:start]
+                        scanned = len(buf)
+                        if not self.connected and self.replica.self_host:
                             self.connected = True
                             self._first.set()
                             log.info("following agent", agent=self.base_url)
