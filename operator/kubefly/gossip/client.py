@@ -164,6 +164,7 @@ class ReplicaClient:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
         self._first = asyncio.Event()
+        self._last_refusal_log = -1e9
 
     async def start(self, wait: float = 10.0) -> None:
         """Start following the agent; returns once the first snapshot arrived
@@ -189,6 +190,7 @@ class ReplicaClient:
 
     async def report_load(self, loads: dict[tuple[str, str], int]) -> None:
         """Report current concurrency of instances on this host: {(org, machine_id): load}.
+        Keys of other hosts' instances are refused by the agent, the rest applied.
         Best effort: a missing agent is logged, never raised to the caller."""
         if not loads or self._session is None:
             return
@@ -197,8 +199,10 @@ class ReplicaClient:
             async with self._session.post(
                 f"{self.base_url}/v1/load", json=body, timeout=aiohttp.ClientTimeout(total=2)
             ) as resp:
-                if resp.status >= 400:
-                    log.warning("load report rejected", status=resp.status, body=(await resp.text())[:200])
+                if resp.status >= 400 and time.monotonic() - self._last_refusal_log > 60:
+                    # Rows of other hosts are refused (the rest is applied); say so once a minute.
+                    self._last_refusal_log = time.monotonic()
+                    log.warning("load report refused", status=resp.status, body=(await resp.text())[:200])
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.debug("load report failed", error=str(exc))
 
