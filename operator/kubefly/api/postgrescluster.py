@@ -66,7 +66,8 @@ class PostgresClusterSpec(ApiModel):
 
 class PostgresMember(ApiModel):
     name: str
-    role: Literal["primary", "standby", "unknown"] = "unknown"
+    # The member's own /health role; unknown while its health port does not answer.
+    role: Literal["primary", "standby", "fenced", "starting", "empty", "unknown"] = "unknown"
     host: str | None = None
     lag_bytes: int | None = Field(default=None, ge=0)
     timeline: int | None = Field(default=None, ge=0)
