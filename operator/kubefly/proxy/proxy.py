@@ -27,7 +27,7 @@ from kubefly.instances import Instance
 from kubefly.proxy import http1, metrics, routing
 from kubefly.proxy.config import Config
 from kubefly.proxy.server import Request
-from kubefly.proxy.upstream import Pool, UpstreamConn, UpstreamError
+from kubefly.proxy.upstream import Pool, UpstreamConn, UpstreamError, UpstreamTimeout
 
 
 
@@ -163,7 +163,14 @@ class Proxy:
     def load(self, inst: Instance) -> int:
         if inst.host == self.replica.self_host:
             return self.local_load.get(inst.key, 0)
-        return max(inst.load, self.outstanding.get(inst.key, 0))
+        gossiped = inst.load
+        service = routing.http_service(inst)
+        if service is not None and service.hard_limit is not None:
+            # A gossiped load is a little old: it ranks an instance but never rules it
+            # out; its host says "full" if it really is. Only this edge's own requests
+            # in flight, which it knows exactly, can make it skip an instance unasked.
+            gossiped = min(gossiped, service.hard_limit - 1)
+        return max(gossiped, self.outstanding.get(inst.key, 0))
 
     def rtt(self, host: str) -> float | None:
         if host == self.replica.self_host:
@@ -416,6 +423,12 @@ class Proxy:
                 return Outcome.retry
             try:
                 return await self._send(req, conn, headers, body, replayable, cfg, request_id, edge)
+            except UpstreamTimeout:
+                conn.close()
+                if req.conn.busy_writing:
+                    req.conn.close()
+                    return 504
+                return self._answer(req, 504, "kubefly: instance did not answer in time\n", b"timeout")
             except UpstreamError as exc:
                 conn.close()
                 if exc.sent or not replayable:
@@ -426,14 +439,11 @@ class Proxy:
                 if fresh or not conn.reused:
                     return Outcome.retry
                 # A pooled connection the instance had already closed: one more try on a new one.
-            except TimeoutError:
-                conn.close()
-                return self._answer(req, 504, "kubefly: instance did not answer in time\n", b"timeout")
         return Outcome.retry
 
     async def _send(self, req, conn: UpstreamConn, headers, body, replayable, cfg, request_id, edge):
         client = req.conn
-        conn.begin(req.method == b"HEAD", cfg.idle_timeout_s)
+        conn.begin(req.method == b"HEAD", cfg.idle_timeout_s, cfg.response_timeout_s)
         lines = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target), http1.serialize_headers(headers)]
         if req.upgrade:
             lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % (req.header(b"upgrade") or b""))
@@ -454,8 +464,7 @@ class Proxy:
                 await conn.drain()
             if req.body.chunked:
                 conn.write(http1.LAST_CHUNK)
-        async with asyncio.timeout(cfg.response_timeout_s):
-            status, rheaders = await conn.head()
+        status, rheaders = await conn.head()
         # A host proxy, or the app itself, says it is at its limit: try elsewhere.
         if status == 503 and http1.get(rheaders, http1.H_FULL) is not None:
             conn.reusable = False
@@ -491,6 +500,14 @@ class Proxy:
         out.append(b"connection: keep-alive\r\n\r\n" if keep else b"connection: close\r\n\r\n")
         req.keep_alive = keep
         client.busy_writing = True
+        if not no_body:
+            # Head and the body read with it leave in one write (one syscall for small answers).
+            early = conn.early_body()
+            if early:
+                out.append(http1.chunk(early) if chunked else early)
+            if chunked and conn.finished:
+                out.append(http1.LAST_CHUNK)
+                chunked = False
         client.write(b"".join(out))
         if not no_body:
             def sink(data: bytes, _chunked=chunked) -> None:

@@ -146,6 +146,7 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
         self._reading = True
         self._read_paused_by: set[str] = set()
         self._write_ok: asyncio.Event = asyncio.Event()
@@ -166,6 +167,8 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.registry.discard(self)
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
         self._write_ok.set()
         if self._current is not None:
             self._current.body.abort()
@@ -343,17 +346,25 @@ class Connection(asyncio.Protocol):
         if not self.busy and not self._queue and self.tunnel is None:
             self.close()
 
+    # One timer per connection, re-armed lazily: moving a deadline costs a
+    # float store, not a new timer handle per request.
     def _arm(self, delay: float) -> None:
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + delay
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expire)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
 
     def _expire(self) -> None:
         self._timer = None
+        if self._deadline is None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
         if self.busy or self.tunnel is not None:
             return
         if self._header_bytes or self._url:

@@ -11,7 +11,8 @@ Paths: /            machine id
        /echo        the request body back
        /slow?ms=N   answer after N ms
        /stream?n=N  N chunks of a chunked response
-       /full        503 + kubefly-full (an app shedding load itself)
+       /full        503 + kubefly-full (an app shedding load itself); ?except=ID: not on ID
+       /replay?to=D answer `fly-replay: D` unless this is already a replay
        /crash       exit at once
        /ws          WebSocket echo
 """
@@ -29,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from kubefly.proxy import http1, server
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class App:
@@ -65,8 +66,12 @@ class App:
             return self._websocket(req)
         if path == "/crash":
             os._exit(3)
-        if path == "/full":
+        if path == "/full" and query.get("except", [""])[0].encode() != self.machine_id:
             req.conn.write(http1.simple_response(503, b"full\n", keep_alive=True, extra=[(http1.H_FULL, b"1"), *extra]))
+            return
+        if path == "/replay" and req.header(b"fly-replay-src") is None:
+            to = query.get("to", ["elsewhere=true"])[0].encode()
+            req.conn.write(http1.simple_response(200, b"replay\n", keep_alive=req.keep_alive, extra=[(b"fly-replay", to), *extra]))
             return
         if path == "/slow":
             await asyncio.sleep(int(query.get("ms", ["100"])[0]) / 1000)

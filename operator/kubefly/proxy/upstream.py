@@ -24,6 +24,10 @@ class UpstreamError(Exception):
         self.sent = sent
 
 
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
 class UpstreamConn(asyncio.Protocol):
     def __init__(self, pool: Pool, key: tuple[str, int]):
         self.pool = pool
@@ -47,6 +51,7 @@ class UpstreamConn(asyncio.Protocol):
         self.status = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle = 0.0
+        self._idle_after_head = 0.0
         self._last = 0.0
         self._writable: asyncio.Future | None = None
         self._early: list[bytes] = []
@@ -119,6 +124,7 @@ class UpstreamConn(asyncio.Protocol):
             self._skip = True
             return
         self.status = status
+        self._idle = self._idle_after_head
         length, chunked = _response_framing(self._headers)
         self._until_close = not chunked and length is None and not http1.status_has_no_body(
             status, b"HEAD" if self._head_only else b"GET"
@@ -157,7 +163,8 @@ class UpstreamConn(asyncio.Protocol):
             self._done.set_result(None)
 
     # -- exchange ---------------------------------------------------------------
-    def begin(self, head_only: bool, idle: float) -> None:
+    def begin(self, head_only: bool, idle: float, response_timeout: float) -> None:
+        """Start an exchange: the head must come within response_timeout, then no silence longer than idle."""
         loop = asyncio.get_running_loop()
         self._head = loop.create_future()
         self._done = loop.create_future()
@@ -166,10 +173,11 @@ class UpstreamConn(asyncio.Protocol):
         self._until_close = False
         self.sink = None
         self._early = []
-        self._idle = idle
+        self._idle = response_timeout
+        self._idle_after_head = idle
         self._last = time.monotonic()
-        self._stop_idle()
-        self._idle_timer = loop.call_later(idle, self._check_idle)
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_later(response_timeout, self._check_idle)
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -184,18 +192,26 @@ class UpstreamConn(asyncio.Protocol):
         return await self._head
 
     async def done(self) -> None:
-        try:
-            await self._done
-        finally:
-            self._stop_idle()
+        await self._done
+
+    def early_body(self) -> bytes:
+        """Body bytes already read with the head (often the whole body): sent with the head in one write."""
+        early, self._early = self._early, []
+        return b"".join(early)
+
+    @property
+    def finished(self) -> bool:
+        return self._done is not None and self._done.done() and self._done.exception() is None
 
     def _check_idle(self):
         self._idle_timer = None
+        if self._done is None or self._done.done() or self.tunnel is not None:
+            return  # between exchanges; the pool's own idle limit applies
         remaining = self._last + self._idle - time.monotonic()
         if remaining > 0:
             self._idle_timer = asyncio.get_running_loop().call_later(remaining, self._check_idle)
             return
-        self._fail(UpstreamError("upstream idle timeout", sent=True))
+        self._fail(UpstreamTimeout("instance timed out", sent=True))
 
     def _stop_idle(self):
         if self._idle_timer is not None:

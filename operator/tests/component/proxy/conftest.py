@@ -1,0 +1,187 @@
+"""A two-host platform on loopback: two real agents gossiping, a real proxy per
+host (edge + host roles), real app processes as instances.
+
+host-000 is in region r0, host-001 in r1. Every process started here is
+stopped at the end of the module.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubefly.gossip.harness import AgentCluster, free_port
+
+KUBEFLY = str(Path(sys.executable).parent / "kubefly")
+STARTER = Path(__file__).with_name("starter.py")
+DOMAIN = "test"
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@dataclass
+class ProxyProc:
+    host: str
+    port: int
+    hop_port: int
+    metrics_port: int
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    domain: str = DOMAIN
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        wait_port(self.port)
+        wait_port(self.hop_port)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@dataclass
+class Platform:
+    cluster: AgentCluster
+    proxies: list[ProxyProc]
+    config: Path
+    spec: Path
+    backends: list[subprocess.Popen] = field(default_factory=list)
+    starter_spec: dict = field(default_factory=dict)
+
+    @property
+    def agents(self):
+        return self.cluster.agents
+
+    def backend(self, machine_id: str, **kw) -> int:
+        port = free_port()
+        argv = [sys.executable, "-m", "kubefly.proxy.testapp", "--host", "127.0.0.1", "--port", str(port),
+                "--machine-id", machine_id]
+        for k, v in kw.items():
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+        self.backends.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              start_new_session=True))
+        wait_port(port)
+        return port
+
+    def machine(self, host: int, machine_id: str, app: str, port: int, *, org: str = "acme", soft: int = 20,
+                hard: int | None = None, state: str = "started", autostop: str = "off") -> None:
+        service = {"internal_port": port, "ports": [80], "concurrency_type": "requests", "soft_limit": soft,
+                   "hard_limit": hard, "autostart": True, "autostop": autostop}
+        self.cluster.write_machine(self.agents[host], machine_id, org=org, app=app, state=state, services=[service])
+
+    def stoppable(self, host: int, machine_id: str, app: str) -> Path:
+        """A stopped machine the starter can start (a port reserved for its app process)."""
+        port = free_port()
+        self.machine(host, machine_id, app, port, state="stopped", autostop="stop")
+        pidfile = self.cluster.root / f"{machine_id}.pid"
+        self.starter_spec[machine_id] = {"file": str(self.agents[host].machines / f"{machine_id}.json"),
+                                         "port": port, "pidfile": str(pidfile)}
+        self.spec.write_text(json.dumps(self.starter_spec))
+        return pidfile
+
+    def wait_routable(self, app: str, machines: set[str], timeout: float = 30.0) -> None:
+        """Until every proxy's replica shows these machines routable (seen through forced requests)."""
+        deadline = time.monotonic() + timeout
+        for proxy in self.proxies:
+            for machine in machines:
+                while True:
+                    req = urllib.request.Request(proxy.url + "/", headers={
+                        "Host": f"{app}.{DOMAIN}", "fly-force-instance-id": machine})
+                    try:
+                        with urllib.request.urlopen(req, timeout=5) as r:
+                            if r.headers.get("x-machine-id") == machine:
+                                break
+                    except OSError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{machine} of {app} not routable at {proxy.host}")
+                    time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    root = tmp_path_factory.mktemp("proxy")
+    (root / "agents").mkdir()
+    cluster = AgentCluster(2, regions=2, root=root / "agents")
+    for a in cluster.agents:
+        cluster.spawn(a)
+    for a in cluster.agents:
+        wait_port(a.api_port, 60)
+    spec = root / "starter.json"
+    spec.write_text("{}")
+    ports = [(free_port(), free_port(), free_port()) for _ in cluster.agents]
+    config = root / "proxy.yaml"
+    config.write_text(yaml.safe_dump({
+        "domain": DOMAIN,
+        "retry_budget_s": 1.0,
+        "response_timeout_s": 3.0,
+        "autostart_timeout_s": 30.0,
+        "autostop_interval_s": 1.0,
+        "app_max_inflight": 20,
+        "host_proxies": {a.host: f"127.0.0.1:{p[1]}" for a, p in zip(cluster.agents, ports)},
+    }))
+    proxies = []
+    for a, (port, hop, met) in zip(cluster.agents, ports):
+        argv = [KUBEFLY, "proxy", "--listen", f"127.0.0.1:{port}", "--hop-listen", f"127.0.0.1:{hop}",
+                "--metrics-listen", f"127.0.0.1:{met}", "--agent", a.api, "--config", str(config),
+                "--starter", f"command:{sys.executable} {STARTER} {spec}", "--drain-timeout", "10"]
+        proxies.append(ProxyProc(a.host, port, hop, met, argv, root / f"proxy-{a.host}.log"))
+    p = Platform(cluster, proxies, config, spec)
+    try:
+        for proxy in proxies:
+            proxy.start()
+        yield p
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        for b in p.backends:
+            b.terminate()
+        for entry in p.starter_spec.values():
+            pid = Path(entry["pidfile"])
+            if pid.exists():
+                subprocess.run(["kill", pid.read_text()], check=False)
+        for b in p.backends:
+            b.wait(10)
+        for a in cluster.agents:
+            cluster.kill(a, signal.SIGTERM)

@@ -1,0 +1,284 @@
+"""The proxy with real agents, real app processes and real HTTP on loopback.
+
+Bounds are generous: timings belong to `make bench-proxy`; these assert behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kubefly.gossip.harness import free_port
+
+pytestmark = pytest.mark.component
+
+
+async def get(session, proxy, app, path="/", **headers):
+    async with session.get(proxy.url + path, headers={"Host": f"{app}.{proxy.domain}", **headers}) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+@pytest.fixture(scope="module")
+def apps(platform):
+    """web: one instance per host. geo: a local (hard 2) and a remote instance. hot: two
+    instances on host-000 with hard limit 1 each."""
+    p = platform
+    p.machine(0, "web-0", "web", p.backend("web-0"))
+    p.machine(1, "web-1", "web", p.backend("web-1"))
+    p.machine(0, "geo-0", "geo", p.backend("geo-0"), soft=1, hard=2)
+    p.machine(1, "geo-1", "geo", p.backend("geo-1"), soft=1, hard=2)
+    p.machine(0, "hot-a", "hot", p.backend("hot-a"), soft=1, hard=1)
+    p.machine(0, "hot-b", "hot", p.backend("hot-b"), soft=1, hard=1)
+    p.machine(0, "flood-0", "flood", p.backend("flood-0"))
+    p.machine(0, "twin-a", "twin", p.backend("twin-a"), org="acme")
+    p.machine(1, "twin-b", "twin", p.backend("twin-b"), org="globex")
+    for app, machines in {"web": {"web-0", "web-1"}, "geo": {"geo-0", "geo-1"}, "hot": {"hot-a", "hot-b"},
+                          "flood": {"flood-0"}}.items():
+        p.wait_routable(app, machines)
+    return p
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s
+
+
+async def test_routes_by_host_and_never_proxies_elsewhere(apps, session):
+    p0 = apps.proxies[0]
+    status, headers, body = await get(session, p0, "web")
+    assert status == 200 and body == b"web-0\n"  # the instance in the proxy's own region
+    assert headers["fly-request-id"].endswith("-r0")
+    status, headers, body = await get(session, p0, "nope")
+    assert status == 404 and headers["kubefly-error"] == "unknown-app" and b"no app nope" in body
+    async with session.get(p0.url + "/", headers={"Host": "example.com"}) as r:
+        assert r.status == 404
+    # The absolute form names another site: still routed (or refused) by Host only.
+    reader, writer = await asyncio.open_connection("127.0.0.1", p0.port)
+    writer.write(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 404 ")
+
+
+async def test_same_app_name_in_two_orgs(apps, session):
+    p0 = apps.proxies[0]
+    apps.wait_routable("twin.acme", {"twin-a"})
+    apps.wait_routable("twin.globex", {"twin-b"})
+    assert (await get(session, p0, "twin.globex"))[2] == b"twin-b\n"
+    status, _, body = await get(session, p0, "twin")
+    assert status == 404 and b"twin.<org>." in body
+
+
+async def test_local_first_then_cross_region_when_local_is_full(apps, session):
+    p0 = apps.proxies[0]
+    results = await asyncio.gather(*(get(session, p0, "geo", "/slow?ms=1500") for _ in range(4)))
+    served = sorted(h["x-machine-id"] for s, h, _ in results)
+    assert all(s == 200 for s, _, _ in results)
+    # The local instance takes its hard limit (2); the rest crosses to r1 through host-001's proxy.
+    assert served == ["geo-0", "geo-0", "geo-1", "geo-1"]
+    # One at a time, everything stays local.
+    for _ in range(5):
+        assert (await get(session, p0, "geo"))[2] == b"geo-0\n"
+
+
+async def test_host_answers_full_at_the_hard_limit(apps, session):
+    p0, p1 = apps.proxies
+    busy = asyncio.create_task(get(session, p0, "hot", "/slow?ms=2000", **{"fly-force-instance-id": "hot-a"}))
+    await asyncio.sleep(0.5)
+
+    async def hop(machine):
+        """What an edge on another host sends to host-000's proxy."""
+        async with session.get(f"http://127.0.0.1:{p0.hop_port}/",
+                               headers={"Host": "hot.test", "kubefly-instance": f"acme/{machine}"}) as r:
+            return r.status, r.headers.get("kubefly-full")
+
+    assert await hop("hot-a") == (503, "1")  # at its hard limit: "full" at once, no queue
+    assert await hop("hot-b") == (200, None)
+    assert (await busy)[0] == 200
+    # Seen from an edge on the other host: two served on distinct instances, the third
+    # refused once its retry budget is spent, never queued behind a busy instance.
+    results = await asyncio.gather(*(get(session, p1, "hot", "/slow?ms=2500") for _ in range(3)))
+    served = sorted(h.get("x-machine-id", "") for s, h, _ in results if s == 200)
+    assert served == ["hot-a", "hot-b"]
+    assert sorted(s for s, _, _ in results) == [200, 200, 503]
+
+
+async def test_full_answer_makes_the_edge_retry_another_instance(apps, session):
+    p0 = apps.proxies[0]
+    retries = p0.metric("kubefly_proxy_retries_total", app="web")
+    status, headers, _ = await get(session, p0, "web", "/full?except=web-1")
+    assert status == 200 and headers["x-machine-id"] == "web-1"  # web-0 (local) said full first
+    assert p0.metric("kubefly_proxy_retries_total", app="web") > retries
+    assert p0.metric("kubefly_proxy_full_total", app="web") >= 1
+    status, headers, _ = await get(session, p0, "web", "/full")
+    assert status == 503 and headers["kubefly-error"] == "full"  # every instance says full
+
+
+async def test_forwarding_headers(apps, session):
+    p0 = apps.proxies[0]
+    status, headers, body = await get(
+        session, p0, "web", "/headers",
+        **{"Connection": "keep-alive, x-hop", "X-Hop": "1", "Fly-Client-IP": "6.6.6.6", "X-Forwarded-For": "10.9.9.9",
+           "Proxy-Authorization": "secret", "X-App": "kept"},
+    )
+    seen = dict(json.loads(body))
+    assert status == 200
+    assert seen["fly-client-ip"] == "127.0.0.1" and seen["fly-region"] == "r0"
+    assert seen["x-forwarded-for"] == "10.9.9.9, 127.0.0.1" and seen["x-forwarded-proto"] == "http"
+    assert seen["forwarded"].startswith('for="127.0.0.1";proto=http')
+    assert seen["fly-request-id"] == headers["fly-request-id"]
+    assert seen["x-app"] == "kept"
+    for gone in ("x-hop", "proxy-authorization", "connection", "kubefly-instance"):
+        assert gone not in seen
+
+
+async def test_force_instance_and_prefer_region(apps, session):
+    p0 = apps.proxies[0]
+    for _ in range(3):
+        assert (await get(session, p0, "web", **{"fly-force-instance-id": "web-1"}))[2] == b"web-1\n"
+    status, _, _ = await get(session, p0, "web", **{"fly-force-instance-id": "nope"})
+    assert status == 404
+    assert (await get(session, p0, "web", **{"fly-prefer-region": "r1"}))[2] == b"web-1\n"
+
+
+async def test_replay_header_moves_the_request(apps, session):
+    p0 = apps.proxies[0]
+    status, headers, body = await get(session, p0, "web", "/replay?to=region=r1")
+    assert status == 200 and headers["x-machine-id"] == "web-1" and "fly-replay" not in headers
+    status, headers, _ = await get(session, p0, "web", "/replay?to=instance=web-0")
+    assert headers["x-machine-id"] == "web-0"
+
+
+async def test_streaming_and_large_bodies_both_ways(apps, session):
+    p1 = apps.proxies[1]
+    async with session.get(p1.url + "/stream?n=5", headers={"Host": f"web.{p1.domain}"}) as r:
+        assert r.headers["transfer-encoding"] == "chunked"
+        assert await r.read() == b"".join(b"chunk %d\n" % i for i in range(5))
+    big = bytes(range(256)) * 12000  # 3 MB: over the replay limit, streamed through
+    async with session.post(p1.url + "/echo", data=big, headers={"Host": f"web.{p1.domain}"}) as r:
+        assert r.status == 200 and await r.read() == big
+
+
+async def test_websocket_through_edge_and_host(apps, session):
+    p1 = apps.proxies[1]
+    async with session.ws_connect(p1.url + "/ws", headers={"Host": f"web.{p1.domain}", "fly-force-instance-id": "web-0"}) as ws:
+        for text in ("hello", "x" * 70000):
+            await ws.send_str(text)
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.data == text
+
+
+async def test_instance_timeout_gives_504(apps, session):
+    status, headers, _ = await get(session, apps.proxies[0], "web", "/slow?ms=5000")
+    assert status == 504 and headers["kubefly-error"] == "timeout"
+
+
+async def test_one_apps_flood_does_not_starve_another(apps, session):
+    p0 = apps.proxies[0]
+    flood = [asyncio.create_task(get(session, p0, "flood", "/slow?ms=2000")) for _ in range(40)]
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    status, _, _ = await get(session, p0, "web")
+    assert status == 200 and time.monotonic() - started < 1.5
+    statuses = [s for s, _, _ in await asyncio.gather(*flood)]
+    assert statuses.count(200) == 20 and statuses.count(503) == 20  # the app's budget is 20 in flight
+
+
+async def test_autostart_then_autostop(apps, session):
+    p0 = apps.proxies[0]
+    pidfile = apps.stoppable(0, "sleepy-0", "sleepy")
+    # The proxy only knows the app once its stopped row has gossiped in.
+    deadline = time.monotonic() + 20
+    while (await get(session, p0, "sleepy"))[0] == 404:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    # That request (or the one above) started the machine and was held until it passed its checks.
+    status, headers, body = await get(session, p0, "sleepy")
+    assert status == 200 and body == b"sleepy-0\n"
+    assert p0.metric("kubefly_proxy_autostarts_total", app="sleepy") >= 1
+    # Idle on two autostop passes (1 s apart): stopped, its process gone.
+    deadline = time.monotonic() + 20
+    machine = apps.agents[0].machines / "sleepy-0.json"
+    while json.loads(machine.read_text())["state"] != "stopped":
+        assert time.monotonic() < deadline, "idle machine was not stopped"
+        await asyncio.sleep(0.2)
+    assert not pidfile.exists()
+    assert p0.metric("kubefly_proxy_autostops_total", app="sleepy") == 1
+
+
+async def test_reload_and_graceful_restart_drop_nothing(apps, session):
+    p0 = apps.proxies[0]
+    inflight = [asyncio.create_task(get(session, p0, "web", "/slow?ms=1500")) for _ in range(5)]
+    await asyncio.sleep(0.3)
+    cfg = yaml.safe_load(apps.config.read_text())
+    apps.config.write_text(yaml.safe_dump({**cfg, "retry_budget_s": 1.5}))
+    p0.proc.send_signal(signal.SIGHUP)  # config change: nothing in flight notices
+    assert [s for s, _, _ in await asyncio.gather(*inflight)] == [200] * 5
+    assert p0.proc.poll() is None
+    # A new process binds the same port (SO_REUSEPORT), the old one drains and exits.
+    inflight = [asyncio.create_task(get(session, p0, "web", "/slow?ms=1500")) for _ in range(5)]
+    await asyncio.sleep(0.3)
+    old = p0.proc
+    metrics_flag = p0.argv.index("--metrics-listen") + 1
+    p0.metrics_port = free_port()  # /metrics has no SO_REUSEPORT: the new process takes another port
+    p0.argv[metrics_flag] = f"127.0.0.1:{p0.metrics_port}"
+    p0.start()
+    await asyncio.sleep(0.3)
+    old.send_signal(signal.SIGTERM)
+    assert [s for s, _, _ in await asyncio.gather(*inflight)] == [200] * 5
+    assert await asyncio.to_thread(old.wait, 15) == 0
+    assert (await get(session, p0, "web"))[0] == 200
+
+
+HEADER_CHARS = st.binary(min_size=0, max_size=40)
+
+
+@st.composite
+def malformed(draw):
+    """Requests that are broken in ways parsers disagree on."""
+    line = draw(st.sampled_from([b"GET / HTTP/1.1", b"POST / HTTP/1.1", b"GET  / HTTP/1.1", b"GET / HTTP/1.1 x",
+                                 b"GET / HTTP/9.9", b"G\x00T / HTTP/1.1", draw(HEADER_CHARS)]))
+    headers = [b"Host: web.test"]
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Host", b"X", b"Content-Length ",
+                                     b" Transfer-Encoding", b"X\x01Y", draw(HEADER_CHARS)]))
+        value = draw(st.sampled_from([b"5", b"-1", b"chunked", b"chunked, identity", b"0x10", b"5\r\nX: y", b"\x7f",
+                                      draw(HEADER_CHARS)]))
+        headers.append(name + b": " + value)
+    body = draw(st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", draw(HEADER_CHARS)]))
+    return line + b"\r\n" + b"\r\n".join(headers) + b"\r\n\r\n" + body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=malformed())
+def test_fuzzed_requests_never_crash_the_proxy(apps, raw):
+    import socket
+
+    p0 = apps.proxies[0]
+    with socket.create_connection(("127.0.0.1", p0.port), timeout=10) as s:
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    if data:
+        status = int(data.split(b" ", 2)[1])
+        # Refused with a 4xx (501 for a transfer coding it does not do), or, when the
+        # mutation happened to be a valid request, answered by the app.
+        assert 400 <= status < 500 or status in (200, 501), data[:200]
+    assert p0.proc.poll() is None
+
+
+def test_proxy_logs_are_json(apps):
+    for line in Path(apps.proxies[1].log).read_text().splitlines():
+        assert isinstance(json.loads(line), dict)
