@@ -125,7 +125,7 @@ class Agent:
             Member(cfg.host, cfg.advertise_ip, cfg.gossip_port, cfg.region),
             probe_interval=cfg.probe_interval, suspicion_mult=cfg.suspicion_mult, on_change=self._member_changed,
         )
-        self.view: dict[Key, tuple[str, Instance]] = {}  # key -> (origin, winning row)
+        self.view: dict[Key, tuple[int, str, Instance]] = {}  # key -> (hlc, origin, winning row)
         self._key_origins: dict[Key, set[str]] = {}
         self.local: dict[Key, LocalMachine] = {}
         self._checks: dict[Key, tuple[tuple, MachineChecks]] = {}
@@ -285,10 +285,11 @@ class Agent:
             if old is not None:
                 del self.view[key]
                 self._emit({"type": "delete", "org": key[0], "machine_id": key[1], "at": time.time()})
-        elif old is None or old[1] != best[2]:
-            self.view[key] = (best[1], best[2])
-            self._emit({"type": "upsert", "instance": best[2].model_dump(mode="json"), "v": best[0],
-                        "at": time.time()})
+        elif old is None or old[:2] != best[:2]:
+            self.view[key] = best
+            if self._watchers and (old is None or old[2] != best[2]):  # a refresh changes nothing
+                self._emit({"type": "upsert", "instance": best[2].model_dump(mode="json"), "v": best[0],
+                            "at": time.time()})
 
     def _member_changed(self, m: Member, old: str) -> None:
         if old == DEAD and m.rtt is None and self._transport is not None:
@@ -302,7 +303,7 @@ class Agent:
             log.info("member suspect", member=m.host, incarnation=m.inc)
 
     def instances(self, org: str | None = None, app: str | None = None) -> list[Instance]:
-        return [i for _, i in self.view.values() if (org is None or i.org == org) and (app is None or i.app == app)]
+        return [i for _, _, i in self.view.values() if (org is None or i.org == org) and (app is None or i.app == app)]
 
     def rtts(self) -> dict[str, float]:
         return {m.host: m.rtt for m in self.members.alive() if m.rtt is not None}
@@ -430,7 +431,7 @@ class Agent:
                 raise WireError("rate_limited", origin)
             if cur is None and len(self.store.by_origin.get(origin, ())) >= self.cfg.max_rows_per_origin:
                 raise WireError("too_many_rows", origin)
-            rec = verify_record(self.keys, wire)
+            rec = verify_record(self.keys, wire, parsed=head)
             if rec.origin == self.cfg.host:
                 self._refute(rec)
                 return False

@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kubefly.gossip import hlc as hlcmod
-from kubefly.gossip.wire import Record, WireError, digest_hash
+from kubefly.gossip.wire import Record, WireError, pair_hash
 from kubefly.instances import Instance
 
 Key = tuple[str, str]
@@ -134,8 +134,8 @@ class Store:
         old = ns.get(rec.key)
         h = self._hash.get(rec.origin, 0)
         if old is not None:
-            h ^= int(digest_hash([(old.key, old.hlc)]), 16)
-        self._hash[rec.origin] = h ^ int(digest_hash([(rec.key, rec.hlc)]), 16)
+            h ^= pair_hash(old.key, old.hlc)
+        self._hash[rec.origin] = h ^ pair_hash(rec.key, rec.hlc)
         ns[rec.key] = rec
         pk = (rec.origin, rec.key)
         if rec.row is None:
@@ -148,7 +148,7 @@ class Store:
         old = ns.pop(key, None)
         if old is None:
             return
-        self._hash[origin] = self._hash.get(origin, 0) ^ int(digest_hash([(old.key, old.hlc)]), 16)
+        self._hash[origin] = self._hash.get(origin, 0) ^ pair_hash(old.key, old.hlc)
         if not ns:
             del self.by_origin[origin]
             self._hash.pop(origin, None)

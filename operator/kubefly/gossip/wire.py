@@ -119,8 +119,9 @@ def sign_record(keys: Keys, origin: str, hlc: int, key: tuple[str, str], row: di
     return Record(origin, hlc, key, row, body, mac)
 
 
-def verify_record(keys: Keys, wire: object) -> Record:
-    """Authenticate and parse one record; raise WireError on any defect."""
+def verify_record(keys: Keys, wire: object, parsed: dict | None = None) -> Record:
+    """Authenticate and parse one record; raise WireError on any defect.
+    `parsed`: the body already decoded by the caller (the MAC still covers the text)."""
     if not (isinstance(wire, list) and len(wire) == 2 and all(isinstance(x, str) for x in wire)):
         raise WireError("malformed", "record shape")
     body, mac = wire
@@ -131,7 +132,7 @@ def verify_record(keys: Keys, wire: object) -> Record:
     if not good:
         raise WireError("bad_mac", "record")
     try:
-        doc = json.loads(body)
+        doc = parsed if parsed is not None else json.loads(body)
         origin, hlc, key, row = doc["o"], doc["h"], doc["k"], doc["r"]
     except (ValueError, KeyError, TypeError) as exc:
         raise WireError("malformed", "record body") from exc
@@ -177,9 +178,13 @@ async def read_frame(keys: Keys, reader: asyncio.StreamReader) -> tuple[dict, in
     return msg, len(head) + n
 
 
+def pair_hash(key: tuple[str, str], hlc: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key[0]}\0{key[1]}\0{hlc}".encode(), digest_size=8).digest(), "big")
+
+
 def digest_hash(pairs: list[tuple[tuple[str, str], int]]) -> str:
-    """Order-independent summary of (key, hlc) pairs, to compare replicas cheaply."""
+    """Order-independent summary of (key, hlc) pairs (XOR of pair hashes), to compare replicas cheaply."""
     acc = 0
-    for (org, mid), h in pairs:
-        acc ^= int.from_bytes(hashlib.blake2b(f"{org}\0{mid}\0{h}".encode(), digest_size=8).digest(), "big")
+    for key, h in pairs:
+        acc ^= pair_hash(key, h)
     return f"{acc:016x}"

@@ -112,6 +112,23 @@ async def test_load_reports_reach_everyone_and_only_for_own_rows(cluster):
     assert (await cluster.instances(other))[key]["load"] == 7
 
 
+async def test_machine_moving_hosts_never_loses_its_new_row(cluster):
+    old, new = cluster.agents[18], cluster.agents[19]
+    key = ("acme", "mover")
+    cluster.write_machine(old, "mover", instance_id="before")
+    assert await cluster.converge(cluster.agents, has(key, host=old.host))
+    # The new host starts the replacement before the old host removes its pod:
+    # the old host's later tombstone must not hide the new row (separate origin namespaces).
+    cluster.write_machine(new, "mover", instance_id="after")
+    assert await cluster.converge(cluster.agents, has(key, host=new.host, instance_id="after"))
+    cluster.delete_machine(old, "mover")
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        views = await asyncio.gather(*(cluster.instances(a) for a in cluster.agents))
+        assert all(has(key, host=new.host, instance_id="after")(v) for v in views)
+        await asyncio.sleep(0.2)
+
+
 async def test_deleted_instance_disappears_and_does_not_come_back(cluster):
     origin, lagger = cluster.agents[4], cluster.agents[7]
     key = ("acme", "doomed")
