@@ -120,6 +120,19 @@ async def propagation(c: AgentCluster, w: Watchers, writes: int, gap: float, tag
     }
 
 
+def cpu_seconds(c: AgentCluster) -> float:
+    """User+system CPU time of every agent process so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for a in c.agents:
+        try:
+            fields = Path(f"/proc/{a.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, AttributeError, IndexError):
+            pass
+    return total / tick
+
+
 async def bytes_rate(c: AgentCluster, seconds: float) -> dict:
     async def sample():
         vals = await asyncio.gather(*(asyncio.gather(
@@ -128,12 +141,13 @@ async def bytes_rate(c: AgentCluster, seconds: float) -> dict:
         return sum(v[0] for v in vals), sum(v[1] for v in vals)
 
     o0, i0 = await sample()
-    t0 = time.monotonic()
+    c0, t0 = cpu_seconds(c), time.monotonic()
     await asyncio.sleep(seconds)
+    c1, dt = cpu_seconds(c), time.monotonic() - t0
     o1, i1 = await sample()
-    dt = time.monotonic() - t0
     n = len(c.agents)
-    return {"out_Bps_per_agent": round((o1 - o0) / dt / n), "in_Bps_per_agent": round((i1 - i0) / dt / n)}
+    return {"out_Bps_per_agent": round((o1 - o0) / dt / n), "in_Bps_per_agent": round((i1 - i0) / dt / n),
+            "cpu_pct_per_agent": round(100 * (c1 - c0) / dt / n, 2)}
 
 
 def paced_writes(targets: list[tuple[str, int, str]], rate: float, seconds: float) -> int:
@@ -241,12 +255,13 @@ async def main() -> None:
 
     print(f"\ngossip propagation (write on one agent -> every agent has it), {os.cpu_count()} CPUs, shared machine")
     print(f"{'agents':>7} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'incomplete':>10} {'rest B/s/agent (out)':>21} "
-          f"{'load B/s/agent (out)':>21} {'load chg/s':>10} {'load p99 s':>10}")
+          f"{'rest CPU%/agent':>15} {'load B/s/agent (out)':>21} {'load chg/s':>10} {'load p99 s':>10}")
     for label, table in (("", result["propagation"]), ("wan ", result["propagation_wan"])):
         for n, r in table.items():
             load = r.get("bytes_under_load") or {}
             print(f"{label + n:>7} {r['p50_s']:>8} {r['p99_s']:>8} {r['max_s']:>8} {r['incomplete_writes']:>10} "
-                  f"{r['bytes_at_rest']['out_Bps_per_agent']:>21} {str(load.get('out_Bps_per_agent', '-')):>21} "
+                  f"{r['bytes_at_rest']['out_Bps_per_agent']:>21} {r['bytes_at_rest']['cpu_pct_per_agent']:>15} "
+                  f"{str(load.get('out_Bps_per_agent', '-')):>21} "
                   f"{str(load.get('changes_seen_per_s', '-')):>10} {str(load.get('p99_s', '-')):>10}")
     target = result["propagation"].get("100", {}).get("p99_s")
     if target is not None:
