@@ -69,9 +69,6 @@ class LocalReplica:
             return 0.0
         return self._rtt.get(host)
 
-    def rtts(self) -> dict[str, float]:
-        return dict(self._rtt)
-
     def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue:
         """A queue of `Change`s. A subscriber that falls behind by `maxsize`
         changes gets a single "snapshot" change instead and should re-read."""

@@ -179,12 +179,6 @@ async def read_frame(keys: Keys, reader: asyncio.StreamReader) -> tuple[dict, in
 
 
 def pair_hash(key: tuple[str, str], hlc: int) -> int:
+    """One (key, version) as 64 bits; a replica's digest per origin is the XOR of these,
+    so it is order-independent and updated in O(1) per change."""
     return int.from_bytes(hashlib.blake2b(f"{key[0]}\0{key[1]}\0{hlc}".encode(), digest_size=8).digest(), "big")
-
-
-def digest_hash(pairs: list[tuple[tuple[str, str], int]]) -> str:
-    """Order-independent summary of (key, hlc) pairs (XOR of pair hashes), to compare replicas cheaply."""
-    acc = 0
-    for key, h in pairs:
-        acc ^= pair_hash(key, h)
-    return f"{acc:016x}"

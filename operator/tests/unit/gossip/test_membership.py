@@ -78,3 +78,4 @@ def test_token_buckets():
     assert sum(b.allow("x", now=0.0) for _ in range(20)) == 5
     assert b.allow("y", now=0.0)  # per key
     assert sum(b.allow("x", now=1.0) for _ in range(20)) == 5  # refilled to the burst, not beyond
+    assert b.take("z", 3, now=0.0) == 3 and b.take("z", 10, now=0.0) == 2 and b.take("z", 1, now=0.0) == 0

@@ -66,9 +66,16 @@ def test_store_put_lww_digest_and_remove():
     assert s.digest() != t.digest()
     t.put(a2)
     assert s.digest() == t.digest()
+    u = Store(None, TTL)  # the digest does not depend on the order rows arrived in
+    b = rec(at=150, mid="m2")
+    s.put(b)
+    u.put(b)
+    u.put(a2)
+    assert s.digest() == u.digest()
     tomb = rec(at=300, r=None)
-    assert s.put(tomb) and s.live_count() == 0 and s.count() == 1
+    assert s.put(tomb) and s.live_count() == 1 and s.count() == 2
     s.remove("h1", ("acme", "m1"))
+    s.remove("h1", ("acme", "m2"))
     assert s.count() == 0 and s.digest() == {}
 
 
