@@ -14,7 +14,6 @@ hop); one on another host is reached through that host's proxy, which answers
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections import defaultdict, deque
@@ -158,6 +157,8 @@ class Proxy:
         self._load_dirty = asyncio.Event()
         self._idle_seen: set[tuple[str, str]] = set()
         self.inflight_total = 0
+        self._counters: dict = {}
+        self._latency: dict = {}
 
     # -- replica views ---------------------------------------------------------
     def load(self, inst: Instance) -> int:
@@ -234,7 +235,7 @@ class Proxy:
             return
         if self.app_inflight[app] >= cfg.app_max_inflight:
             self._answer(req, 503, f"kubefly: app {app[1]} is over its concurrency budget at this proxy\n", b"app-budget")
-            metrics.REQUESTS.labels(app[0], app[1], "503").inc()
+            self._count(app, 503)
             return
         self.app_inflight[app] += 1
         self.inflight_total += 1
@@ -251,8 +252,21 @@ class Proxy:
         finally:
             self.app_inflight[app] -= 1
             self.inflight_total -= 1
-            metrics.REQUESTS.labels(app[0], app[1], str(status or 499)).inc()
-            metrics.LATENCY.labels(app[0], app[1]).observe(time.monotonic() - started)
+            self._count(app, status or 499, time.monotonic() - started)
+
+    def _count(self, app: AppKey, status: int, seconds: float | None = None) -> None:
+        # prometheus_client's labels() costs a lock and a dict walk; the children
+        # are cached per app (and status) since this runs on every request.
+        key = (app, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = metrics.REQUESTS.labels(app[0], app[1], str(status))
+        counter.inc()
+        if seconds is not None:
+            hist = self._latency.get(app)
+            if hist is None:
+                hist = self._latency[app] = metrics.LATENCY.labels(app[0], app[1])
+            hist.observe(seconds)
 
     def _forward_headers(self, req: Request, request_id: bytes) -> list[tuple[bytes, bytes]]:
         out = [(n, v) for n, v in http1.end_to_end(req.headers) if n not in EDGE_ASSERTED]
@@ -282,7 +296,8 @@ class Proxy:
             body, replayable = b"", True
         else:
             body, replayable = await req.body.read_upto(cfg.replay_body_limit)
-        request_id = b"%s-%s" % (os.urandom(8).hex().encode(), self.replica.self_region.encode())
+        # Unique enough to follow a request through logs; not a secret, so no syscall for entropy.
+        request_id = b"%016x-%s" % (self.rng.getrandbits(64), self.replica.self_region.encode())
         headers = self._forward_headers(req, request_id)
         force = (req.header(b"fly-force-instance-id") or b"").decode("latin-1").strip() or None
         region = (req.header(b"fly-prefer-region") or b"").decode("latin-1").strip() or self.replica.self_region

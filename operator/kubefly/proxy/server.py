@@ -141,6 +141,7 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task | None = None
+        self._next: asyncio.Future | None = None
         self._current: Request | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -249,7 +250,10 @@ class Connection(asyncio.Protocol):
         self._queue.append(req)
         if len(self._queue) > MAX_PIPELINED:
             self._pause("pipeline")
-        if self._task is None or self._task.done():
+        if self._next is not None:
+            if not self._next.done():
+                self._next.set_result(None)
+        elif self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def on_body(self, body: bytes):
@@ -283,6 +287,12 @@ class Connection(asyncio.Protocol):
                 return
             if not self._queue:
                 self._arm(self.timeouts.idle)
+                # Keep this task for the next request on the connection: cheaper than a new task each time.
+                self._next = asyncio.get_running_loop().create_future()
+                try:
+                    await self._next
+                finally:
+                    self._next = None
 
     def _refuse(self, exc: http1.BadRequest):
         if self.closed:

@@ -49,9 +49,19 @@ class ProxyProc:
     proc: subprocess.Popen | None = None
     domain: str = DOMAIN
 
-    def start(self) -> None:
+    def _ready_lines(self) -> int:
+        return self.log.read_text().count('"proxy ready"') if self.log.exists() else 0
+
+    def start(self, timeout: float = 30.0) -> None:
+        # Ready means this process logged so: during a restart the old one still holds the port.
+        before = self._ready_lines()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while self._ready_lines() == before:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"proxy did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
         wait_port(self.port)
         wait_port(self.hop_port)
 

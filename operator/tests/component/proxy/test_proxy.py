@@ -212,6 +212,9 @@ async def test_autostart_then_autostop(apps, session):
     while json.loads(machine.read_text())["state"] != "stopped":
         assert time.monotonic() < deadline, "idle machine was not stopped"
         await asyncio.sleep(0.2)
+    while p0.metric("kubefly_proxy_autostops_total", app="sleepy") < 1:  # counted once the starter returns
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
     assert not pidfile.exists()
     assert p0.metric("kubefly_proxy_autostops_total", app="sleepy") == 1
 
