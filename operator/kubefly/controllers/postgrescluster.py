@@ -1,0 +1,383 @@
+"""PostgresCluster controller: thin Kopf handlers around kubefly.postgres.plan and .status.
+
+One daemon per cluster loops: reconcile the children (read them, call the pure
+planner, apply with create-if-absent under deterministic names) when something
+changed or every RESYNC_S, and every POLL_S poll each member's /health on its
+pod IP (1 s timeouts, concurrently, off any handler's hot path), label the pods
+with their role and write status. repmgr elects; this only observes and labels.
+
+Credentials: `<cluster>-credentials` (Secret, generated here, the one the apps
+read) and an AppSecret of the same name sealed from it, which the Machine
+controller injects into the members' environment. Values never reach a log,
+an event or the custom resource.
+
+Deletion: Machines, Services and the AppSecret are owned and garbage-collected.
+With deletePolicy keepVolumes (default) the finalizer first drops the
+cluster's ownerReference from the Volumes and the credentials Secret, so the
+data and the passwords that open it stay; a new cluster of the same name
+adopts both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import os
+import secrets as pysecrets
+import time
+from datetime import datetime, timezone
+
+import aiohttp
+import kopf
+import structlog
+from kubernetes.client.exceptions import ApiException
+
+from kubefly import GROUP, VERSION, labels
+from kubefly.api.postgrescluster import PostgresCluster
+from kubefly.conditions import get_condition, now_rfc3339
+from kubefly.controllers import acceptance
+from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
+from kubefly.controllers.volume import _condition_patch, kube_api, to_dict, update_status
+from kubefly.placement.volumes import host_of_node
+from kubefly.postgres import decide
+from kubefly.postgres import plan as pgplan
+from kubefly.postgres import status as pgstatus
+from kubefly.secrets import sealing
+
+PLURAL = "postgresclusters"
+POLL_S = 2.0
+RESYNC_S = 15.0
+HEALTH_TIMEOUT_S = 1.0
+HOST_LOSS_GRACE_S = 60.0
+SWITCHOVER_TIMEOUT_S = 180.0
+IMAGE_ENV = "KUBEFLY_POSTGRES_IMAGE"
+
+log = structlog.get_logger("kubefly.controllers.postgrescluster")
+WAKERS: dict[tuple[str, str], asyncio.Event] = {}
+
+
+def image(version: int) -> str:
+    return os.environ.get(IMAGE_ENV) or f"kubefly-postgres:{version}"
+
+
+async def _call(fn, *args, **kwargs):
+    """The synchronous client off the event loop; 404 -> None."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def _create(fn, *args) -> None:
+    try:
+        await asyncio.to_thread(fn, *args)
+    except ApiException as exc:
+        if exc.status != 409:  # made by an earlier pass
+            raise
+
+
+def wake(namespace: str, name: str | None) -> None:
+    if name and (ev := WAKERS.get((namespace, name))) is not None:
+        ev.set()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def cluster_changed(namespace, name, **_):
+    wake(namespace, name)
+
+
+@kopf.on.event(GROUP, VERSION, "machines", labels={pgplan.CLUSTER_LABEL: kopf.PRESENT})
+def member_machine_changed(namespace, labels: dict, **_):
+    wake(namespace, labels.get(pgplan.CLUSTER_LABEL))
+
+
+@kopf.on.event(GROUP, VERSION, "volumes", labels={pgplan.CLUSTER_LABEL: kopf.PRESENT})
+def member_volume_changed(namespace, labels: dict, **_):
+    wake(namespace, labels.get(pgplan.CLUSTER_LABEL))
+
+
+# ---- reconcile the children ----------------------------------------------------
+
+
+class Snapshot:
+    def __init__(self, cluster: pgplan.Cluster):
+        self.c = cluster
+
+    async def read(self) -> None:
+        core, custom = kube_api()
+        sel = f"{pgplan.CLUSTER_LABEL}={self.c.name}"
+        ns = self.c.namespace
+        vols, machines, services, nodes = await asyncio.gather(
+            _call(custom.list_namespaced_custom_object, GROUP, VERSION, ns, "volumes", label_selector=sel),
+            _call(custom.list_namespaced_custom_object, GROUP, VERSION, ns, "machines", label_selector=sel),
+            _call(core.list_namespaced_service, ns, label_selector=sel),
+            _call(core.list_node),
+        )
+        by_index: dict[int, dict] = {}
+        for kind, items in (("volume", vols["items"]), ("machine", machines["items"])):
+            for obj in items:
+                idx = (obj["metadata"].get("labels") or {}).get(pgplan.MEMBER_LABEL, "")
+                if idx.isdigit():
+                    by_index.setdefault(int(idx), {})[kind] = obj
+        self.members = [pgplan.Member(i, d.get("volume"), d.get("machine")) for i, d in sorted(by_index.items())]
+        self.services = {s.metadata.name: s for s in services.items}
+        self.hosts = [pgplan.Host(h.name, h.region, h.schedulable) for h in (host_of_node(to_dict(n)) for n in nodes.items)]
+
+
+async def _ensure_credentials(c: pgplan.Cluster, memo) -> None:
+    core, custom = kube_api()
+    name = pgplan.credentials_name(c.name)
+    secret = await _call(core.read_namespaced_secret, name, c.namespace)
+    if secret is None:
+        values = {"username": pgplan.SUPERUSER, "password": pysecrets.token_urlsafe(24),
+                  "repmgr-password": pysecrets.token_urlsafe(24), "admin-token": pysecrets.token_urlsafe(32)}
+        await _create(core.create_namespaced_secret, c.namespace, pgplan.build_credentials(c, values))
+        secret = await _call(core.read_namespaced_secret, name, c.namespace)
+    elif not any(ref.uid == c.uid for ref in secret.metadata.owner_references or []):
+        # Kept from a deleted cluster of the same name (keepVolumes): its passwords open the kept data.
+        # A strategic merge adds to ownerReferences (merge key uid).
+        await _call(core.patch_namespaced_secret, name, c.namespace, {"metadata": {"ownerReferences": [pgplan.owner(c)]}})
+    if await _call(custom.get_namespaced_custom_object, GROUP, VERSION, c.namespace, "appsecrets", name) is None:
+        public = memo.sealing_key.public_key()
+        data = {}
+        for env, key in pgplan.MEMBER_ENV_SECRETS.items():
+            value = base64.b64decode(secret.data[key]).decode()
+            data[env] = sealing.seal(public, namespace=c.namespace, app=c.spec["app"], key=env, value=value)
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AppSecret",
+                "metadata": {**pgplan.object_meta(c, name)}, "spec": {"app": c.spec["app"], "data": data}}
+        await _create(custom.create_namespaced_custom_object, GROUP, VERSION, c.namespace, "appsecrets", body)
+
+
+async def _apply(c: pgplan.Cluster, snap: Snapshot, p: pgplan.Plan, logger) -> None:
+    core, custom = kube_api()
+    ns = c.namespace
+    for v in p.create_volumes:
+        await _create(custom.create_namespaced_custom_object, GROUP, VERSION, ns, "volumes", v)
+    for m in p.create_machines:
+        await _create(custom.create_namespaced_custom_object, GROUP, VERSION, ns, "machines", m)
+    if p.create_machines:
+        logger.info(f"members created: {', '.join(m['metadata']['name'] for m in p.create_machines)}")
+    for name, size in p.grow_volumes:
+        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name, {"spec": {"sizeGb": size}})
+    members = {m.index: m for m in snap.members}
+    for plural, name in p.adopt:
+        obj = next(m.volume for m in members.values() if m.volume and m.volume["metadata"]["name"] == name)
+        refs = (obj["metadata"].get("ownerReferences") or []) + [pgplan.owner(c)]
+        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, plural, name,
+                    {"metadata": {"ownerReferences": refs}})
+    if p.update_machine is not None:
+        name, spec, digest = p.update_machine
+        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "machines", name,
+                    {"metadata": {"annotations": {pgplan.SPEC_DIGEST: digest}}, "spec": spec})
+        logger.info(f"member {name} restarts with the current spec")
+    for name in p.remove_members:
+        await _call(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, "machines", name)
+        # The Volume controller holds this until the Machine is gone.
+        await _call(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name)
+        await _call(core.delete_namespaced_service, name, ns)
+    if p.remove_members:
+        logger.info(f"members removed: {', '.join(p.remove_members)}")
+    for svc in p.services:
+        have = snap.services.get(svc["metadata"]["name"])
+        if have is None:
+            await _create(core.create_namespaced_service, ns, svc)
+        elif (have.spec.selector or {}) != svc["spec"]["selector"]:
+            await _call(core.patch_namespaced_service, svc["metadata"]["name"], ns, {"spec": {"selector": svc["spec"]["selector"]}})
+
+
+# ---- health ---------------------------------------------------------------------
+
+
+async def _health(http: aiohttp.ClientSession, ip: str) -> tuple[dict | None, str | None]:
+    try:
+        async with http.get(f"http://{ip}:{pgplan.HEALTH_PORT}/health") as resp:
+            if resp.status != 200:
+                return None, f"HTTP {resp.status}"
+            return await resp.json(), None
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return None, f"{ip}:{pgplan.HEALTH_PORT} {type(exc).__name__}".strip()
+
+
+async def _poll(c: pgplan.Cluster, members: list[str], views: dict, http: aiohttp.ClientSession) -> dict[str, tuple]:
+    """name -> (pod, lag, error); updates `views` with every answer."""
+    core = kube_api()[0]
+    pods = await _call(core.list_namespaced_pod, c.namespace, label_selector=f"{labels.APP}={c.spec['app']}")
+    by_name = {p.metadata.name: p for p in pods.items if p.metadata.name in members}
+
+    async def one(name: str):
+        pod = by_name.get(name)
+        if pod is None or not pod.status.pod_ip:
+            return name, pod, None, "no pod IP yet"
+        body, error = await _health(http, pod.status.pod_ip)
+        if body is None:
+            return name, pod, None, error
+        try:
+            views[name] = decide.View(decide.Report.from_json(body), time.monotonic())
+        except (KeyError, TypeError, ValueError):
+            return name, pod, None, "unreadable /health answer"
+        return name, pod, body.get("lag_bytes"), None
+
+    return {name: (pod, lag, err) for name, pod, lag, err in await asyncio.gather(*(one(n) for n in members))}
+
+
+async def _label_pods(c: pgplan.Cluster, polled: dict, roles: dict) -> None:
+    core = kube_api()[0]
+    for name, (pod, _, _) in polled.items():
+        if pod is None:
+            continue
+        have = pod.metadata.labels or {}
+        want = {pgplan.CLUSTER_LABEL: c.name, pgplan.ROLE_LABEL: roles.get(name)}
+        if any(have.get(k) != v for k, v in want.items()):
+            await _call(core.patch_namespaced_pod, name, c.namespace, {"metadata": {"labels": want}})
+
+
+# ---- switchover ---------------------------------------------------------------------
+
+
+async def _switchover(c: pgplan.Cluster, target: str, generation, http: aiohttp.ClientSession) -> None:
+    core = kube_api()[0]
+    try:
+        pod = await _call(core.read_namespaced_pod, target, c.namespace)
+        if pod is None or not pod.status.pod_ip:
+            raise RuntimeError(f"{target} has no running pod")
+        secret = await _call(core.read_namespaced_secret, pgplan.credentials_name(c.name), c.namespace)
+        token = base64.b64decode(secret.data["admin-token"]).decode()
+        async with http.post(f"http://{pod.status.pod_ip}:{pgplan.HEALTH_PORT}/switchover", json={},
+                             headers={"Authorization": f"Bearer {token}"},
+                             timeout=aiohttp.ClientTimeout(total=SWITCHOVER_TIMEOUT_S, sock_connect=2)) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+        outcome = (True, "Completed", f"{target} took over as primary")
+    except (aiohttp.ClientError, TimeoutError, RuntimeError, ApiException) as exc:
+        outcome = (False, "Failed", f"switchover to {target} failed: {type(exc).__name__} {exc}"[:1000])
+    update_status(PLURAL, c.namespace, c.name, lambda b: _condition_patch(b, [("Switchover", *outcome)])
+                  if b["metadata"].get("generation") == generation else None)
+
+
+# ---- the daemon -------------------------------------------------------------------
+
+
+def _cluster(body: dict) -> pgplan.Cluster:
+    meta = body["metadata"]
+    return pgplan.Cluster(meta["namespace"], meta["name"], meta["uid"], body["spec"], meta.get("generation"))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, id="postgrescluster", cancellation_timeout=5.0)
+async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, name, memo, logger, **_) -> None:
+    key = (namespace, name)
+    waker = WAKERS.setdefault(key, asyncio.Event())
+    views: dict[str, decide.View] = {}
+    last_primary = (body.get("status") or {}).get("primary")
+    last_reconcile, members, plan_conditions = 0.0, [], []
+    snap: Snapshot | None = None
+    switching: asyncio.Task | None = None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as http:
+        while not stopped:
+            started = time.monotonic()
+            dirty = waker.is_set()
+            waker.clear()
+            cluster = copy.deepcopy(dict(body))
+            outcome = "observed"
+            try:
+                verdict = acceptance.check(PostgresCluster, cluster)
+                if not verdict.ok:
+                    # Nothing is built from a spec the models refuse.
+                    update_status(PLURAL, namespace, name, lambda b: _condition_patch(
+                        b, [("Accepted", False, "InvalidSpec", verdict.message),
+                            ("Ready", False, "InvalidSpec", verdict.message)],
+                        {"phase": "Invalid", "observedGeneration": b["metadata"].get("generation")}))
+                    outcome = "invalid"
+                else:
+                    c = _cluster(cluster)
+                    if dirty or snap is None or started - last_reconcile >= RESYNC_S:
+                        await _ensure_credentials(c, memo)
+                        snap = Snapshot(c)
+                        await snap.read()
+                        p = pgplan.plan(c, snap.members, snap.hosts, image=image(c.spec.get("version", 15)),
+                                        primary=last_primary, now=datetime.now(timezone.utc),
+                                        host_loss_grace_s=HOST_LOSS_GRACE_S, existing_services=snap.services)
+                        await _apply(c, snap, p, logger)
+                        members, plan_conditions = p.members, p.conditions
+                        last_reconcile = started
+                        outcome = "reconciled"
+                    polled = await _poll(c, members, views, http)
+                    for gone in set(views) - set(members):
+                        del views[gone]
+                    by_name = {pgplan.member_name(c.name, m.index): m for m in snap.members}
+                    observed = [pgstatus.Observed(
+                        n, host=by_name[n].host if n in by_name else None,
+                        started=n in by_name and by_name[n].state == "started",
+                        view=views.get(n, decide.View()), lag_bytes=polled[n][1], error=polled[n][2]) for n in members]
+                    initialized = (get_condition((cluster.get("status") or {}).get("conditions"), "Initialized") or {}
+                                   ).get("status") == "True"
+                    j = pgstatus.judge(observed, desired=int(c.spec.get("members", 3)), now=time.monotonic(),
+                                       now_rfc3339=now_rfc3339(), previous_primary=last_primary,
+                                       switchover_to=c.spec.get("switchoverTo"), initialized=initialized)
+                    await _label_pods(c, polled, j.roles)
+                    if j.failover:
+                        kopf.warn(cluster, reason="Failover", message=j.failover["reason"])
+                    if j.primary is not None:
+                        last_primary = j.primary
+                    sw = pgstatus.switchover(c.spec.get("switchoverTo"), members=members, primary=j.primary,
+                                             generation=c.generation,
+                                             condition=get_condition((cluster.get("status") or {}).get("conditions"),
+                                                                     "Switchover"))
+                    updates = [("Accepted", True, "SpecValid", verdict.message), *j.conditions]
+                    updates += [(x.type, x.ok, x.reason, x.message) for x in plan_conditions]
+                    if sw.action != "none":
+                        updates.append(("Switchover", sw.action == "done", sw.reason, sw.message))
+                    if sw.action == "attempt" and (switching is None or switching.done()):
+                        switching = asyncio.create_task(_switchover(c, c.spec["switchoverTo"], c.generation, http))
+                    extra = {"phase": j.phase, "primary": j.primary, "readyMembers": j.ready, "members": j.members,
+                             "timeline": j.timeline, "credentialsSecret": pgplan.credentials_name(c.name),
+                             "observedGeneration": c.generation}
+                    if j.failover:
+                        extra["lastFailover"] = j.failover
+                    update_status(PLURAL, namespace, name, lambda b: _condition_patch(b, updates, extra))
+            except ApiException as exc:
+                outcome = "error"
+                log.error("reconcile did not apply", namespace=namespace, name=name, status=exc.status, reason=exc.reason)
+            except Exception:
+                outcome = "error"
+                log.exception("reconcile failed", namespace=namespace, name=name)
+            RECONCILES.labels("PostgresCluster", outcome).inc()
+            RECONCILE_SECONDS.labels("PostgresCluster").observe(time.monotonic() - started)
+            waits = [asyncio.ensure_future(waker.wait()), asyncio.ensure_future(stopped.wait())]
+            try:
+                await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        if switching is not None and not switching.done():
+            switching.cancel()
+    WAKERS.pop(key, None)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="postgrescluster")
+def delete(body: kopf.Body, namespace, name, spec, logger, **_) -> None:
+    """keepVolumes: release the Volumes and the credentials Secret from garbage collection before it runs."""
+    if spec.get("deletePolicy", "keepVolumes") != "keepVolumes":
+        logger.info("cluster deleted with deletePolicy deleteVolumes: its Volumes go with it")
+        return
+    core, custom = kube_api()
+    uid = body["metadata"]["uid"]
+    sel = f"{pgplan.CLUSTER_LABEL}={name}"
+    kept = []
+    for v in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "volumes", label_selector=sel)["items"]:
+        refs = v["metadata"].get("ownerReferences") or []
+        if any(r.get("uid") == uid for r in refs):
+            custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "volumes", v["metadata"]["name"],
+                                                  {"metadata": {"ownerReferences": [r for r in refs if r.get("uid") != uid]}})
+        kept.append(v["metadata"]["name"])
+    secret_name = pgplan.credentials_name(name)
+    try:
+        core.patch_namespaced_secret(secret_name, namespace,
+                                     {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    logger.info(f"cluster deleted; kept Volumes {', '.join(sorted(kept)) or '(none)'} and Secret {secret_name} "
+                "(deletePolicy keepVolumes): a new PostgresCluster of the same name adopts them")
