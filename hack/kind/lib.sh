@@ -77,14 +77,15 @@ debian_base() {
   echo "$tag"
 }
 
-# go_bin NAME VERSION PKG [LDFLAGS]: `go install PKG@VERSION` into
-# $kcache/bin/NAME-VERSION (static), cached by version and Go version; prints the path.
+# go_bin NAME VERSION PKG [LDFLAGS]: `go install PKG@VERSION` (static) into
+# $kcache/bin/NAME-VERSION, cached by version and Go version; prints the path.
 go_bin() {
   local name=$1 version=$2 pkg=$3 ld=${4:-}
   local out="$kcache/bin/$name-$version" k; k=$(key "$version" "$(go env GOVERSION)" "$ld")
   if ! fresh "go-$name-$version" "$k" || [ ! -x "$out" ]; then
     local w="$kcache/build/$name-$version"; rm -rf "$w"; mkdir -p "$w"
-    GOBIN="$w" CGO_ENABLED=0 timed "go install $name $version" go install -trimpath -ldflags "-s -w $ld" "$pkg@$version" >&2
+    GOBIN="$w" CGO_ENABLED=0 timed "go install $name $version" go install -trimpath -ldflags "-s -w $ld" "$pkg@$version" >&2 \
+      || die "go install $pkg@$version failed"
     mv "$w/$(basename "${pkg%/v[0-9]*}")" "$out"; rm -rf "$w"
     stamp "go-$name-$version" "$k"
   fi

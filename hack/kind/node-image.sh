@@ -65,7 +65,20 @@ kind_pause=$(sed -nE 's/^\s*sandbox_image = "(.*)"/\1/p' "$kind_mod/images/base/
 docker tag "registry.k8s.io/pause:$pause_tag" "$kind_pause"
 
 # kube-proxy and flanneld program iptables: Debian's iptables (nft backend, as on the node).
-flanneld=$(go_bin flannel "$FLANNEL_VERSION" github.com/flannel-io/flannel "-X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION")
+# flanneld from its module, with one line dropped from main.go: the blank
+# import of the tencentvpc backend, whose SDK is not on the module proxy
+# (kubefly uses host-gw). cgo, as upstream builds it on amd64 (UDP backend);
+# the flannel image has glibc.
+flanneld="$kcache/bin/flanneld-$FLANNEL_VERSION"
+if [ ! -x "$flanneld" ]; then
+  src=$(cd "$kcache/build" && go mod download -json "github.com/flannel-io/flannel@$FLANNEL_VERSION" | jq -r .Dir)
+  w="$kcache/build/flannel-$FLANNEL_VERSION"; rm -rf "$w"; cp -r "$src" "$w"; chmod -R u+w "$w"
+  sed -i '\|_ "github.com/flannel-io/flannel/pkg/backend/tencentvpc"|d' "$w/main.go"
+  (cd "$w" && CGO_ENABLED=1 timed "flanneld $FLANNEL_VERSION" go build -trimpath \
+    -ldflags "-s -w -X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" -o "$flanneld.tmp" .) >&2 \
+    || die "building flanneld failed"
+  mv "$flanneld.tmp" "$flanneld"; rm -rf "$w"
+fi
 cp "$k8sbin/kube-proxy" "$flanneld" "$here/images/flannel-entrypoint.sh" "$ctx/images/"
 cat > "$ctx/images/Dockerfile" <<DOCKERFILE
 FROM $base AS netbase
@@ -78,6 +91,7 @@ COPY kube-proxy /usr/local/bin/kube-proxy
 FROM netbase AS flannel
 COPY $(basename "$flanneld") /opt/bin/flanneld
 COPY flannel-entrypoint.sh /opt/bin/entrypoint
+RUN chmod 0755 /opt/bin/entrypoint /opt/bin/flanneld
 ENV PATH=/opt/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 ENTRYPOINT ["/opt/bin/entrypoint"]
 DOCKERFILE
@@ -135,10 +149,10 @@ for i in "${preload[@]}"; do
   grep -qx "$i" "$ctx/loaded.txt" || grep -qx "docker.io/$i" "$ctx/loaded.txt" || die "preload: $i missing from the node's containerd"
 done
 docker stop -t 10 "$builder" >/dev/null
-docker commit \
-  --change 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' --change 'CMD []' \
-  --change 'ENV container=docker' --change 'STOPSIGNAL SIGRTMIN+3' \
+# The builder's env and stop signal are the image's; only its entrypoint was overridden.
+docker commit --change 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' --change 'CMD []' \
   "$builder" "$node_image" >/dev/null
+[ "$(docker image inspect -f '{{.Config.StopSignal}}' "$node_image")" = "SIGRTMIN+3" ] || die "node image lost its stop signal"
 docker rm -f "$builder" >/dev/null; docker rmi "$node_image-base" >/dev/null
 rm -rf "$ctx"
 stamp node-image "$node_key"
