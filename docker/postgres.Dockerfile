@@ -43,5 +43,6 @@ ENV KUBEFLY_PG_DATA_DIR=/data \
 VOLUME /data
 EXPOSE 5432 5500
 # Runs as the postgres user: the member then skips dropping privileges.
-USER postgres
+# The member starts as root so it can take ownership of the volume (a local
+# PersistentVolume is root-owned); it runs postgres and repmgr as `postgres`.
 ENTRYPOINT ["/opt/kubefly/bin/kubefly", "postgres", "member"]
