@@ -26,5 +26,8 @@ RUN --mount=type=secret,id=cacert,required=false \
  && PIP_CERT=$cert /opt/kubefly/bin/pip install /src \
  && rm -rf /src
 
+# A named user: Kopf's peering identity (getpass.getuser) needs a passwd entry.
+RUN groupadd --system --gid 65532 kubefly \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin kubefly
 USER 65532:65532
 ENTRYPOINT ["/opt/kubefly/bin/kubefly"]

@@ -25,6 +25,8 @@ build() {
   if image_exists "$tag"; then log "$name image $tag (cached)"; return; fi
   sed '/^# *syntax=/d' "$file" | DOCKER_BUILDKIT=1 timed "$name image" \
     docker build -q -f - --build-arg "BASE_IMAGE=$base" "${secret[@]}" "$@" -t "$tag" . >/dev/null
+  # Earlier builds of the same image are superseded (nodes keep their loaded copies).
+  docker images --format '{{.Repository}}:{{.Tag}}' "${tag%%:*}" | grep -vx "$tag" | xargs -r docker rmi >/dev/null 2>&1 || true
 }
 
 kubefly="kubefly:$(sed -nE 's/^version = "(.*)"/\1/p' pyproject.toml)-$(tree_key pyproject.toml README.md operator/kubefly docker/kubefly.Dockerfile)"

@@ -45,7 +45,8 @@ else
   timed "kind create cluster $name" kind create cluster --config "$config" --kubeconfig "$kubeconfig" >&2
   if [ -n "$node_image" ]; then
     pod_cidr=$(kubectl -n kube-system get cm kubeadm-config -o jsonpath='{.data.ClusterConfiguration}' | awk '/podSubnet:/ {print $2}')
-    sed -e "s|@IMAGE@|kubefly/flannel:$FLANNEL_VERSION|" -e "s|@POD_CIDR@|$pod_cidr|" "$repo/hack/kind/flannel.yaml" | kubectl apply -f - >/dev/null
+    sed -e "s|@IMAGE@|kubefly/flannel:$FLANNEL_VERSION|" -e "s|@POD_CIDR@|$pod_cidr|" \
+      -e "s|@CONTROL_PLANE@|$name-control-plane|" "$repo/hack/kind/flannel.yaml" | kubectl apply -f - >/dev/null
   fi
   timed "nodes Ready" kubectl wait --for=condition=Ready node --all --timeout=180s >/dev/null
   kubectl -n kube-system rollout status deployment/coredns --timeout=180s >/dev/null
@@ -54,12 +55,23 @@ fi
 # kubefly's images, loaded into every node (no registry between them).
 declare -A img
 while IFS='=' read -r k v; do img[$k]=$v; done < <(bash "$repo/hack/kind/kubefly-images.sh")
-timed "kind load ${img[*]}" kind load docker-image --name "$name" "${img[@]}" >/dev/null
+# Workers only: the control plane is tainted against kubefly's pods.
+workers=$(kind get nodes --name "$name" | grep -v control-plane | paste -sd, -)
+timed "kind load ${img[*]}" kind load docker-image --name "$name" --nodes "$workers" "${img[@]}" >/dev/null
 
 values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never)
 timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
   --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null
 kubectl -n "$ns" rollout status "deployment/$release-operator" --timeout=120s >/dev/null
+# Running is not healthy: the operator's own /healthz answers, through the API server's pod proxy.
+healthy() {
+  local pod; pod=$(kubectl -n "$ns" get pods -l app.kubernetes.io/component=operator \
+    --field-selector=status.phase=Running -o jsonpath='{.items[0].metadata.name}' 2>/dev/null) || return 1
+  [ -n "$pod" ] && kubectl get --raw "/api/v1/namespaces/$ns/pods/$pod:8080/proxy/healthz" >/dev/null 2>&1
+}
+for _ in $(seq 60); do healthy && break; sleep 2; done
+healthy || die "the operator is not healthy; kubectl -n $ns logs deploy/$release-operator says:
+$(kubectl -n "$ns" logs "deploy/$release-operator" --tail=20 2>&1)"
 # The images by role, for the tests and for users' Machines.
 printf '%s\n' "${!img[@]}" | while read -r k; do echo "$k=${img[$k]}"; done > "$kcache/$name.images"
 log "kubefly on kind ($name) up in $((SECONDS - t0))s"
