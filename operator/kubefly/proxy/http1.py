@@ -100,14 +100,18 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
-def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers, those the Connection header names, and internal ones."""
+# What end_to_end drops from every message; bodies are re-framed, so Content-Length goes too.
+DROP = HOP_BY_HOP | INTERNAL | {b"content-length"}
+# Connection tokens that name no header.
+_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = DROP) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers, those the Connection header names, internal ones and `drop`."""
     named = connection_tokens(headers)
-    return [
-        (n, v)
-        for n, v in headers
-        if n not in HOP_BY_HOP and n not in named and n not in INTERNAL and n != b"content-length"
-    ]
+    if named - _PLAIN_TOKENS:
+        drop = drop | named
+    return [h for h in headers if h[0] not in drop]
 
 
 def get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -83,9 +83,13 @@ def parse_replay(value: bytes) -> Replay | None:
     return replay
 
 
+# The edge acts on fly-replay; the client never sees it.
+REPLAY_DROP = http1.DROP | {b"fly-replay"}
 # Client-supplied copies of what the edge asserts are dropped, not trusted.
-EDGE_ASSERTED = frozenset(
+EDGE_DROP = http1.DROP | frozenset(
     {
+        b"x-forwarded-for",  # re-added with the client appended
+        b"forwarded",
         b"fly-client-ip",
         b"fly-region",
         b"fly-request-id",
@@ -159,6 +163,10 @@ class Proxy:
         self.inflight_total = 0
         self._counters: dict = {}
         self._latency: dict = {}
+
+    @property
+    def _region(self) -> bytes:
+        return self.replica.self_region.encode()
 
     # -- replica views ---------------------------------------------------------
     def load(self, inst: Instance) -> int:
@@ -269,12 +277,11 @@ class Proxy:
             hist.observe(seconds)
 
     def _forward_headers(self, req: Request, request_id: bytes) -> list[tuple[bytes, bytes]]:
-        out = [(n, v) for n, v in http1.end_to_end(req.headers) if n not in EDGE_ASSERTED]
+        out = http1.end_to_end(req.headers, EDGE_DROP)
         client = req.conn.peer.encode()
         xff = req.header(b"x-forwarded-for")
         host = req.header(b"host") or b""
         port = req.conn.local_port
-        out = [(n, v) for n, v in out if n not in (b"x-forwarded-for", b"forwarded")]
         prior = req.header(b"forwarded")
         fwd = b'for="%s";proto=http;host="%s"' % (client, host)
         out += [
@@ -285,7 +292,7 @@ class Proxy:
             (b"x-forwarded-port", port),
             (b"fly-client-ip", client),
             (b"fly-forwarded-port", port),
-            (b"fly-region", self.replica.self_region.encode()),
+            (b"fly-region", self._region),
             (b"fly-request-id", request_id),
         ]
         return out
@@ -297,7 +304,7 @@ class Proxy:
         else:
             body, replayable = await req.body.read_upto(cfg.replay_body_limit)
         # Unique enough to follow a request through logs; not a secret, so no syscall for entropy.
-        request_id = b"%016x-%s" % (self.rng.getrandbits(64), self.replica.self_region.encode())
+        request_id = b"%016x-%s" % (self.rng.getrandbits(64), self._region)
         headers = self._forward_headers(req, request_id)
         force = (req.header(b"fly-force-instance-id") or b"").decode("latin-1").strip() or None
         region = (req.header(b"fly-prefer-region") or b"").decode("latin-1").strip() or self.replica.self_region
@@ -432,10 +439,12 @@ class Proxy:
         `fly-replay` and adds the request id; a host hop passes both through.
         """
         for fresh in (False, True):
-            try:
-                conn = await self.pool.acquire(*target)
-            except UpstreamError:
-                return Outcome.retry
+            conn = self.pool.idle_conn(target)
+            if conn is None:
+                try:
+                    conn = await self.pool.connect(*target)
+                except UpstreamError:
+                    return Outcome.retry
             try:
                 return await self._send(req, conn, headers, body, replayable, cfg, request_id, edge)
             except UpstreamTimeout:
@@ -498,7 +507,7 @@ class Proxy:
         keep = req.keep_alive and not client.draining and not req.upgrade
         out = [b"HTTP/1.1 %d %s\r\n" % (status, http1.REASONS.get(status, b"Status"))]
         if edge:
-            out.append(http1.serialize_headers([h for h in http1.end_to_end(rheaders) if h[0] != b"fly-replay"]))
+            out.append(http1.serialize_headers(http1.end_to_end(rheaders, REPLAY_DROP)))
             out.append(b"fly-request-id: %s\r\n" % request_id)
         else:
             out.append(http1.serialize_headers(http1.end_to_end(rheaders)))

@@ -56,7 +56,7 @@ def http_service(instance: Instance) -> Service | None:
     return instance.services[0] if instance.services else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses are slow to build, and this runs per request
 class Choice:
     instance: Instance
     service: Service

@@ -273,8 +273,8 @@ class Pool:
         self._stamps: dict[UpstreamConn, float] = {}
         self._reaper: asyncio.Task | None = None
 
-    async def acquire(self, host: str, port: int) -> UpstreamConn:
-        key = (host, port)
+    def idle_conn(self, key: tuple[str, int]) -> UpstreamConn | None:
+        """A pooled connection to key, newest first; None if there is none."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
@@ -282,6 +282,10 @@ class Pool:
             if not conn.closed:
                 conn.reused = True
                 return conn
+        return None
+
+    async def connect(self, host: str, port: int) -> UpstreamConn:
+        key = (host, port)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
