@@ -162,6 +162,9 @@ class Proxy:
         self._idle_seen: set[tuple[str, str]] = set()
         self.inflight_total = 0
         self._counters: dict = {}
+        self._deadlines: dict[asyncio.Task, float] = {}
+        self._expired: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
         self._latency: dict = {}
 
     @property
@@ -248,19 +251,42 @@ class Proxy:
         self.app_inflight[app] += 1
         self.inflight_total += 1
         status = 0
+        task = asyncio.current_task()
+        self._deadlines[task] = started + cfg.total_timeout_s
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         try:
-            async with asyncio.timeout(cfg.total_timeout_s):
-                status = await self._route(req, app, cfg, started)
-        except TimeoutError:
+            status = await self._route(req, app, cfg, started)
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            task.uncancel()
             status = 504
             if not req.conn.busy_writing:
                 self._answer(req, 504, "kubefly: request timed out\n", b"timeout")
             else:
                 req.conn.close()
         finally:
+            self._deadlines.pop(task, None)
             self.app_inflight[app] -= 1
             self.inflight_total -= 1
             self._count(app, status or 499, time.monotonic() - started)
+
+    async def _sweep(self) -> None:
+        """Cancel requests past their total timeout.
+
+        One sweep a second instead of a timer per request: asyncio.timeout()
+        costs more than the rest of a small request's routing.
+        """
+        while self._deadlines:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for task, deadline in list(self._deadlines.items()):
+                if deadline < now:
+                    del self._deadlines[task]
+                    self._expired.add(task)
+                    task.cancel()
 
     def _count(self, app: AppKey, status: int, seconds: float | None = None) -> None:
         # prometheus_client's labels() costs a lock and a dict walk; the children
@@ -447,6 +473,9 @@ class Proxy:
                     return Outcome.retry
             try:
                 return await self._send(req, conn, headers, body, replayable, cfg, request_id, edge)
+            except asyncio.CancelledError:
+                conn.close()  # the request's total timeout: this exchange is abandoned mid-way
+                raise
             except UpstreamTimeout:
                 conn.close()
                 if req.conn.busy_writing:
