@@ -1,0 +1,73 @@
+"""The edge's view of load and the host's slot accounting, over a static replica."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from kubefly.proxy import config as config_mod
+from kubefly.proxy.proxy import Proxy
+from kubefly.proxy.replica import StaticReplica
+
+
+def row(mid, host, load=0, hard=4):
+    return {"org": "o", "app": "web", "machine_id": mid, "instance_id": mid, "region": "ams", "host": host,
+            "address": "127.0.0.1", "state": "started", "check_status": "passing", "load": load,
+            "services": [{"internal_port": 9000, "ports": [80], "soft_limit": 2, "hard_limit": hard}]}
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([row("here", "h1", load=3), row("there", "h2", load=9), row("nolimit", "h2", load=9, hard=None)]))
+    return Proxy(StaticReplica(path, "h1", "ams"), config_mod.Config())
+
+
+def by_id(proxy, mid):
+    return next(i for i in proxy.replica.instances("o", "web") if i.machine_id == mid)
+
+
+def test_own_host_load_is_the_exact_count_not_the_gossiped_one(proxy):
+    here = by_id(proxy, "here")
+    assert proxy.load(here) == 0
+    assert proxy.acquire(here, 4)
+    assert proxy.load(here) == 1
+
+
+def test_gossiped_load_ranks_but_never_rules_out(proxy):
+    there = by_id(proxy, "there")
+    assert proxy.load(there) == 3  # gossip says 9 (old news): capped below the hard limit (4)
+    proxy.outstanding[there.key] = 4  # this edge's own requests in flight are exact
+    assert proxy.load(there) == 4
+    assert proxy.load(by_id(proxy, "nolimit")) == 9
+
+
+async def test_slots_stop_at_the_hard_limit_and_a_release_wakes_a_waiter(proxy):
+    here = by_id(proxy, "here")
+    assert all(proxy.acquire(here, 2) for _ in range(2))
+    assert not proxy.acquire(here, 2)
+    waiter = asyncio.create_task(proxy._wait_for_slot(("o", "web"), 5))
+    await asyncio.sleep(0)
+    proxy.release(here)
+    await asyncio.wait_for(waiter, 1)  # woken by the release, not by its 5 s timeout
+    assert proxy.acquire(here, 2)
+    assert not proxy.waiters[("o", "web")]
+
+
+def test_host_proxy_addresses():
+    cfg = config_mod.Config(host_proxies={"h2": "[::1]:9999"}, host_proxy_template="{host}.nodes:4281")
+    assert cfg.host_proxy("h1") == ("h1.nodes", 4281)
+    assert cfg.host_proxy("h2") == ("::1", 9999)
+
+
+def test_strategy_choice_and_validation(tmp_path):
+    cfg = config_mod.Config(leastload_threshold=3, strategies={"o/big": "closest"})
+    assert cfg.strategy_for("o", "web", 3) == "closest"
+    assert cfg.strategy_for("o", "web", 4) == "leastload"
+    assert cfg.strategy_for("o", "big", 100) == "closest"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("strategies: {o/web: fastest}\n")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        config_mod.load(bad, {})
