@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kindlib import REPO, KindCluster, port_offset
+from .kindlib import REPO, KindCluster, port_offset
 
 CLUSTER = os.environ.get("KUBEFLY_KIND_E2E_CLUSTER", "kubefly-e2e")
 # A cold machine builds the node image and kubefly's images first (~15 min on 2 busy cores).

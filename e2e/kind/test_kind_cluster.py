@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from kindlib import KIND_CONFIG, KindCluster
+from .kindlib import KIND_CONFIG, KindCluster
 
 APP_PORT = 8080
 
@@ -51,16 +51,17 @@ def wait_ready(kind: KindCluster, namespace: str, *names: str) -> dict[str, dict
     return {n: json.loads(kind.kubectl("-n", namespace, "get", "pod", n, "-o", "json").stdout) for n in names}
 
 
-def fetch_from(kind: KindCluster, namespace: str, pod: str, url: str) -> str:
-    """GET `url` from inside `pod` (the test app image has Python, not curl)."""
-    code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
-    return kind.kubectl("-n", namespace, "exec", pod, "--", "/opt/kubefly/bin/python", "-c", code).stdout.strip()
+def fetch_from(kind: KindCluster, namespace: str, pod: str, url: str, check: bool = True) -> str:
+    """GET `url` from inside `pod` (the test app image has Python, not curl); the body, stripped."""
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode().strip())"
+    return kind.kubectl("-n", namespace, "exec", pod, "--", "/opt/kubefly/bin/python", "-c", code, check=check).stdout.strip()
 
 
 def test_workers_carry_the_regions_of_kind_config(kind: KindCluster):
     want = sorted(n["labels"]["topology.kubernetes.io/region"] for n in KIND_CONFIG["nodes"] if n["role"] == "worker")
     got = workers(kind)
-    assert sorted(labels["topology.kubernetes.io/region"] for labels in got.values()) == want
+    regions = sorted(labels.get("topology.kubernetes.io/region", "") for labels in got.values())
+    assert regions == want, got
     edge = [name for name, labels in got.items() if labels.get("kubefly.dev/edge") == "true"]
     assert len(edge) == sum(1 for n in KIND_CONFIG["nodes"] if n.get("labels", {}).get("kubefly.dev/edge") == "true")
     ready = kind.kubectl("get", "nodes", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Ready')].status} {end}").stdout.split()
@@ -90,14 +91,16 @@ def test_pods_on_every_worker_reach_each_other_by_pod_ip_service_and_dns(kind: K
     kind.wait_for("the Service's endpoint", lambda: kind.kubectl(
         "-n", namespace, "get", "endpointslices", "-l", "kubernetes.io/service-name=target",
         "-o", "jsonpath={.items[*].endpoints[*].addresses[*]}").stdout == pods[target]["status"]["podIP"])
-    assert fetch_from(kind, namespace, client, f"http://{cluster_ip}/") == target
+    # Every node's kube-proxy programs the Service on its own schedule after the endpoint appears.
+    url = f"http://{cluster_ip}/"
+    assert kind.wait_for(f"{url} from {client}", lambda: fetch_from(kind, namespace, client, url, check=False)) == target
 
     # The same Service by its cluster DNS name (coredns), resolved inside the pod.
     fqdn = f"target.{namespace}.svc.cluster.local"
     resolved = kind.kubectl("-n", namespace, "exec", client, "--", "/opt/kubefly/bin/python", "-c",
                             f"import socket; print(socket.gethostbyname({fqdn!r}))").stdout.strip()
     assert resolved == cluster_ip
-    assert fetch_from(kind, namespace, client, "http://target/") == target
+    assert fetch_from(kind, namespace, client, "http://target/") == target  # the pod's search path
 
 
 def test_the_mapped_host_port_reaches_a_host_port_pod_on_the_edge_worker(kind: KindCluster, namespace: str):
@@ -128,6 +131,6 @@ def test_the_test_app_serves_full_and_crashes_when_told(kind: KindCluster, names
 
 def _get(url: str) -> str | None:
     try:
-        return urllib.request.urlopen(url, timeout=3).read().decode()
+        return urllib.request.urlopen(url, timeout=3).read().decode().strip()
     except OSError:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from kindlib import RELEASE, RELEASE_NAMESPACE, KindCluster
+from .kindlib import RELEASE, RELEASE_NAMESPACE, KindCluster
 
 
 def test_the_operator_runs_in_the_cluster_from_kubeflys_image(kind: KindCluster):

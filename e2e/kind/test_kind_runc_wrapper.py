@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kindlib import REPO
+from .kindlib import REPO
 
 HAS_SYS_RESOURCE = "CapBnd:\t000001ffffffffff\n"    # bit 24 set
 LACKS_SYS_RESOURCE = "CapBnd:\t000001fffeffffff\n"  # as on this project's CI machines

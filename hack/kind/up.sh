@@ -48,7 +48,11 @@ else
     sed -e "s|@IMAGE@|kubefly/flannel:$FLANNEL_VERSION|" -e "s|@POD_CIDR@|$pod_cidr|" \
       -e "s|@CONTROL_PLANE@|$name-control-plane|" "$repo/hack/kind/flannel.yaml" | kubectl apply -f - >/dev/null
   fi
+  # A worker's Node object can appear after `kind create` returns (kubelet registration under load).
+  want=$(grep -c -- '- role:' "$config")
+  for _ in $(seq 120); do [ "$(kubectl get nodes -o name 2>/dev/null | wc -l)" -ge "$want" ] && break; sleep 1; done
   timed "nodes Ready" kubectl wait --for=condition=Ready node --all --timeout=180s >/dev/null
+  [ "$(kubectl get nodes -o name | wc -l)" -ge "$want" ] || die "only $(kubectl get nodes -o name | wc -l) of $want nodes registered"
   kubectl -n kube-system rollout status deployment/coredns --timeout=180s >/dev/null
 fi
 
