@@ -150,7 +150,22 @@ class OpenLoop:
         else:
             self.pending.append(scheduled)
 
+    async def prewarm(self, n):
+        """Open keep-alive connections before measuring, as a client's pool would have:
+        a burst of new connections mid-run measures SYN retransmits, not the proxy."""
+        loop = asyncio.get_running_loop()
+        for i in range(n):
+            target = i % len(self.targets)
+            try:
+                _, conn = await loop.create_connection(lambda: _Client(self), *self.targets[target])
+            except OSError:
+                continue
+            conn.target = target
+            self.conns += 1
+            self.idle_conns[target].append(conn)
+
     async def run(self):
+        await self.prewarm(min(self.max_conns, 256))
         start = time.monotonic() + 0.05
         n = int(self.rate * self.duration)
         i = 0
