@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 REQUESTS = Counter("kubefly_proxy_requests", "Requests answered at the edge", ["org", "app", "code"])
 LATENCY = Histogram(
@@ -15,4 +15,3 @@ RETRIES = Counter("kubefly_proxy_retries", "Requests reissued to another instanc
 FULL = Counter("kubefly_proxy_full", "'full' answers: an instance at its hard limit", ["org", "app"])
 AUTOSTARTS = Counter("kubefly_proxy_autostarts", "Stopped machines started for a request", ["org", "app"])
 AUTOSTOPS = Counter("kubefly_proxy_autostops", "Idle machines stopped", ["org", "app"])
-INFLIGHT = Gauge("kubefly_proxy_inflight", "Requests in flight at this proxy", ["org", "app"])

@@ -160,7 +160,6 @@ class Proxy:
         self._apps_stamp = 0.0
         self._load_dirty = asyncio.Event()
         self._idle_seen: set[tuple[str, str]] = set()
-        self.inflight_total = 0
         self._counters: dict = {}
         self._deadlines: dict[asyncio.Task, float] = {}
         self._expired: set[asyncio.Task] = set()
@@ -249,7 +248,6 @@ class Proxy:
             self._count(app, 503)
             return
         self.app_inflight[app] += 1
-        self.inflight_total += 1
         status = 0
         task = asyncio.current_task()
         self._deadlines[task] = started + cfg.total_timeout_s
@@ -270,7 +268,6 @@ class Proxy:
         finally:
             self._deadlines.pop(task, None)
             self.app_inflight[app] -= 1
-            self.inflight_total -= 1
             self._count(app, status or 499, time.monotonic() - started)
 
     async def _sweep(self) -> None:

@@ -48,7 +48,6 @@ class UpstreamConn(asyncio.Protocol):
         self.tunnel: Callable[[bytes], None] | None = None
         self.tunnel_eof: Callable[[], None] | None = None
         self.tunnel_head = b""
-        self.status = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle = 0.0
         self._idle_after_head = 0.0
@@ -123,7 +122,6 @@ class UpstreamConn(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             self._skip = True
             return
-        self.status = status
         self._idle = self._idle_after_head
         length, chunked = _response_framing(self._headers)
         self._until_close = not chunked and length is None and not http1.status_has_no_body(
