@@ -47,7 +47,7 @@ def kind(tmp_path_factory) -> KindCluster:
     kubeconfig = Path(proc.stdout.strip().splitlines()[-1])
     images_file = kubeconfig.with_name(f"{CLUSTER}.images")
     images = dict(line.split("=", 1) for line in images_file.read_text().split())
-    yield KindCluster(CLUSTER, kubeconfig, offset, images)
+    yield KindCluster(CLUSTER, kubeconfig, images)
     if os.environ.get("KUBEFLY_KEEP_CLUSTER") != "1":
         subprocess.run(["bash", str(REPO / "hack" / "kind" / "down.sh"), "--name", CLUSTER], capture_output=True)
 

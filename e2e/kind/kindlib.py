@@ -44,7 +44,6 @@ def port_offset() -> int:
 class KindCluster:
     name: str
     kubeconfig: Path
-    port_offset: int
     images: dict[str, str] = field(default_factory=dict)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -73,11 +72,14 @@ class KindCluster:
         pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
 
     def host_port(self, container_port: int) -> int:
-        """The host port kind-config.yaml maps to `container_port`, as mapped for this cluster."""
-        for node in KIND_CONFIG["nodes"]:
-            for m in node.get("extraPortMappings", []):
-                if m["containerPort"] == container_port:
-                    return m["hostPort"] + self.port_offset
-        raise KeyError(container_port)
-
-
+        """The host port mapped to a node's `container_port` (kind-config.yaml's
+        extraPortMappings), as Docker reports it for this cluster's nodes."""
+        ports = subprocess.run(
+            ["docker", "ps", "--filter", f"label=io.x-k8s.kind.cluster={self.name}", "--format", "{{.Ports}}"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        for mapping in ports.replace("\n", ",").split(","):
+            host, _, target = mapping.strip().partition("->")
+            if target == f"{container_port}/tcp":
+                return int(host.rpartition(":")[2])
+        raise AssertionError(f"no host port maps to {container_port} on cluster {self.name}: {ports!r}")

@@ -1,9 +1,13 @@
 """kubefly installed by Helm from its own images: the operator runs in the
-cluster as the chart's Deployment, healthy, and the API answers for Machines."""
+cluster as the chart's Deployment, healthy, and the API answers for Machines;
+an agent on every worker gossips with the others; the proxy on the edge worker
+answers on kind-config.yaml's mapped host port."""
 
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 from .kindlib import RELEASE, RELEASE_NAMESPACE, KindCluster
 
@@ -28,3 +32,45 @@ def test_kubectl_get_machines_answers(kind: KindCluster):
     out = kind.kubectl("get", "machines", "-A")
     assert out.returncode == 0
     assert "error" not in out.stderr.lower()
+
+
+def test_agents_on_every_worker_see_each_other(kind: KindCluster):
+    ds = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "daemonset", f"{RELEASE}-agent", "-o", "json").stdout)
+    workers = kind.kubectl("get", "nodes", "-l", "!node-role.kubernetes.io/control-plane", "-o", "name").stdout.split()
+    assert ds["status"]["desiredNumberScheduled"] == len(workers)
+    kind.wait_for("every agent Ready", lambda: json.loads(kind.kubectl(
+        "-n", RELEASE_NAMESPACE, "get", "daemonset", f"{RELEASE}-agent", "-o", "json").stdout)["status"].get("numberReady") == len(workers))
+    pods = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=agent",
+                                   "-o", "json").stdout)["items"]
+    regions = {n["metadata"]["name"]: n["metadata"]["labels"].get("topology.kubernetes.io/region")
+               for n in json.loads(kind.kubectl("get", "nodes", "-o", "json").stdout)["items"]}
+    code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7947/v1/members', timeout=5).read().decode())"
+
+    def members(pod):
+        out = kind.kubectl("-n", RELEASE_NAMESPACE, "exec", pod, "--", "/opt/kubefly/bin/python", "-c", code, check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    for pod in pods:
+        node = pod["spec"]["nodeName"]
+        # Each agent knows its host and region, and every other worker's agent is alive to it.
+        view = kind.wait_for(f"the agent on {node} to see the others", lambda: (m := members(pod["metadata"]["name"])) and
+                             len([x for x in m["members"] if x["state"] == "alive"]) == len(workers) - 1 and m)
+        assert view["self"]["host"] == node and view["self"]["region"] == regions[node]
+        assert {x["host"] for x in view["members"]} == {w.removeprefix("node/") for w in workers} - {node}
+
+
+def test_the_proxy_answers_on_the_mapped_host_port(kind: KindCluster):
+    url = f"http://127.0.0.1:{kind.host_port(8080)}/"
+    request = urllib.request.Request(url, headers={"Host": "no-such-app.kubefly.localhost"})
+
+    def answer():
+        try:
+            urllib.request.urlopen(request, timeout=3)
+        except urllib.error.HTTPError as exc:
+            return exc
+        except OSError:
+            return None
+
+    err = kind.wait_for(f"the proxy at {url}", answer)
+    # The kubefly proxy itself answered (not some other listener): its error header names the reason.
+    assert err.code == 404 and err.headers["kubefly-error"] == "unknown-app"

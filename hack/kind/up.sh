@@ -63,7 +63,8 @@ while IFS='=' read -r k v; do img[$k]=$v; done < <(bash "$repo/hack/kind/kubefly
 workers=$(kind get nodes --name "$name" | grep -v control-plane | paste -sd, -)
 timed "kind load ${img[*]}" kind load docker-image --name "$name" --nodes "$workers" "${img[@]}" >/dev/null
 
-values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never)
+values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never
+        --set agent.enabled=true --set proxy.enabled=true)
 timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
   --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null
 kubectl -n "$ns" rollout status "deployment/$release-operator" --timeout=120s >/dev/null
