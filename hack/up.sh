@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 mode=${KUBEFLY_UP:-auto}
 
 if [ "$mode" = kind ] || { [ "$mode" = auto ] && bash hack/kind/docker.sh; }; then
+  [ "$mode" = auto ] && export KUBEFLY_DOCKER_READY=1  # checked just now
   kubeconfig=$(bash hack/kind/up.sh | tail -n 1)
   export KUBECONFIG=$kubeconfig
   kubectl get machines -A

@@ -22,7 +22,7 @@ t0=$SECONDS
 release=kubefly ns=kubefly-system
 kubeconfig="$kcache/$name.kubeconfig"
 
-bash "$repo/hack/kind/docker.sh"
+[ "${KUBEFLY_DOCKER_READY:-}" = 1 ] || bash "$repo/hack/kind/docker.sh"
 bash "$repo/hack/build-tools.sh" k8s kind helm >/dev/null
 
 # Only what this machine needs goes on top of kind-config.yaml.
