@@ -53,15 +53,21 @@ class Watcher:
     def _run(self) -> None:
         from kubernetes import watch
 
+        from kubernetes.client.exceptions import ApiException
+
         while not self._stop.is_set():
             w = watch.Watch()
-            for ev in w.stream(self._custom.list_namespaced_custom_object, GROUP, VERSION, self._ns, "machines",
-                               timeout_seconds=30):
-                obj = ev["object"]
-                if (obj.get("status") or {}).get("state") == "started":
-                    self.started.setdefault(obj["metadata"]["name"], time.monotonic())
-                if self._stop.is_set():
-                    break
+            try:
+                for ev in w.stream(self._custom.list_namespaced_custom_object, GROUP, VERSION, self._ns, "machines",
+                                   timeout_seconds=30):
+                    obj = ev["object"]
+                    if (obj.get("status") or {}).get("state") == "started":
+                        self.started.setdefault(obj["metadata"]["name"], time.monotonic())
+                    if self._stop.is_set():
+                        break
+            except ApiException:
+                # An expired or too-new resource version: list and watch again.
+                continue
 
     def wait(self, names: list[str], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
