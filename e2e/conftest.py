@@ -103,10 +103,12 @@ def kube() -> Kube:
         pytest.fail(f"the local control plane could not start: {exc}", pytrace=False)
     kube = Kube(cluster)
     # The platform is installed the way users install it: the chart (CRDs, RBAC,
-    # ServiceAccount); the operator runs as a local process (fixture `operator`).
+    # ServiceAccounts, the agent DaemonSet, simulated here); the operator runs as
+    # a local process (fixture `operator`), agents too where a test needs them.
     kube.helm(
         "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-        "--create-namespace", "--set", "operator.enabled=false", "--wait", "--timeout", "120s",
+        "--create-namespace", "--set", "operator.enabled=false", "--set", "agent.enabled=true",
+        "--wait", "--timeout", "120s",
     )
     kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
     yield kube
