@@ -60,6 +60,11 @@ def test_agents_on_every_worker_see_each_other(kind: KindCluster):
 
 
 def test_the_proxy_answers_on_the_mapped_host_port(kind: KindCluster):
+    """kind-config.yaml's extraPortMappings reach the proxy's hostPort on the edge worker."""
+    proxy = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=proxy",
+                                    "-o", "json").stdout)["items"]
+    edge = kind.kubectl("get", "nodes", "-l", "kubefly.dev/edge=true", "-o", "name").stdout.split()
+    assert sorted(f"node/{p['spec']['nodeName']}" for p in proxy) == sorted(edge)
     url = f"http://127.0.0.1:{kind.host_port(8080)}/"
     request = urllib.request.Request(url, headers={"Host": "no-such-app.kubefly.localhost"})
 
