@@ -17,7 +17,8 @@ import pytest
 
 from .kindlib import REPO, KindCluster, port_offset
 
-CLUSTER = os.environ.get("KUBEFLY_KIND_E2E_CLUSTER", "kubefly-e2e")
+# One cluster per session: two sessions on one machine must not delete each other's.
+CLUSTER = os.environ.get("KUBEFLY_KIND_E2E_CLUSTER", f"kubefly-e2e-{uuid.uuid4().hex[:6]}")
 # A cold machine builds the node image and kubefly's images first (~15 min on 2 busy cores).
 SETUP_TIMEOUT = 3600
 HERE = Path(__file__).parent
