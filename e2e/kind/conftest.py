@@ -42,6 +42,8 @@ def kind(tmp_path_factory) -> KindCluster:
             stdout=subprocess.PIPE, stderr=err, text=True,
         )
     if proc.returncode != 0:
+        if os.environ.get("KUBEFLY_KEEP_CLUSTER") != "1":
+            subprocess.run(["bash", str(REPO / "hack" / "kind" / "down.sh"), "--name", CLUSTER], capture_output=True)
         pytest.fail(f"the kind cluster could not be built (hack/kind/up.sh exited {proc.returncode}); "
                     f"last lines of {log}:\n{log.read_text()[-4000:]}", pytrace=False)
     print(f"\n[kind] cluster {CLUSTER} ready in {time.monotonic() - started:.0f}s")

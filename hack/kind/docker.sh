@@ -41,6 +41,15 @@ if ! docker buildx version >/dev/null 2>&1; then
   $sudo mkdir -p "$(dirname "$plugin")"; $sudo ln -sf "$bin/docker-buildx" "$plugin"
 fi
 
+# Every kind node runs systemd, the kubelet and kube-proxy, each holding inotify
+# instances; at Linux's default of 128 per user, a second cluster on the machine
+# makes kube-proxy exit with "too many open files". Raised only where lower.
+inotify=""
+for kv in fs.inotify.max_user_instances=512 fs.inotify.max_user_watches=524288; do
+  k=${kv%=*} v=${kv#*=}
+  if [ "$(sysctl -n "$k")" -lt "$v" ]; then $sudo sysctl -qw "$kv"; inotify="$inotify; $k raised to $v"; fi
+done
+
 pidfile="$kcache/dockerd.pid"
 ours() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 start() {
@@ -71,4 +80,4 @@ elif $changed; then
   state="restarted"
 fi
 # The one line `make kind-up` shows about the machine.
-log "docker: dockerd $(docker version -f '{{.Server.Version}}') $state; runtime: $runtime"
+log "docker: dockerd $(docker version -f '{{.Server.Version}}') $state; runtime: $runtime$inotify"
