@@ -143,6 +143,7 @@ class OperatorProcess:
     kube: Kube
     workdir: Path
     extra_args: tuple[str, ...] = ()
+    priority: int | None = None  # fixed peering priority; default: above every earlier start
     process: subprocess.Popen | None = None
 
     @property
@@ -164,7 +165,7 @@ class OperatorProcess:
         self.health_url = f"http://127.0.0.1:{health}/healthz"
         self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         self.process = subprocess.Popen(
-            [str(KUBEFLY), "operator", "--peering", "kubefly", f"--priority={next(_priorities)}",
+            [str(KUBEFLY), "operator", "--peering", "kubefly", f"--priority={self.priority or next(_priorities)}",
              f"--health-port={health}", f"--metrics-port={metrics}", *self.extra_args],
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
             stdout=self.log.open("a"),
@@ -205,6 +206,14 @@ class OperatorProcess:
         if self.process and self.process.poll() is None:
             self.kill()
         return self.start()
+
+
+@pytest.fixture
+def standby_operator(kube: Kube, operator: OperatorProcess, tmp_path):
+    """A second replica with a lower peering priority than the session operator."""
+    handle = OperatorProcess(kube, tmp_path, priority=1).start()
+    yield handle
+    handle.stop()
 
 
 @pytest.fixture(scope="session")
