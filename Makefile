@@ -39,7 +39,7 @@ crds: venv ## regenerate crds/ and the chart's CRD templates from the pydantic m
 PYTEST_RUN = $(PYTEST) -p no:cacheprovider -q -rfE
 
 .PHONY: test test-unit test-component test-cluster
-test: os-deps tools venv ## run every test tier (unit, component, cluster)
+test: os-deps tools venv ## run every test tier (unit, component, cluster, kind)
 	@$(PYTEST_RUN) operator/tests e2e
 
 test-unit: venv ## unit tests only
@@ -49,7 +49,7 @@ test-component: os-deps venv ## component tests: real processes on loopback
 	@$(PYTEST_RUN) operator/tests/component
 
 test-cluster: os-deps tools venv ## cluster tests on the local control plane (kwok)
-	@$(PYTEST_RUN) e2e
+	@$(PYTEST_RUN) e2e --ignore=e2e/kind
 
 # ---- the local cluster and the platform ----------------------------------
 .PHONY: cluster-up cluster-down up down
