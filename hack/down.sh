@@ -6,7 +6,12 @@ cd "$(dirname "$0")/.."
 state=.cluster
 if [ -f "$state/operator.pid" ]; then
   pid=$(cat "$state/operator.pid")
-  kill "$pid" 2>/dev/null && echo "[down] operator (pid $pid) stopped" || true
+  if kill "$pid" 2>/dev/null; then
+    # Kopf drains on SIGTERM; one that hangs (its cluster gone) is killed.
+    for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$pid" 2>/dev/null || true
+    echo "[down] operator (pid $pid) stopped"
+  fi
   rm -f "$state/operator.pid"
 fi
 .venv/bin/python -m kubefly.devcluster down

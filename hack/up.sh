@@ -8,15 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${KUBEFLY_UP:-auto}
 
-if [ "$mode" = kind ] || { [ "$mode" = auto ] && bash hack/kind/docker.sh; }; then
-  [ "$mode" = auto ] && export KUBEFLY_DOCKER_READY=1  # checked just now
-  kubeconfig=$(bash hack/kind/up.sh | tail -n 1)
-  export KUBECONFIG=$kubeconfig
-  kubectl get machines -A
+# What to do next, the same whichever cluster `make up` chose.
+try_next() {
   cat <<MSG
-
-kubefly is up on kind: hosts $(kubectl get nodes -l '!node-role.kubernetes.io/control-plane' -o jsonpath='{range .items[*]}{.metadata.name}({.metadata.labels.topology\.kubernetes\.io/region}) {end}')
-  operator: deployment/kubefly-operator in kubefly-system (kubectl -n kubefly-system logs deploy/kubefly-operator)
 
 Try:
   export KUBECONFIG=$kubeconfig PATH=$(dirname "$(command -v kubectl)"):\$PATH
@@ -26,6 +20,19 @@ Try:
 
 Stop everything with: make down
 MSG
+}
+
+if [ "$mode" = kind ] || { [ "$mode" = auto ] && bash hack/kind/docker.sh; }; then
+  [ "$mode" = auto ] && export KUBEFLY_DOCKER_READY=1  # checked just now
+  kubeconfig=$(bash hack/kind/up.sh | tail -n 1)
+  export KUBECONFIG=$kubeconfig
+  kubectl get machines -A
+  cat <<MSG
+
+kubefly is up on kind: hosts $(kubectl get nodes -l '!node-role.kubernetes.io/control-plane' -o jsonpath='{range .items[*]}{.metadata.name}({.metadata.labels.topology\.kubernetes\.io/region}) {end}')
+  operator: deployment/kubefly-operator in kubefly-system (kubectl -n kubefly-system logs deploy/kubefly-operator)
+MSG
+  try_next
   exit 0
 fi
 [ "$mode" = auto ] && printf '[up] Docker cannot run here: using the local control plane\n'
@@ -33,8 +40,8 @@ PY=.venv/bin/python
 state=.cluster
 release=kubefly
 ns=kubefly-system
-health_port=${KUBEFLY_HEALTH_PORT:-39180}
-metrics_port=${KUBEFLY_METRICS_PORT:-39190}
+health_port=${KUBEFLY_HEALTH_PORT:-29180}
+metrics_port=${KUBEFLY_METRICS_PORT:-29190}
 mkdir -p "$state"
 say() { printf '[up] %s\n' "$*"; }
 
@@ -67,12 +74,5 @@ cat <<MSG
 
 kubefly is up: a local control plane with hosts $(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name}({.metadata.labels.topology\.kubernetes\.io/region}) {end}')
   operator: pid $(cat "$state/operator.pid"), logs $state/operator.log, /healthz :$health_port, /metrics :$metrics_port
-
-Try:
-  export KUBECONFIG=$kubeconfig PATH=$(dirname "$(command -v kubectl)"):\$PATH
-  kubectl create namespace my-org
-  kubectl -n my-org apply -f examples/machine.yaml
-  kubectl get kubefly -A
-
-Stop everything with: make down
 MSG
+try_next
