@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor

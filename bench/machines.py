@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO / "operator"))
 from kubefly import GROUP, VERSION  # noqa: E402
 from kubefly.devcluster import TOOLS_BIN, LocalCluster  # noqa: E402
 from kubefly.labels import NODE_REGION  # noqa: E402
+from kubefly.ports import free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "machines.json"
 REGIONS = ("ams", "iad", "syd")
@@ -86,10 +86,6 @@ def machine(namespace: str, name: str, i: int) -> dict:
             "spec": {"app": f"app{i % 20}", "region": REGIONS[i % 3], "image": "nginx:1.27"}}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -33,6 +33,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from kubefly.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 RESULTS = ROOT / "bench" / "results" / "proxy.json"
@@ -223,10 +225,6 @@ def loadgen_main(argv):
 
 
 # ---------------------------------------------------------------- orchestration
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -363,7 +361,7 @@ def main():
                           "--static", str(replica), "--self-host", "local", "--self-region", "local",
                           "--domain", "bench.test", "--starter", "none", "--log-level", "WARNING"],
                          stderr=open(tmp / "kubefly.log", "w"))
-        ng = procs.start([nginx_bin, "-p", str(tmp), "-c", str(nginx_conf(tmp, ng_port, ports)), "-g", "daemon off;"])
+        procs.start([nginx_bin, "-p", str(tmp), "-c", str(nginx_conf(tmp, ng_port, ports)), "-g", "daemon off;"])
         wait_port(kf_port)
         wait_port(ng_port)
         wrk(kf_port, 2)

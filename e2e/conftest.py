@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kubefly.devcluster import TOOLS_BIN, ClusterUnavailable, LocalCluster
+from kubefly.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 E2E_CLUSTER = os.environ.get("KUBEFLY_E2E_CLUSTER", "kubefly-e2e")
@@ -78,7 +78,7 @@ class Kube:
         return json.loads(proc.stdout) if proc.returncode == 0 else None
 
     def api_client(self):
-        from kubernetes import client, config
+        from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
@@ -125,10 +125,6 @@ def namespace(kube: Kube):
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Each start outranks every earlier one: a SIGKILLed operator's peering record

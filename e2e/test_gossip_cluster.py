@@ -10,7 +10,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,18 +20,11 @@ import dns.rdatatype
 import pytest
 
 from kubefly import topology
+from kubefly.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("operator")
 KUBEFLY = Path(sys.executable).with_name("kubefly")
 AGENT_SERVICE_ACCOUNT = "kubefly-agent"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

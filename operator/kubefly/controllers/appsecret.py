@@ -20,7 +20,7 @@ from kubefly.api.appsecret import AppSecret
 from kubefly.conditions import get_condition
 from kubefly.controllers import acceptance
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
-from kubefly.controllers.volume import _condition_patch, kube_api, to_dict, update_status
+from kubefly.controllers.volume import _condition_patch, kube_api, update_status
 from kubefly.labels import APP, MACHINE, MANAGED_BY, MANAGED_BY_VALUE, PREFIX
 from kubefly.secrets import digest, keystore, rollout, sealing
 

@@ -79,7 +79,7 @@ def agent_command(host, region, gossip, advertise, api, seeds, data_dir, key_fil
         uvloop.install()
     except ImportError:
         pass
-    from kubefly.gossip.agent import Agent, AgentConfig
+    from kubefly.gossip.agent import AgentConfig
     from kubefly.gossip.wire import Keys
 
     if source == "dir" and machines_dir is None:

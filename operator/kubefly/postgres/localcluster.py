@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubefly.ports import free_port
+
 NAMES = "abcdefg"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kubefly_argv() -> list[str]:
