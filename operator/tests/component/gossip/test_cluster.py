@@ -31,6 +31,29 @@ async def cluster():
         await c.close()
 
 
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def all_agents_running(cluster):
+    """Each test starts with every agent up, so one that fails mid-way (with its
+    victim killed) cannot take the tests after it down with it."""
+    down = [a for a in cluster.agents if not a.running]
+    for a in down:
+        await cluster.restart(a)
+    if down:
+        assert await members_alive(cluster, cluster.agents, N - 1, timeout=30)
+    yield
+
+
+async def member_state(c: AgentCluster, watcher, host: str, want: str, timeout: float) -> str:
+    """Poll `watcher`'s view of `host` until it is `want`; return the last state seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = await c.get(watcher, "/v1/members")
+        state = {m["host"]: m["state"] for m in doc["members"]}.get(host, "absent")
+        if state == want or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.2)
+
+
 def has(key, **want):
     def pred(view):
         row = view.get(key)
@@ -176,8 +199,8 @@ async def test_kill_and_restart(cluster):
     alive = [a for a in cluster.agents if a is not victim]
     # A dead host's instances leave every view.
     assert await cluster.converge(alive, lacks(key), timeout=20)
-    doc = await cluster.get(watcher, "/v1/members")
-    assert {m["host"]: m["state"] for m in doc["members"]}[victim.host] == "dead"
+    # Every member reaches the verdict itself: suspicion first, then death.
+    assert await member_state(cluster, watcher, victim.host, "dead", timeout=20) == "dead"
     await cluster.restart(victim)
     # Its SQLite state is served at once, and it rejoins everywhere.
     assert (await cluster.instances(victim)).get(key) is not None
