@@ -15,7 +15,6 @@ from kubefly.api.common import (
     AGE,
     AppName,
     ApiModel,
-    Conditions,
     CrdInfo,
     PrinterColumn,
     Resource,
@@ -68,8 +67,6 @@ class AppSecretStatus(StatusModel):
     key_digests: dict[str, str] = Field(default_factory=dict, max_length=MAX_KEYS)
     secret_name: str | None = Field(default=None, description="The Secret that holds the values for the machines.")
     rollout: Rollout | None = Field(default=None, description="Present while machines are being rolled one at a time.")
-    observed_generation: int | None = Field(default=None, ge=0)
-    conditions: Conditions = Field(default_factory=list)
 
 
 class AppSecret(Resource):

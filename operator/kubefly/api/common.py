@@ -62,11 +62,6 @@ class ApiModel(BaseModel):
     )
 
 
-class StatusModel(ApiModel):
-    # Kopf keeps its handler progress in status; unknown fields are kept, not refused.
-    model_config = ConfigDict(extra="allow")
-
-
 class Guest(ApiModel):
     """The VM size: Fly's guest config."""
 
@@ -90,6 +85,16 @@ class Condition(ApiModel):
 
 
 Conditions = Annotated[list[Condition], Field(max_length=16, json_schema_extra=list_map("type"))]
+
+
+class StatusModel(ApiModel):
+    """What every kind's status has: the generation it reflects and its conditions."""
+
+    # Kopf keeps its handler progress in status; unknown fields are kept, not refused.
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    conditions: Conditions = Field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from kubefly.api.common import (
     AGE,
     AppName,
     ApiModel,
-    Conditions,
     CrdInfo,
     DnsLabel,
     Guest,
@@ -185,8 +184,6 @@ class MachineStatus(StatusModel):
     )
     retry_window_start: datetime | None = Field(default=None, description="Start of the current 5-minute restart window.")
     retry_window_base: int | None = Field(default=None, ge=0, description="restartCount when the window started.")
-    observed_generation: int | None = Field(default=None, ge=0)
-    conditions: Conditions = Field(default_factory=list)
     events: list[MachineEvent] = Field(default_factory=list, max_length=20, description="The latest events, newest last.")
 
 

@@ -15,7 +15,6 @@ from kubefly.api.common import (
     AGE,
     AppName,
     ApiModel,
-    Conditions,
     CrdInfo,
     DnsLabel,
     Guest,
@@ -89,8 +88,6 @@ class PostgresClusterStatus(StatusModel):
     timeline: int | None = Field(default=None, ge=0)
     last_failover: Failover | None = None
     credentials_secret: str | None = None
-    observed_generation: int | None = Field(default=None, ge=0)
-    conditions: Conditions = Field(default_factory=list)
 
 
 class PostgresCluster(Resource):

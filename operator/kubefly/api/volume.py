@@ -10,7 +10,6 @@ from kubefly.api.common import (
     AGE,
     AppName,
     ApiModel,
-    Conditions,
     CrdInfo,
     DnsLabel,
     PrinterColumn,
@@ -46,8 +45,6 @@ class VolumeStatus(StatusModel):
     attached_machine: str | None = None
     persistent_volume: str | None = None
     claim: str | None = None
-    observed_generation: int | None = Field(default=None, ge=0)
-    conditions: Conditions = Field(default_factory=list)
 
 
 class Volume(Resource):
