@@ -280,7 +280,9 @@ class Connection(asyncio.Protocol):
                 return
             finally:
                 self.busy = False
-            if self.tunnel is not None:
+            # The client may have gone away mid-response (connection_lost does not
+            # cancel a busy task): waiting for its next request would leak this task.
+            if self.tunnel is not None or self.closed:
                 return
             if not req.keep_alive or self.draining or not req.body.done:
                 self.close()
