@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 import click
 
@@ -21,7 +22,9 @@ def _hostport(value: str) -> tuple[str, int]:
 @click.option("--org", default=None, envvar="KUBEFLY_DNS_ORG",
               help="The organisation (namespace) whose apps this resolver names; all orgs when unset.")
 @click.option("--ttl", default=5, show_default=True, type=click.IntRange(0, 5))
-@click.option("--forward", default=None, help="host:port of a resolver for names outside .internal (else REFUSED).")
+@click.option("--forward", default=None,
+              help="host:port of a resolver for names outside .internal (else REFUSED); "
+                   "'resolv.conf': the first nameserver of /etc/resolv.conf (the cluster DNS in a pod).")
 @click.option("--metrics-port", default=0, help="Serve /metrics on this port (0: off).")
 @click.option("--log-level", default="INFO", show_default=True)
 def dns_command(agent_url, listen, org, ttl, forward, metrics_port, log_level):
@@ -37,7 +40,24 @@ def dns_command(agent_url, listen, org, ttl, forward, metrics_port, log_level):
         from kubefly import metrics
 
         metrics.serve(metrics_port, addr="127.0.0.1")
+    if forward == "resolv.conf":
+        forward = _resolv_conf_nameserver(Path("/etc/resolv.conf"))
     asyncio.run(_run(agent_url, _hostport(listen), org, ttl, _hostport(forward) if forward else None))
+
+
+def _resolv_conf_nameserver(path: Path) -> str:
+    """host:53 of the first `nameserver` line of a resolv.conf."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}; give --forward HOST:PORT instead",
+                                 param_hint="--forward") from exc
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            host = fields[1].split("%")[0]
+            return f"[{host}]:53" if ":" in host else f"{host}:53"
+    raise click.BadParameter(f"{path} names no nameserver; give --forward HOST:PORT instead", param_hint="--forward")
 
 
 async def _run(agent_url, listen, org, ttl, forward) -> None:

@@ -9,7 +9,9 @@ Names (per app; the org is fixed by configuration, see docs/gossip.md):
   regions.<app>.internal  TXT "<region>,..."
   _apps.internal          TXT "<app>,..."
 Only routable instances (started, checks passing, with an address) are
-answered. Unknown names under .internal are NXDOMAIN; a known name with no
+answered. The org a name is looked up in is the resolver's `--org` when set,
+else the org of the machine on this host that asked (its pod address is the
+query's source), else every org. Unknown names under .internal are NXDOMAIN; a known name with no
 record of the asked type is NOERROR with no answer. Other names are REFUSED,
 or forwarded when a resolver is configured.
 """
@@ -110,6 +112,24 @@ def select(replica: Replica, org: str | None, name: Name) -> list[Instance] | No
     return sorted(live, key=lambda i: i.machine_id) if name.kind != "nearest" else live
 
 
+def org_of_source(replica: Replica, source: str) -> str | None:
+    """The org of the machine on this host whose pod address sent a query; None when
+    no machine here has that address (a host process, or a pod not yet in the replica)."""
+    try:
+        ip = ipaddress.ip_address(source)
+    except ValueError:
+        return None
+    for inst in replica.instances():
+        if inst.host != replica.self_host or not inst.address:
+            continue
+        try:
+            if ipaddress.ip_address(inst.address.strip("[]")) == ip:
+                return inst.org
+        except ValueError:
+            continue
+    return None
+
+
 def _txt(value: str) -> TXT:
     # A TXT string is at most 255 bytes: long lists are split into several strings.
     data = value.encode()
@@ -208,7 +228,7 @@ class DnsServer:
             self._tcp.close()
             await self._tcp.wait_closed()
 
-    async def resolve(self, data: bytes, transport: str) -> bytes | None:
+    async def resolve(self, data: bytes, transport: str, source: str = "") -> bytes | None:
         try:
             request = DNSRecord.parse(data)
         except (DNSError, struct.error, IndexError, ValueError):
@@ -216,7 +236,8 @@ class DnsServer:
             return None
         if request.header.qr or not request.questions:
             return None
-        reply = answer(self.replica, self.org, request, self.ttl)
+        org = self.org if self.org is not None else org_of_source(self.replica, source)
+        reply = answer(self.replica, org, request, self.ttl)
         if reply is None:
             if self.forward is not None:
                 out = await self._forward(data, transport)
@@ -263,7 +284,7 @@ class DnsServer:
             return None
 
     async def _udp_query(self, data: bytes, addr) -> None:
-        out = await self.resolve(data, "udp")
+        out = await self.resolve(data, "udp", addr[0])
         if out is not None and self._udp is not None:
             if len(out) > udp_limit(data):
                 # Too big for this client over UDP: truncate, it retries over TCP.
@@ -274,10 +295,11 @@ class DnsServer:
             self._udp.sendto(out, addr)
 
     async def _tcp_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("",)
         try:
             while True:
                 (n,) = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), 10.0))
-                out = await self.resolve(await reader.readexactly(n), "tcp")
+                out = await self.resolve(await reader.readexactly(n), "tcp", peer[0])
                 if out is None:
                     break
                 writer.write(struct.pack(">H", len(out)) + out)
