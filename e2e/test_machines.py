@@ -7,7 +7,9 @@ container exit is simulated by writing the pod's status as a kubelet would.
 from __future__ import annotations
 
 import json
+import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -75,8 +77,9 @@ def test_machine_is_placed_and_started_as_a_pinned_pod(kube, namespace):
     c = pod["spec"]["containers"][0]
     assert c["resources"]["limits"] == {"cpu": "2", "memory": "512Mi"}
     assert {"name": "GREETING", "value": "hi"} in c["env"]
-    assert c["ports"][0]["containerPort"] == 8080 and c["readinessProbe"]["tcpSocket"]["port"] == 8080
-    assert "livenessProbe" not in c
+    assert c["ports"][0]["containerPort"] == 8080
+    assert pod["spec"]["readinessGates"] == [{"conditionType": "kubefly.dev/checks"}]  # every check gates readiness
+    assert "readinessProbe" not in c and "livenessProbe" not in c
     assert pod["spec"]["terminationGracePeriodSeconds"] == 20 and pod["spec"]["restartPolicy"] == "OnFailure"
     md = pod["metadata"]
     assert md["labels"][labels.APP] == "web" and md["labels"][labels.MACHINE] == "web-1"
@@ -261,3 +264,88 @@ def test_destroy_removes_the_pod_and_metrics_count_creates_and_states(kube, name
     assert 'kubefly_machine_creates_total{outcome="placed",region="iad"}' in metrics
     assert 'kubefly_machines{state="started"}' in metrics
     assert 'kubefly_reconcile_seconds_count{kind="Machine"}' in metrics
+
+
+def test_every_check_gates_readiness_through_the_host_agent_and_never_restarts(kube, namespace, tmp_path):
+    """A real `kubefly agent` (as the chart's agent ServiceAccount) runs both checks of a
+    machine and writes the pod's readiness gate. The host's pod range is in 127/8, so the
+    checks reach listeners this test opens on the pod's address."""
+    import secrets
+    import socket
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kubefly.devcluster import host_manifest
+    from kubefly.machines.pod import CHECKS_GATE
+    from kubefly.ports import free_port
+
+    region = f"t{uuid.uuid4().hex[:6]}"
+    host = f"host-{region}"
+    node = host_manifest(host, {labels.NODE_REGION: region})
+    node["spec"]["podCIDR"] = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(250)}.0/24"
+    kube.cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
+    kube.cluster.wait_hosts_ready([host])
+    agent_kubeconfig = kube.cluster.service_account_kubeconfig(kube.release_namespace, f"{kube.release}-agent",
+                                                               tmp_path / "agent-kubeconfig")
+    key = tmp_path / "gossip.key"
+    key.write_text(secrets.token_urlsafe(32))
+    log = (tmp_path / "agent.log").open("w")
+    agent = subprocess.Popen(
+        [str(Path(sys.executable).with_name("kubefly")), "agent", "--host", host, "--region", region,
+         "--gossip", f"127.0.0.1:{free_port()}", "--api", f"127.0.0.1:{free_port()}", "--key-file", str(key),
+         "--source", "pods"],
+        env={**os.environ, "KUBECONFIG": str(agent_kubeconfig)}, stdout=log, stderr=subprocess.STDOUT)
+    tcp = http = None
+    try:
+        apply(kube, namespace, "checked", region=region,
+              checks=[{"name": "tcp-db", "type": "tcp", "port": 5432, "intervalSeconds": 1},
+                      {"name": "http-health", "type": "http", "port": 8080, "path": "/health", "intervalSeconds": 1}])
+        m = wait_machine(kube, namespace, "checked", "started", state_is("started"))
+        pod = get(kube, namespace, "pod", "checked")
+        assert pod["spec"]["readinessGates"] == [{"conditionType": CHECKS_GATE}]
+        assert "readinessProbe" not in pod["spec"]["containers"][0] and "livenessProbe" not in pod["spec"]["containers"][0]
+        ip, uid = pod["status"]["podIP"], pod["metadata"]["uid"]
+        assert ip.startswith("127.")
+
+        # Nothing listens yet: the agent says both fail, and the machine gets no traffic.
+        m = wait_machine(kube, namespace, "checked", "checks failing", lambda m: "tcp-db" in (cond(m, "Ready") or {}).get("message", ""))
+        assert cond(m, "Ready")["reason"] == "ChecksFailing" and "http-health" in cond(m, "Ready")["message"]
+
+        tcp = socket.create_server((ip, 5432))
+        health = {"ok": True}
+
+        class Health(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if health["ok"] and self.path == "/health" else 503)
+                self.end_headers()
+
+            def log_message(self, *_):
+                pass
+
+        http = ThreadingHTTPServer((ip, 8080), Health)
+        threading.Thread(target=http.serve_forever, daemon=True).start()
+        wait_machine(kube, namespace, "checked", "Ready once every check passes", ready, timeout=30)
+
+        # The second check alone fails: not Ready, still started, the pod untouched.
+        health["ok"] = False
+        m = wait_machine(kube, namespace, "checked", "the failing second check reported",
+                         lambda m: (cond(m, "Ready") or {}).get("reason") == "ChecksFailing", timeout=30)
+        assert "http-health" in cond(m, "Ready")["message"] and "tcp-db" not in cond(m, "Ready")["message"]
+        assert m["status"]["state"] == "started" and m["status"]["version"] == 1
+        pod = get(kube, namespace, "pod", "checked")
+        assert pod["metadata"]["uid"] == uid and pod["status"]["containerStatuses"][0]["restartCount"] == 0
+        health["ok"] = True
+        wait_machine(kube, namespace, "checked", "Ready again", ready, timeout=30)
+    finally:
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+        if tcp is not None:
+            tcp.close()
+        agent.terminate()
+        agent.wait(timeout=30)
+        log.close()
+        kube.kubectl("-n", namespace, "delete", "machine", "checked", "--wait=false", check=False)
+        kube.kubectl("delete", "node", host, "--ignore-not-found", "--wait=false")

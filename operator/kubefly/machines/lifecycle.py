@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from kubefly import labels
 from kubefly.conditions import get_condition, set_condition
-from kubefly.machines.pod import SECRETS_DIGEST, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
+from kubefly.machines.pod import CHECKS_GATE, SECRETS_DIGEST, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
 from kubefly.placement.machines import Decision
 from kubefly.platform import PlatformSettings
 
@@ -48,13 +48,30 @@ class PodView:
     secrets_digest: str | None
     phase: str
     deleting: bool
-    ready: bool
+    ready: bool  # Ready, and its checks pass (the gate condition) when it has checks
     running: bool
     restart_count: int
     last_exit: Exit | None  # the latest termination: current state, else lastState
     waiting_reason: str | None
     unschedulable: str | None
     ip: str | None
+    checks_failing: str | None = None  # why the checks gate is not passed (None: passed, or no checks)
+
+
+def _checks_failing(pod: dict, conds: dict) -> str | None:
+    """The readiness gate as the host agent wrote it.
+
+    Read directly, not only through Ready: a kubelet folds the gate into Ready, but
+    kwok hosts write Ready once and never recompute it."""
+    gates = [g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []]
+    if CHECKS_GATE not in gates:
+        return None
+    gate = conds.get(CHECKS_GATE)
+    if gate is None:
+        return "no check result from the host agent yet"
+    if gate.get("status") == "True":
+        return None
+    return gate.get("message") or "its checks do not pass"
 
 
 def _exit(terminated: dict | None) -> Exit | None:
@@ -71,6 +88,7 @@ def pod_view(pod: dict) -> PodView:
     state = cs.get("state") or {}
     conds = {c.get("type"): c for c in status.get("conditions") or []}
     sched = conds.get("PodScheduled") or {}
+    failing = _checks_failing(pod, conds)
     return PodView(
         name=meta.get("name", ""),
         instance=ann.get(labels.INSTANCE_ID),
@@ -78,13 +96,14 @@ def pod_view(pod: dict) -> PodView:
         secrets_digest=ann.get(SECRETS_DIGEST),
         phase=status.get("phase") or "Pending",
         deleting=bool(meta.get("deletionTimestamp")),
-        ready=(conds.get("Ready") or {}).get("status") == "True",
+        ready=(conds.get("Ready") or {}).get("status") == "True" and failing is None,
         running="running" in state,
         restart_count=int(cs.get("restartCount") or 0),
         last_exit=_exit(state.get("terminated")) or _exit((cs.get("lastState") or {}).get("terminated")),
         waiting_reason=(state.get("waiting") or {}).get("reason"),
         unschedulable=sched.get("message") if sched.get("status") == "False" else None,
         ip=status.get("podIP"),
+        checks_failing=failing,
     )
 
 
@@ -469,7 +488,9 @@ def _observe(b: _Builder, pod: PodView) -> None:
             if pod.ready:
                 b.cond("Ready", True, "Started", "started and its checks pass")
             else:
-                b.cond("Ready", False, "ChecksFailing", "started; its checks do not pass yet, so it gets no traffic")
+                why = f": {pod.checks_failing}" if pod.checks_failing else ""
+                b.cond("Ready", False, "ChecksFailing", f"started; its checks do not pass{why}; it gets no traffic "
+                       "and is not restarted")
         return
     b.state("starting")
     if pod.unschedulable:

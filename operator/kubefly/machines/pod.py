@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from kubefly import API_VERSION, labels
 from kubefly.instances import Service as InstanceService
+from kubefly.machines.dns_config import pod_dns
 from kubefly.placement.machines import guest_requests
 from kubefly.secrets.digest import combined_digest
 
@@ -22,6 +23,11 @@ SECRETS_DIGEST = f"{labels.PREFIX}/secrets-digest"
 # Digest of everything the pod is built from, so a spec change shows as a differing pod.
 SPEC_DIGEST = f"{labels.PREFIX}/spec-digest"
 CONTAINER = "machine"
+# The pod's readiness gate: the host agent runs every check of the machine and
+# writes this condition (True when all pass). Same name as the annotation that
+# lists the checks. Kubernetes allows one readiness probe per container, and a
+# probe failing in the kubelet would also hide the machine from the agent.
+CHECKS_GATE = labels.CHECKS
 RESTART_POLICY = {"no": "Never", "always": "Always", "on-failure": "OnFailure"}
 
 
@@ -63,27 +69,6 @@ def services_annotation(services: list[dict]) -> str:
     return json.dumps(out, separators=(",", ":"))
 
 
-def readiness_probe(check: dict) -> dict:
-    """A check as a readiness probe: it gates routing only; there is never a liveness probe."""
-    if check["type"] == "http":
-        action = {
-            "httpGet": {
-                "port": check["port"],
-                "path": check.get("path") or "/",
-                "httpHeaders": [{"name": k, "value": v} for k, v in sorted((check.get("headers") or {}).items())],
-            }
-        }
-    else:
-        action = {"tcpSocket": {"port": check["port"]}}
-    return {
-        **action,
-        "initialDelaySeconds": check.get("gracePeriodSeconds", 0),
-        "periodSeconds": check.get("intervalSeconds", 15),
-        "timeoutSeconds": check.get("timeoutSeconds", 2),
-        "failureThreshold": 1,
-    }
-
-
 def build_pod(
     machine: dict,
     *,
@@ -120,10 +105,6 @@ def build_pod(
             for svc in spec.get("services") or []
         ],
     }
-    if checks:
-        # Kubernetes has one readiness probe per container: the first check gates
-        # readiness; the host agent runs every check (annotation) for routing.
-        container["readinessProbe"] = readiness_probe(checks[0])
     volumes = []
     if mounts and claim:
         container["volumeMounts"] = [{"name": "data", "mountPath": mounts[0]["path"]}]
@@ -167,10 +148,13 @@ def build_pod(
         },
         "spec": {
             "containers": [container],
+            # Every check gates readiness (never liveness: a failing check never restarts the machine).
+            **({"readinessGates": [{"conditionType": CHECKS_GATE}]} if checks else {}),
             "volumes": volumes,
             "restartPolicy": RESTART_POLICY[restart],
             "terminationGracePeriodSeconds": stop.get("timeoutSeconds", 5),
             "enableServiceLinks": False,
+            **pod_dns(namespace),
             # A machine has no business with the Kubernetes API.
             "automountServiceAccountToken": False,
             "affinity": {

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 from kubefly import labels
 from kubefly.conditions import get_condition
 from kubefly.machines.lifecycle import Exit, HostHealth, PodView, VolumeView, World, pod_view, reconcile
-from kubefly.machines.pod import SECRETS_DIGEST, SecretRef, build_pod, spec_digest
+from kubefly.machines.pod import CHECKS_GATE, SECRETS_DIGEST, SecretRef, build_pod, spec_digest
 from kubefly.placement.machines import Decision
 from kubefly.platform import Maintenance, PlatformSettings
 
@@ -218,7 +218,9 @@ def test_pod_shape():
     assert {"name": "A", "value": "1"} in c["env"]
     assert c["envFrom"] == [{"secretRef": {"name": "a-s"}}, {"secretRef": {"name": "b-s"}}]
     assert c["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/health" and "livenessProbe" not in c
+    # Every check gates readiness through the agent-written condition; no probe restarts or hides it.
+    assert pod["spec"]["readinessGates"] == [{"conditionType": CHECKS_GATE}]
+    assert "readinessProbe" not in c and "livenessProbe" not in c
     md = pod["metadata"]
     assert md["labels"][labels.APP] == "web" and md["labels"][labels.HOST] == "a1" and md["labels"][labels.REGION] == "ams"
     assert md["annotations"][SECRETS_DIGEST] == "d1,d2"
@@ -234,3 +236,43 @@ def test_pod_view_reads_exit_and_oom():
                        "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
     assert v.restart_count == 2 and v.last_exit == Exit(137, True, "OOMKilled") and not v.running
     assert v.waiting_reason == "CrashLoopBackOff" and v.instance == "i"
+
+
+def test_a_machine_without_checks_has_no_readiness_gate():
+    pod = build_pod(machine(), host="a1", region="ams", instance="abc", secrets=[])
+    assert "readinessGates" not in pod["spec"] and "readinessProbe" not in pod["spec"]["containers"][0]
+
+
+def _gated_pod(*conditions, gated=True):
+    return {"metadata": {"name": "m1"},
+            "spec": {"readinessGates": [{"conditionType": CHECKS_GATE}]} if gated else {},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}, *conditions],
+                       "containerStatuses": [{"name": "machine", "state": {"running": {}}}]}}
+
+
+def test_pod_view_reads_the_checks_gate_not_only_ready():
+    # kwok (and a kubelet between syncs) may say Ready while the agent says a check fails.
+    failing = {"type": CHECKS_GATE, "status": "False", "message": "failing: db (tcp 5432)"}
+    v = pod_view(_gated_pod(failing))
+    assert not v.ready and v.checks_failing == "failing: db (tcp 5432)"
+    v = pod_view(_gated_pod())
+    assert not v.ready and "no check result" in v.checks_failing
+    v = pod_view(_gated_pod({"type": CHECKS_GATE, "status": "True"}))
+    assert v.ready and v.checks_failing is None
+    # A pod without the gate (no checks) is ready as Kubernetes says.
+    assert pod_view(_gated_pod(failing, gated=False)).ready
+
+
+def test_failing_checks_gate_readiness_and_never_restart_the_machine():
+    m = machine(checks=[{"name": "a", "type": "tcp", "port": 80}, {"name": "b", "type": "tcp", "port": 81}])
+    plan = run(m, decision=Decision("a1", "Placed", "ok"))
+    running = pod_of(plan)
+    run(m, pod=running)
+    assert m["status"]["state"] == "started" and cond(reconcile(world(m, pod=running)), "Ready")["status"] == "True"
+    sick = pod_of(plan, ready=False, checks_failing="failing: b (tcp 81)")
+    plan = run(m, pod=sick)
+    ready = cond(plan, "Ready")
+    assert m["status"]["state"] == "started" and ready["status"] == "False" and ready["reason"] == "ChecksFailing"
+    assert "failing: b (tcp 81)" in ready["message"]
+    assert plan.delete_pod_grace is None and plan.create_pod is None  # checks never restart the machine
+    assert cond(run(m, pod=running), "Ready")["status"] == "True"
