@@ -15,6 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -129,6 +130,9 @@ class Agent:
         self._key_origins: dict[Key, set[str]] = {}
         self.local: dict[Key, LocalMachine] = {}
         self._checks: dict[Key, tuple[tuple, MachineChecks]] = {}
+        # Told each local machine's check verdict when it changes (PodSource writes the pod's readiness gate).
+        self.on_checks: Callable[[LocalMachine, bool, list[str]], None] | None = None
+        self._told_checks: dict[Key, tuple[str, bool]] = {}
         self.loads: dict[Key, int] = {}
         self._loads_dirty = False
         self._watchers: set[asyncio.Queue] = set()
@@ -222,6 +226,7 @@ class Agent:
         self._reconcile_pending = False
         for key, m in self.local.items():
             self._ensure_checks(m)
+            self._tell_checks(m)
             row = self._compose(m)
             cur = self.store.get(self.cfg.host, key)
             if cur is None or cur.row != row:
@@ -230,6 +235,8 @@ class Agent:
             if key not in self.local:
                 mc.cancel()
                 del self._checks[key]
+        for key in [k for k in self._told_checks if k not in self.local]:
+            del self._told_checks[key]
         for rec in self.store.records_of(self.cfg.host):
             if rec.key not in self.local and rec.row is not None:
                 self.loads.pop(rec.key, None)
@@ -245,6 +252,16 @@ class Agent:
             del self._checks[m.key]
         if want is not None:
             self._checks[m.key] = (want, MachineChecks(m.address, list(m.checks), self._reconcile_soon))
+
+    def _tell_checks(self, m: LocalMachine) -> None:
+        """Pass a settled verdict (every check has a result) of this instance on, once per change."""
+        have = self._checks.get(m.key)
+        if self.on_checks is None or have is None or have[1].status == "unknown":
+            return
+        verdict = (m.instance_id, have[1].status == "passing")
+        if self._told_checks.get(m.key) != verdict:
+            self._told_checks[m.key] = verdict
+            self.on_checks(m, verdict[1], have[1].failing())
 
     def _compose(self, m: LocalMachine) -> dict:
         if not m.checks:

@@ -104,6 +104,10 @@ class MachineChecks:
             return "unknown"
         return "passing"
 
+    def failing(self) -> list[str]:
+        """The checks whose latest result (after their grace period) failed."""
+        return [s.name for s in self.specs if self._results.get(s.name) is False]
+
     async def _loop(self, spec: CheckSpec) -> None:
         while True:
             ok = await run_once(spec, self.address)

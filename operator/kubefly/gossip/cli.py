@@ -119,6 +119,7 @@ async def _run(cfg, keys, api_addr, source, machines_dir, source_poll) -> None:
         src = DirSource(machines_dir, cfg.host, cfg.region, agent.set_local, poll=source_poll)
     else:
         src = PodSource(cfg.host, cfg.region, agent.set_local)
+        agent.on_checks = src.report_checks  # the machines' readiness gates
     src.start()
     runner = web.AppRunner(make_app(agent), access_log=None)
     await runner.setup()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -166,14 +167,55 @@ class DirSource:
             await asyncio.sleep(self._poll)
 
 
+def checks_condition(passing: bool, failing: list[str], now: str) -> dict:
+    """The pod condition behind the machine's readiness gate (type = the checks annotation's name)."""
+    return {"type": labels.CHECKS, "status": "True" if passing else "False",
+            "reason": "ChecksPassing" if passing else "ChecksFailing",
+            "message": "all checks pass" if passing else f"failing: {', '.join(failing) or 'a check'}",
+            "lastTransitionTime": now}
+
+
 class PodSource:
-    """List+watch the pods of this node in a thread (the kubernetes client is blocking)."""
+    """List+watch the pods of this node in a thread (the kubernetes client is blocking).
+
+    It also writes each machine's check verdict to its pod (the readiness gate),
+    one write at a time in a thread of its own."""
 
     def __init__(self, host: str, region: str, on_machines: OnMachines):
         self.host, self.region = host, region
         self._on = on_machines
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="checks-gate")
+
+    def report_checks(self, m: LocalMachine, passing: bool, failing: list[str]) -> None:
+        self._writer.submit(self._write_checks, m.org, m.machine_id, m.instance_id, passing, failing)
+
+    def _write_checks(self, namespace: str, pod: str, instance: str, passing: bool, failing: list[str]) -> None:
+        from datetime import datetime, timezone
+
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        api = client.CoreV1Api()
+        for _ in range(3):
+            try:
+                live = api.read_namespaced_pod(pod, namespace)
+                if (live.metadata.annotations or {}).get(labels.INSTANCE_ID, instance) != instance:
+                    return  # replaced meanwhile: the new instance gets its own verdict
+                now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                # resourceVersion: the pod must still be the one just read.
+                body = {"metadata": {"resourceVersion": live.metadata.resource_version},
+                        "status": {"conditions": [checks_condition(passing, failing, now)]}}
+                api.patch_namespaced_pod_status(pod, namespace, body,
+                                                _content_type="application/strategic-merge-patch+json")
+                log.info("checks gate written", pod=f"{namespace}/{pod}", passing=passing, failing=failing)
+                return
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue  # the kubelet wrote status in between: read again
+                log.warning("checks gate not written", pod=f"{namespace}/{pod}", status=exc.status, reason=exc.reason)
+                return
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -181,6 +223,7 @@ class PodSource:
 
     def stop(self) -> None:
         self._stop.set()
+        self._writer.shutdown(wait=False, cancel_futures=True)
 
     def _emit(self, pods: dict[str, dict]) -> None:
         out: dict[Key, LocalMachine] = {}
