@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from kubefly import API_VERSION, labels
 from kubefly.instances import Service as InstanceService
+from kubefly.machines.dns_config import pod_dns
 from kubefly.placement.machines import guest_requests
 from kubefly.secrets.digest import combined_digest
 
@@ -153,6 +154,7 @@ def build_pod(
             "restartPolicy": RESTART_POLICY[restart],
             "terminationGracePeriodSeconds": stop.get("timeoutSeconds", 5),
             "enableServiceLinks": False,
+            **pod_dns(namespace),
             # A machine has no business with the Kubernetes API.
             "automountServiceAccountToken": False,
             "affinity": {
