@@ -56,6 +56,20 @@ else
   kubectl -n kube-system rollout status deployment/coredns --timeout=180s >/dev/null
 fi
 
+# Service CIDR traffic that no kube-proxy rule rewrote is refused on the node
+# instead of leaving toward the real network (hack/kind/node/service-cidr-guard.sh);
+# a systemd unit in each node applies it again whenever the node boots.
+svc_cidr=$(kubectl -n kube-system get cm kubeadm-config -o jsonpath='{.data.ClusterConfiguration}' | awk '/serviceSubnet:/ {print $2}')
+[ -n "$svc_cidr" ] || die "no serviceSubnet in the cluster's kubeadm-config"
+for node in $(kind get nodes --name "$name"); do
+  docker cp "$repo/hack/kind/node/service-cidr-guard.sh" "$node:/usr/local/sbin/kubefly-service-cidr-guard"
+  docker cp "$repo/hack/kind/node/kubefly-service-cidr-guard.service" "$node:/etc/systemd/system/"
+  docker exec "$node" sh -c "echo SERVICE_CIDR=$svc_cidr > /etc/default/kubefly-service-cidr-guard &&
+    systemctl daemon-reload && systemctl enable -q kubefly-service-cidr-guard && systemctl restart kubefly-service-cidr-guard" \
+    || die "could not guard the Service CIDR $svc_cidr on $node"
+done
+log "Service CIDR $svc_cidr: refused on every node unless kube-proxy rewrote it"
+
 # kubefly's images, loaded into every node (no registry between them).
 declare -A img
 while IFS='=' read -r k v; do img[$k]=$v; done < <(bash "$repo/hack/kind/kubefly-images.sh")
@@ -64,7 +78,7 @@ workers=$(kind get nodes --name "$name" | grep -v control-plane | paste -sd, -)
 timed "kind load ${img[*]}" kind load docker-image --name "$name" --nodes "$workers" "${img[@]}" >/dev/null
 
 values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never
-        --set agent.enabled=true --set proxy.enabled=true)
+        --set agent.enabled=true --set proxy.enabled=true --set dns.enabled=true)
 timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
   --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null
 kubectl -n "$ns" rollout status "deployment/$release-operator" --timeout=120s >/dev/null
