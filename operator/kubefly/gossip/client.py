@@ -49,6 +49,7 @@ class LocalReplica:
         self._rows: dict[Key, Instance] = {}
         self._by_app: dict[Key, dict[str, Instance]] = {}
         self._rtt: dict[str, float] = {}
+        self._host_ips: dict[str, str] = {}  # member host -> the IP its agent advertises
         self._subscribers: list[asyncio.Queue] = []
         self._changed = asyncio.Event()
 
@@ -68,6 +69,10 @@ class LocalReplica:
         if host == self.self_host:
             return 0.0
         return self._rtt.get(host)
+
+    def host_ip(self, host: str) -> str | None:
+        """The IP other hosts reach `host` on (its agent's advertised member address)."""
+        return self._host_ips.get(host)
 
     def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue:
         """A queue of `Change`s. A subscriber that falls behind by `maxsize`
@@ -123,6 +128,15 @@ class LocalReplica:
             self._rtt.update({h: float(v) for h, v in doc.get("rtt", {}).items()})
             self._publish(Change("rtt", rtt=dict(doc.get("rtt", {}))))
 
+    def apply_members(self, doc: dict) -> None:
+        """GET /v1/members: keep each member's advertised IP."""
+        ips = {}
+        for m in doc.get("members", []):
+            ip = str(m.get("addr", "")).rpartition(":")[0].strip("[]")
+            if m.get("host") and ip:
+                ips[str(m["host"])] = ip
+        self._host_ips = ips
+
     def _put(self, inst: Instance) -> None:
         old = self._rows.get(inst.key)
         if old is not None and old.app != inst.app:
@@ -153,8 +167,10 @@ class LocalReplica:
 
 
 class ReplicaClient:
-    def __init__(self, base_url: str, *, connect_timeout: float = 5.0):
+    def __init__(self, base_url: str, *, connect_timeout: float = 5.0, members_interval: float = 2.0):
         self.base_url = base_url.rstrip("/")
+        self._members_interval = members_interval
+        self._members_task: asyncio.Task | None = None
         self.replica = LocalReplica()
         self.connected = False
         self._connect_timeout = connect_timeout
@@ -170,16 +186,19 @@ class ReplicaClient:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         )
         self._task = asyncio.create_task(self._follow())
+        self._members_task = asyncio.create_task(self._poll_members())
         try:
             await asyncio.wait_for(self._first.wait(), wait)
         except asyncio.TimeoutError:
             log.warning("agent not reachable yet; serving an empty replica", agent=self.base_url)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._members_task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
         if self._session is not None:
@@ -202,6 +221,22 @@ class ReplicaClient:
                     log.warning("load report refused", status=resp.status, body=(await resp.text())[:200])
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.debug("load report failed", error=str(exc))
+
+    async def _poll_members(self) -> None:
+        """Member addresses (where each host's proxy is reached) change rarely: poll them."""
+        assert self._session is not None
+        while True:
+            try:
+                async with self._session.get(
+                    f"{self.base_url}/v1/members", timeout=aiohttp.ClientTimeout(total=5)
+                ) as resp:
+                    resp.raise_for_status()
+                    self.replica.apply_members(await resp.json())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the agent restarts or is gone: keep the last addresses
+                log.debug("members poll failed", error=str(exc))
+            await asyncio.sleep(self._members_interval)
 
     async def _follow(self) -> None:
         assert self._session is not None
