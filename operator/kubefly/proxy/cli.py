@@ -30,14 +30,12 @@ def _addr(spec: str) -> tuple[str, int]:
 @click.option("--self-region", default="local", show_default=True, help="With --static: this host's region.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True), help="YAML settings (kubefly.proxy.config.Config); re-read on SIGHUP.")
 @click.option("--domain", help="Platform domain: apps answer at <app>.<domain> and <app>.<org>.<domain>.")
-@click.option("--host-proxy-template", help="Address of a host's proxy for edge->host hops, e.g. '{host}:4281'.")
-@click.option("--host-proxy", "host_proxies", multiple=True, help="HOST=ADDR:PORT, overrides the template for one host.")
 @click.option("--starter", "starter_spec", default="kube", show_default=True, help="Autostart/autostop: kube, command:<cmd> or none.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds in-flight requests get to finish on SIGTERM.")
 @click.option("--log-level", default="INFO", show_default=True)
 def proxy_command(
     listen, hop_listen, metrics_listen, agent_url, static_file, self_host, self_region, config_file, domain,
-    host_proxy_template, host_proxies, starter_spec, drain_timeout, log_level,
+    starter_spec, drain_timeout, log_level,
 ):
     """Route HTTP requests to app instances, using only the local replica."""
     import uvloop
@@ -46,10 +44,6 @@ def proxy_command(
     overrides: dict = {}
     if domain:
         overrides["domain"] = domain
-    if host_proxy_template:
-        overrides["host_proxy_template"] = host_proxy_template
-    if host_proxies:
-        overrides["host_proxies"] = dict(h.split("=", 1) for h in host_proxies)
     cfg = config_mod.load(config_file, overrides)
     maddr, mport = _addr(metrics_listen)
     metrics.serve(mport, maddr)
@@ -73,7 +67,7 @@ async def _run(cfg, config_file, overrides, listen, hop_listen, agent_url, stati
         client = ReplicaClient(agent_url)
         await client.start()
         replica, report_load = client.replica, client.report_load
-    proxy = Proxy(replica, cfg, starter=starters.from_spec(starter_spec), report_load=report_load)
+    proxy = Proxy(replica, cfg, starter=starters.from_spec(starter_spec), report_load=report_load, hop_port=hop_listen[1])
     conns: set = set()
     timeouts = server.Timeouts(header=cfg.header_timeout_s, idle=cfg.idle_timeout_s)
     limits = http1.Limits()

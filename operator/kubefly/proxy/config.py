@@ -37,9 +37,10 @@ class Config(BaseModel):
     leastload_threshold: int = Field(default=64, ge=1)
     strategies: dict[str, str] = Field(default_factory=dict)  # "org/app" -> strategy
     sample: int = Field(default=8, ge=1)
-    # Where each host's proxy takes edge -> host hops: explicit map, else the template.
-    host_proxies: dict[str, str] = Field(default_factory=dict)
-    host_proxy_template: str = "{host}:4281"
+    # The port every host's proxy takes edge -> host hops on (a DaemonSet's host port);
+    # the address is the host's own, as its agent advertises it. Default: this
+    # proxy's own --hop-listen port.
+    hop_port: int | None = Field(default=None, ge=1, le=65535)
     hop_token: str = ""
 
     def strategy_for(self, org: str, app: str, n_instances: int) -> str:
@@ -47,11 +48,6 @@ class Config(BaseModel):
         if named:
             return named
         return "leastload" if n_instances > self.leastload_threshold else "closest"
-
-    def host_proxy(self, host: str) -> tuple[str, int]:
-        spec = self.host_proxies.get(host) or self.host_proxy_template.format(host=host)
-        addr, _, port = spec.rpartition(":")
-        return addr.strip("[]"), int(port)
 
 
 def load(path: Path | None, overrides: dict) -> Config:

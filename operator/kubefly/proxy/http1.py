@@ -108,10 +108,31 @@ _PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = DROP) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers, those the Connection header names, internal ones and `drop`."""
-    named = connection_tokens(headers)
-    if named - _PLAIN_TOKENS:
-        drop = drop | named
-    return [h for h in headers if h[0] not in drop]
+    out = [h for h in headers if h[0] not in drop]
+    if len(out) < len(headers) and any(h[0] == b"connection" for h in headers):
+        named = connection_tokens(headers) - _PLAIN_TOKENS
+        if named:  # rare: the Connection header names further hop-by-hop headers
+            out = [h for h in out if h[0] not in named]
+    return out
+
+
+def response_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tuple[bytes, bytes | None]:
+    """A response's end-to-end headers serialized, and its Content-Length, in one pass
+    (this runs for every response the proxy relays)."""
+    out = []
+    length = None
+    named: set[bytes] | None = None
+    for name, value in headers:
+        if name in drop:
+            if name == b"content-length":
+                length = value
+            elif name == b"connection":
+                named = connection_tokens(headers) - _PLAIN_TOKENS
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    if named:  # rare: the Connection header names further hop-by-hop headers
+        out = [name + b": " + value + b"\r\n" for name, value in headers if name not in drop and name not in named]
+    return b"".join(out), length
 
 
 def get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -122,7 +143,7 @@ def get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 
 
 def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+    return b"".join([n + b": " + v + b"\r\n" for n, v in headers])
 
 
 def simple_response(

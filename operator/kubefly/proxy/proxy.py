@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Protocol
 
 from kubefly import logs
-from kubefly.instances import Instance
+from kubefly.instances import ConcurrencyType, Instance
 from kubefly.proxy import http1, metrics, routing
 from kubefly.proxy.config import Config
 from kubefly.proxy.server import Request
@@ -46,6 +46,7 @@ class Replica(Protocol):
     def instances(self, org: str | None = None, app: str | None = None) -> list[Instance]: ...
     def apps(self) -> set[tuple[str, str]]: ...
     def rtt(self, host: str) -> float | None: ...
+    def host_ip(self, host: str) -> str | None: ...
 
 
 class Starter(Protocol):
@@ -67,6 +68,39 @@ class Replay:
         self.region = region
         self.instance = instance
         self.elsewhere = elsewhere
+
+
+class Binding:
+    """A slot an open client connection holds on one instance (concurrency type
+    "connections"): taken by the connection's first request there, released when
+    the connection closes. Towards another host it owns a hop connection of its
+    own, so that host counts it as one open connection too."""
+
+    __slots__ = ("app", "upstream", "_release")
+
+    def __init__(self, app: AppKey, release: Callable[[], None]):
+        self.app = app
+        self.upstream: UpstreamConn | None = None
+        self._release = release
+
+    def take(self) -> UpstreamConn | None:
+        conn, self.upstream = self.upstream, None
+        if conn is not None and not conn.closed:
+            conn.reused = True
+            return conn
+        return None
+
+    def keep(self, conn: UpstreamConn) -> None:
+        if conn.closed or not conn.reusable:
+            conn.close()
+        else:
+            self.upstream = conn
+
+    def release(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        self._release()
 
 
 def parse_replay(value: bytes) -> Replay | None:
@@ -142,12 +176,15 @@ class Proxy:
         starter: Starter | None = None,
         report_load: Callable[[dict[tuple[str, str], int]], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
+        hop_port: int = 4281,
     ):
         self.replica = replica
         self.config = config
         self.starter = starter
         self.report_load = report_load
         self.rng = rng or random.Random()
+        self.hop_port = hop_port  # this proxy's own: every host's proxy listens on the same one
+        self._unaddressed: set[str] = set()
         self.pool = Pool(connect_timeout=config.connect_timeout_s, idle_timeout=config.pool_idle_s)
         # Exact concurrency of instances on this host (edge and host roles share it).
         self.local_load: dict[tuple[str, str], int] = defaultdict(int)
@@ -157,14 +194,14 @@ class Proxy:
         self.waiters: dict[AppKey, deque[asyncio.Future]] = defaultdict(deque)
         self._starting: dict[tuple[str, str], asyncio.Task] = {}
         self._apps: dict[str, set[str]] = {}
-        self._apps_stamp = 0.0
+        self._apps_stamp = -1.0
+        self._apps_domain = ""
         self._load_dirty = asyncio.Event()
         self._idle_seen: set[tuple[str, str]] = set()
-        self._counters: dict = {}
         self._deadlines: dict[asyncio.Task, float] = {}
         self._expired: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
-        self._latency: dict = {}
+        self._resolved: dict[bytes | None, tuple[AppKey | None, str]] = {}
 
     @property
     def _region(self) -> bytes:
@@ -188,16 +225,25 @@ class Proxy:
             return 0.0
         return self.replica.rtt(host)
 
-    def _app_index(self) -> dict[str, set[str]]:
-        # The replica changes at gossip speed; rebuilding the name index at most
-        # every 100 ms keeps the per-request cost at one dict lookup.
+    def _resolve(self, host: bytes | None, domain: str) -> tuple[AppKey | None, str]:
+        # The replica changes at gossip speed: the name index is rebuilt at most every
+        # 100 ms, and Host headers already resolved against it cost one dict lookup.
         now = time.monotonic()
-        if now - self._apps_stamp > 0.1:
+        if now - self._apps_stamp > 0.1 or domain != self._apps_domain:
             index: dict[str, set[str]] = {}
             for org, app in self.replica.apps():
                 index.setdefault(app, set()).add(org)
-            self._apps, self._apps_stamp = index, now
-        return self._apps
+            if index != self._apps or domain != self._apps_domain:
+                self._apps, self._apps_domain = index, domain
+                self._resolved = {}
+            self._apps_stamp = now
+        hit = self._resolved.get(host)
+        if hit is None:
+            hit = resolve_app(host, domain, self._apps)
+            if len(self._resolved) > 10_000:  # random Host headers must not grow it without bound
+                self._resolved = {}
+            self._resolved[host] = hit
+        return hit
 
     # -- local slots -------------------------------------------------------------
     def acquire(self, inst: Instance, hard: int | None) -> bool:
@@ -239,7 +285,7 @@ class Proxy:
     async def edge(self, req: Request) -> None:
         cfg = self.config
         started = time.monotonic()
-        app, reason = resolve_app(req.header(b"host"), cfg.domain, self._app_index())
+        app, reason = self._resolve(req.header(b"host"), cfg.domain)
         if app is None:
             self._answer(req, 404, f"kubefly: {reason}\n", b"unknown-app")
             return
@@ -249,10 +295,11 @@ class Proxy:
             return
         self.app_inflight[app] += 1
         status = 0
-        task = asyncio.current_task()
+        loop = req.conn.loop
+        task = asyncio.current_task(loop)
         self._deadlines[task] = started + cfg.total_timeout_s
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = loop.create_task(self._sweep())
         try:
             status = await self._route(req, app, cfg, started)
         except asyncio.CancelledError:
@@ -286,39 +333,29 @@ class Proxy:
                     task.cancel()
 
     def _count(self, app: AppKey, status: int, seconds: float | None = None) -> None:
-        # prometheus_client's labels() costs a lock and a dict walk; the children
-        # are cached per app (and status) since this runs on every request.
-        key = (app, status)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = metrics.REQUESTS.labels(app[0], app[1], str(status))
-        counter.inc()
+        stats = metrics.REQUESTS.stats(app)
+        stats.answered(status)
         if seconds is not None:
-            hist = self._latency.get(app)
-            if hist is None:
-                hist = self._latency[app] = metrics.LATENCY.labels(app[0], app[1])
-            hist.observe(seconds)
+            stats.observe(seconds)
 
-    def _forward_headers(self, req: Request, request_id: bytes) -> list[tuple[bytes, bytes]]:
-        out = http1.end_to_end(req.headers, EDGE_DROP)
+    def _forward_head(self, req: Request, request_id: bytes) -> bytes:
+        """The request's end-to-end headers plus what the edge asserts, serialized once
+        (an attempt, a hop or a replay only appends lines to it)."""
         client = req.conn.peer.encode()
         xff = req.header(b"x-forwarded-for")
         host = req.header(b"host") or b""
         port = req.conn.local_port
         prior = req.header(b"forwarded")
         fwd = b'for="%s";proto=http;host="%s"' % (client, host)
-        out += [
-            (b"x-forwarded-for", xff + b", " + client if xff else client),
-            (b"forwarded", prior + b", " + fwd if prior else fwd),
-            (b"x-forwarded-proto", b"http"),
-            (b"x-forwarded-host", host),
-            (b"x-forwarded-port", port),
-            (b"fly-client-ip", client),
-            (b"fly-forwarded-port", port),
-            (b"fly-region", self._region),
-            (b"fly-request-id", request_id),
-        ]
-        return out
+        return http1.serialize_headers(http1.end_to_end(req.headers, EDGE_DROP)) + (
+            b"x-forwarded-for: %s\r\nforwarded: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\n"
+            b"x-forwarded-port: %s\r\nfly-client-ip: %s\r\nfly-forwarded-port: %s\r\nfly-region: %s\r\n"
+            b"fly-request-id: %s\r\n"
+        ) % (
+            xff + b", " + client if xff else client,
+            prior + b", " + fwd if prior else fwd,
+            host, port, client, port, self._region, request_id,
+        )
 
     async def _route(self, req: Request, app: AppKey, cfg: Config, started: float) -> int:
         org, name = app
@@ -328,7 +365,8 @@ class Proxy:
             body, replayable = await req.body.read_upto(cfg.replay_body_limit)
         # Unique enough to follow a request through logs; not a secret, so no syscall for entropy.
         request_id = b"%016x-%s" % (self.rng.getrandbits(64), self._region)
-        headers = self._forward_headers(req, request_id)
+        base = self._forward_head(req, request_id)
+        head = base
         force = (req.header(b"fly-force-instance-id") or b"").decode("latin-1").strip() or None
         region = (req.header(b"fly-prefer-region") or b"").decode("latin-1").strip() or self.replica.self_region
         deadline = started + cfg.retry_budget_s
@@ -341,17 +379,22 @@ class Proxy:
                 if not instances:
                     return self._answer(req, 404, f"kubefly: app {name} has no instance {force}\n", b"no-instance")
             strategy = cfg.strategy_for(org, name, len(instances))
-            choices = routing.order(
-                instances,
-                region=region,
-                load=self.load,
-                rtt=self.rtt,
-                rng=self.rng,
-                strategy=strategy,
-                sample=cfg.sample,
-                exclude=frozenset(exclude),
-            )
-            if force is None and (not choices or routing.all_above_soft(choices)):
+            sticky = self._sticky(req.conn.bindings, instances, exclude) if req.conn.bindings else None
+            if sticky is not None:
+                choices, under_soft = [sticky], True
+            elif strategy == routing.CLOSEST:
+                # Only the best candidate is tried; after "full" the edge asks again.
+                best, under_soft = routing.pick(
+                    instances, region=region, load=self.load, rtt=self.rtt, rng=self.rng, exclude=exclude
+                )
+                choices = [best] if best is not None else []
+            else:
+                choices = routing.order(
+                    instances, region=region, load=self.load, rtt=self.rtt, rng=self.rng, strategy=strategy,
+                    sample=cfg.sample, exclude=frozenset(exclude),
+                )
+                under_soft = not routing.all_above_soft(choices)
+            if force is None and not under_soft:
                 candidate = routing.autostart_candidate(instances, region=region, rtt=self.rtt)
                 if candidate is not None and self.starter is not None:
                     waiting = self._autostart(candidate)
@@ -373,16 +416,15 @@ class Proxy:
                 continue
             choice = choices[0]
             attempts += 1
-            result = await self._attempt(req, choice, headers, body, replayable, cfg, request_id)
+            result = await self._attempt(req, choice, head, body, replayable, cfg, request_id)
             if isinstance(result, int):
                 return result
             if isinstance(result, Replay):
                 replays += 1
                 if replays > cfg.max_replays:
                     return self._answer(req, 502, "kubefly: too many replays\n", b"replay-chain")
-                headers = [(n, v) for n, v in headers if n != b"fly-replay-src"] + [
-                    (b"fly-replay-src", b"instance=%s;region=%s" % (choice.instance.machine_id.encode(), choice.instance.region.encode()))
-                ]
+                head = base + b"fly-replay-src: instance=%s;region=%s\r\n" % (
+                    choice.instance.machine_id.encode(), choice.instance.region.encode())
                 force = result.instance
                 if result.region:
                     region = result.region
@@ -429,47 +471,102 @@ class Proxy:
         except TimeoutError:
             return False
 
-    async def _attempt(self, req, choice, headers, body, replayable, cfg, request_id):
+    async def _attempt(self, req, choice, head, body, replayable, cfg, request_id):
         inst, service = choice.instance, choice.service
-        if inst.host == self.replica.self_host:
+        local = inst.host == self.replica.self_host
+        if local:
+            target = (inst.address, service.internal_port)
+        else:
+            target = self._hop_target(inst)
+            if target is None:
+                return Outcome.retry
+            head = head + b"%s: %s/%s\r\n" % (http1.H_INSTANCE, inst.org.encode(), inst.machine_id.encode())
+            if cfg.hop_token:
+                head += b"%s: %s\r\n" % (http1.H_HOP_TOKEN, cfg.hop_token.encode())
+        if service.concurrency_type is ConcurrencyType.connections:
+            return await self._attempt_bound(req, inst, service, local, target, head, body, replayable, cfg, request_id)
+        if local:
             if not self.acquire(inst, service.hard_limit):
                 return Outcome.full
             try:
-                return await self._exchange(
-                    req, (inst.address, service.internal_port), headers, body, replayable, cfg, request_id, edge=True
-                )
+                return await self._exchange(req, target, head, body, replayable, cfg, request_id, edge=True)
             finally:
                 self.release(inst)
-        target = cfg.host_proxy(inst.host)
-        hop = headers + [(http1.H_INSTANCE, f"{inst.org}/{inst.machine_id}".encode())]
-        if cfg.hop_token:
-            hop.append((http1.H_HOP_TOKEN, cfg.hop_token.encode()))
         self.outstanding[inst.key] += 1
         try:
-            return await self._exchange(req, target, hop, body, replayable, cfg, request_id, edge=True)
+            return await self._exchange(req, target, head, body, replayable, cfg, request_id, edge=True)
         finally:
-            n = self.outstanding[inst.key] - 1
-            if n:
-                self.outstanding[inst.key] = n
+            self._unoutstand(inst.key)
+
+    def _hop_target(self, inst: Instance) -> tuple[str, int] | None:
+        """Where the instance's host proxy takes hops: the host's IP as its agent
+        advertises it (member data in the replica), on the platform's hop port."""
+        ip = self.replica.host_ip(inst.host)
+        if ip is None:
+            if inst.host not in self._unaddressed:  # once per host, not per request
+                self._unaddressed.add(inst.host)
+                log().warning("agent knows no address for host: its instances are skipped", host=inst.host)
+            return None
+        return ip, self.config.hop_port or self.hop_port
+
+    def _unoutstand(self, key: tuple[str, str]) -> None:
+        n = self.outstanding[key] - 1
+        if n:
+            self.outstanding[key] = n
+        else:
+            del self.outstanding[key]
+
+    async def _attempt_bound(self, req, inst, service, local, target, head, body, replayable, cfg, request_id):
+        """Concurrency type "connections": the client connection holds one slot on the
+        instance from its first request there until it closes, however many requests it sends."""
+        bindings = req.conn.bindings
+        binding = bindings.get(inst.key)
+        if binding is None:
+            if local:
+                if not self.acquire(inst, service.hard_limit):
+                    return Outcome.full
+                binding = Binding((inst.org, inst.app), lambda: self.release(inst))
             else:
-                del self.outstanding[inst.key]
+                self.outstanding[inst.key] += 1
+                binding = Binding((inst.org, inst.app), lambda key=inst.key: self._unoutstand(key))
+            bindings[inst.key] = binding
+        result = await self._exchange(
+            req, target, head, body, replayable, cfg, request_id, edge=True, binding=None if local else binding
+        )
+        if isinstance(result, (Outcome, Replay)) and bindings.get(inst.key) is binding:
+            # Not served there (full, unreachable, replayed elsewhere): the slot goes back at once.
+            del bindings[inst.key]
+            binding.release()
+        return result
+
+    def _sticky(self, bindings: dict, instances: list[Instance], exclude) -> routing.Choice | None:
+        """The instance this client connection already holds a slot on, if it can still serve."""
+        for inst in instances:
+            if inst.key in bindings and inst.key not in exclude and inst.routable:
+                service = routing.http_service(inst)
+                if service is not None:
+                    load = self.load(inst)
+                    return routing.Choice(inst, service, load, routing.band(load, service), 0.0)
+        return None
 
     # -- one upstream exchange -------------------------------------------------------
-    async def _exchange(self, req, target, headers, body, replayable, cfg, request_id, *, edge: bool):
+    async def _exchange(self, req, target, headers, body, replayable, cfg, request_id, *, edge: bool,
+                        binding: Binding | None = None):
         """Send the request, stream the answer back. Returns a status, Outcome or Replay.
 
         `edge`: this proxy took the client's connection, so it acts on
         `fly-replay` and adds the request id; a host hop passes both through.
+        `binding`: the upstream connection is the binding's own, never pooled.
         """
         for fresh in (False, True):
-            conn = self.pool.idle_conn(target)
+            conn = self.pool.idle_conn(target) if binding is None else binding.take()
             if conn is None:
                 try:
                     conn = await self.pool.connect(*target)
                 except UpstreamError:
                     return Outcome.retry
             try:
-                return await self._send(req, conn, headers, body, replayable, cfg, request_id, edge)
+                return await self._send(req, conn, headers, body, replayable, cfg, request_id, edge, binding)
             except asyncio.CancelledError:
                 conn.close()  # the request's total timeout: this exchange is abandoned mid-way
                 raise
@@ -491,10 +588,10 @@ class Proxy:
                 # A pooled connection the instance had already closed: one more try on a new one.
         return Outcome.retry
 
-    async def _send(self, req, conn: UpstreamConn, headers, body, replayable, cfg, request_id, edge):
+    async def _send(self, req, conn: UpstreamConn, headers, body, replayable, cfg, request_id, edge, binding=None):
         client = req.conn
         conn.begin(req.method == b"HEAD", cfg.idle_timeout_s, cfg.response_timeout_s)
-        lines = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target), http1.serialize_headers(headers)]
+        lines = [b"%s %s HTTP/1.1\r\n" % (req.method, req.target), headers]
         if req.upgrade:
             lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % (req.header(b"upgrade") or b""))
         if replayable:
@@ -520,24 +617,22 @@ class Proxy:
             conn.reusable = False
             conn.close()
             return Outcome.full
-        replay = http1.get(rheaders, b"fly-replay")
-        if edge and replay is not None and replayable and not req.upgrade:
-            directive = parse_replay(replay)
-            if directive is not None:
-                conn.reusable = False
-                conn.close()
-                return directive
+        if edge and not req.upgrade:
+            replay = http1.get(rheaders, b"fly-replay")
+            if replay is not None and replayable:
+                directive = parse_replay(replay)
+                if directive is not None:
+                    conn.reusable = False
+                    conn.close()
+                    return directive
         if status == 101 and req.upgrade:
             return await self._tunnel(req, conn, rheaders)
         no_body = http1.status_has_no_body(status, req.method)
         keep = req.keep_alive and not client.draining and not req.upgrade
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, http1.REASONS.get(status, b"Status"))]
+        block, length = http1.response_headers(rheaders, REPLAY_DROP if edge else http1.DROP)
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, http1.REASONS.get(status, b"Status")), block]
         if edge:
-            out.append(http1.serialize_headers(http1.end_to_end(rheaders, REPLAY_DROP)))
             out.append(b"fly-request-id: %s\r\n" % request_id)
-        else:
-            out.append(http1.serialize_headers(http1.end_to_end(rheaders)))
-        length = http1.get(rheaders, b"content-length")
         chunked = False
         if length is not None and (not no_body or req.method == b"HEAD"):
             out.append(b"content-length: %s\r\n" % length)
@@ -574,7 +669,10 @@ class Proxy:
         if not req.body.done:
             # The instance answered before reading the whole body: the connection cannot be reused.
             conn.reusable = False
-        self.pool.release(conn)
+        if binding is None:
+            self.pool.release(conn)
+        else:
+            binding.keep(conn)
         return status
 
     async def _tunnel(self, req, conn: UpstreamConn, rheaders) -> int:
@@ -623,17 +721,24 @@ class Proxy:
             None,
         )
         service = routing.http_service(inst) if inst is not None else None
-        if inst is None or service is None or not self.acquire(inst, service.hard_limit):
+        bindings = req.conn.bindings
+        # Concurrency type "connections": this hop connection (one per client
+        # connection at the edge) holds one slot until it closes.
+        per_conn = service is not None and service.concurrency_type is ConcurrencyType.connections
+        held = per_conn and inst.key in bindings
+        if inst is None or service is None or not (held or self.acquire(inst, service.hard_limit)):
             req.conn.write(
                 http1.simple_response(503, b"", keep_alive=req.keep_alive and req.body.done, extra=[(http1.H_FULL, b"1")])
             )
             return
+        if per_conn and not held:
+            bindings[inst.key] = Binding((inst.org, inst.app), lambda: self.release(inst))
         try:
             if req.body.empty:
                 body, replayable = b"", True
             else:
                 body, replayable = await req.body.read_upto(cfg.replay_body_limit)
-            headers = http1.end_to_end(req.headers)
+            headers = http1.serialize_headers(http1.end_to_end(req.headers))
             request_id = req.header(b"fly-request-id") or b""
             result = await self._exchange(
                 req, (inst.address, service.internal_port), headers, body, replayable, cfg, request_id, edge=False
@@ -642,8 +747,12 @@ class Proxy:
                 req.conn.write(
                     http1.simple_response(503, b"", keep_alive=req.keep_alive, extra=[(http1.H_FULL, b"1")])
                 )
+                binding = bindings.pop(inst.key, None) if per_conn else None
+                if binding is not None:
+                    binding.release()
         finally:
-            self.release(inst)
+            if not per_conn:
+                self.release(inst)
 
     # -- background: load reports and autostop ---------------------------------------
     async def report_loads(self) -> None:

@@ -38,3 +38,7 @@ class StaticReplica:
 
     def rtt(self, host: str) -> float | None:
         return None
+
+    def host_ip(self, host: str) -> str | None:
+        # One host, no agent: rows of other hosts have nowhere to hop to.
+        return None

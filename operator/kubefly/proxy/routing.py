@@ -18,7 +18,7 @@ of every instance, so a pick costs O(sample), not O(n log n).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -108,6 +108,49 @@ def order(
     local.sort(key=lambda c: (c.band, c.load, c.rtt, rng.random()))
     remote.sort(key=lambda c: (c.band, c.rtt, c.load, rng.random()))
     return local + remote
+
+
+def pick(
+    instances: Iterable[Instance],
+    *,
+    region: str,
+    load: Callable[[Instance], int],
+    rtt: Callable[[str], float | None],
+    rng: random.Random,
+    exclude: Container[tuple[str, str]] = (),
+) -> tuple[Choice | None, bool]:
+    """The first candidate `order` (strategy closest) would return, found in one pass
+    without ranking the rest, and whether any candidate is under its soft limit.
+
+    The edge asks again after each "full" answer (loads change meanwhile), so it
+    only ever needs the best one; ties are broken uniformly at random.
+    """
+    best: tuple | None = None
+    best_key: tuple | None = None
+    ties = 0
+    under_soft = False
+    for inst in instances:
+        if not inst.routable or (exclude and inst.key in exclude):
+            continue
+        service = http_service(inst)
+        if service is None:
+            continue
+        current = load(inst)
+        b = band(current, service)
+        if b is Band.full:
+            continue
+        if b is Band.under_soft:
+            under_soft = True
+        measured = rtt(inst.host)
+        r = UNKNOWN_RTT if measured is None else measured
+        key = (0, b, current, r) if inst.region == region else (1, b, r, current)
+        if best_key is None or key < best_key:
+            best_key, best, ties = key, (inst, service, current, b, r), 1
+        elif key == best_key:
+            ties += 1
+            if rng.random() * ties < 1:  # reservoir sampling: each tie kept with chance 1/ties
+                best = (inst, service, current, b, r)
+    return (Choice(*best) if best is not None else None), under_soft
 
 
 def _sampled(choices: list[Choice], sample: int, rng: random.Random) -> list[Choice]:

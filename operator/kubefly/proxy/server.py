@@ -62,7 +62,7 @@ class Body:
                 return b""
             if self._conn is not None and self._conn.closed:
                 raise ConnectionError("client went away mid-body")
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = (self._conn.loop if self._conn is not None else asyncio.get_running_loop()).create_future()
             await self._waiter
             self._waiter = None
         data = self._chunks.popleft()
@@ -126,6 +126,8 @@ class Connection(asyncio.Protocol):
         self.limits = limits
         self.timeouts = timeouts
         self.registry = registry
+        # Held, not looked up: asyncio.get_running_loop() costs a getpid() syscall on Python 3.11.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer: str = ""
         self.closed = False
@@ -138,6 +140,9 @@ class Connection(asyncio.Protocol):
         self.tunnel_eof: Callable[[], None] | None = None
         # Called once when a full write buffer drains (resumes a paused upstream).
         self.on_writable: Callable[[], None] | None = None
+        # Instance slots this connection holds while it is open (concurrency type
+        # "connections"): instance key -> what releases the slot.
+        self.bindings: dict = {}
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task | None = None
@@ -175,6 +180,9 @@ class Connection(asyncio.Protocol):
             self._current.body.abort()
         if self.tunnel_eof is not None:
             self.tunnel_eof()
+        while self.bindings:
+            _, binding = self.bindings.popitem()
+            binding.release()
         if self._task is not None and not self._task.done() and not self.busy:
             self._task.cancel()
 
@@ -254,7 +262,7 @@ class Connection(asyncio.Protocol):
             if not self._next.done():
                 self._next.set_result(None)
         elif self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._serve())
+            self._task = self.loop.create_task(self._serve())
 
     def on_body(self, body: bytes):
         if self._current is not None:
@@ -290,7 +298,7 @@ class Connection(asyncio.Protocol):
             if not self._queue:
                 self._arm(self.timeouts.idle)
                 # Keep this task for the next request on the connection: cheaper than a new task each time.
-                self._next = asyncio.get_running_loop().create_future()
+                self._next = self.loop.create_future()
                 try:
                     await self._next
                 finally:
@@ -361,7 +369,7 @@ class Connection(asyncio.Protocol):
     # One timer per connection, re-armed lazily: moving a deadline costs a
     # float store, not a new timer handle per request.
     def _arm(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._deadline = loop.time() + delay
         if self._timer is None:
             self._timer = loop.call_at(self._deadline, self._expire)
@@ -373,7 +381,7 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self._deadline is None or self.closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._expire)
             return

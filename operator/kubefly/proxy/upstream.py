@@ -32,6 +32,7 @@ class UpstreamConn(asyncio.Protocol):
     def __init__(self, pool: Pool, key: tuple[str, int]):
         self.pool = pool
         self.key = key
+        self.loop = asyncio.get_running_loop()  # held: looking it up costs a getpid() on Python 3.11
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
@@ -60,7 +61,7 @@ class UpstreamConn(asyncio.Protocol):
         self.transport = transport
 
     def pause_writing(self):
-        self._writable = asyncio.get_running_loop().create_future()
+        self._writable = self.loop.create_future()
 
     def resume_writing(self):
         if self._writable is not None and not self._writable.done():
@@ -163,7 +164,7 @@ class UpstreamConn(asyncio.Protocol):
     # -- exchange ---------------------------------------------------------------
     def begin(self, head_only: bool, idle: float, response_timeout: float) -> None:
         """Start an exchange: the head must come within response_timeout, then no silence longer than idle."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._head = loop.create_future()
         self._done = loop.create_future()
         self._head_only = head_only
@@ -207,7 +208,7 @@ class UpstreamConn(asyncio.Protocol):
             return  # between exchanges; the pool's own idle limit applies
         remaining = self._last + self._idle - time.monotonic()
         if remaining > 0:
-            self._idle_timer = asyncio.get_running_loop().call_later(remaining, self._check_idle)
+            self._idle_timer = self.loop.call_later(remaining, self._check_idle)
             return
         self._fail(UpstreamTimeout("instance timed out", sent=True))
 

@@ -20,28 +20,53 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubefly.gossip.harness import AgentCluster, free_port
+from kubefly.gossip.harness import AgentCluster, AgentProc, free_port
 
 KUBEFLY = str(Path(sys.executable).parent / "kubefly")
 STARTER = Path(__file__).with_name("starter.py")
 DOMAIN = "test"
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 20.0, ip: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((ip, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {port}")
 
 
+class HostsCluster(AgentCluster):
+    """Agents as on separate hosts: each binds and advertises its own loopback IP
+    (host-000 127.0.0.1, host-001 127.0.0.2, ...), so each host's proxy takes hops
+    on the same port at its host's address, which the proxies learn from the agents."""
+
+    def __init__(self, n: int, **kw):
+        super().__init__(n, **kw)
+        self.seed_addrs = [f"{self.ip(a)}:{a.gossip_port}" for a in self.agents[:2]]
+
+    @staticmethod
+    def ip(a: AgentProc) -> str:
+        return f"127.0.0.{a.index + 1}"
+
+    def command(self, a: AgentProc) -> list[str]:
+        me = f"{self.ip(a)}:{a.gossip_port}"
+        cmd = [KUBEFLY, "agent", "--host", a.host, "--region", a.region, "--gossip", me,
+               "--api", f"127.0.0.1:{a.api_port}", "--data-dir", str(a.data), "--key-file", str(self.key_file),
+               "--source", "dir", "--machines-dir", str(a.machines), "--source-poll", "0.1"]
+        for s in self.seed_addrs:
+            if s != me:
+                cmd += ["--seed", s]
+        return cmd
+
+
 @dataclass
 class ProxyProc:
     host: str
     port: int
+    hop_ip: str
     hop_port: int
     metrics_port: int
     argv: list[str]
@@ -63,7 +88,7 @@ class ProxyProc:
                 raise RuntimeError(f"proxy did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
         wait_port(self.port)
-        wait_port(self.hop_port)
+        wait_port(self.hop_port, ip=self.hop_ip)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -115,8 +140,9 @@ class Platform:
         return port
 
     def machine(self, host: int, machine_id: str, app: str, port: int, *, org: str = "acme", soft: int = 20,
-                hard: int | None = None, state: str = "started", autostop: str = "off") -> None:
-        service = {"internal_port": port, "ports": [80], "concurrency_type": "requests", "soft_limit": soft,
+                hard: int | None = None, state: str = "started", autostop: str = "off",
+                concurrency: str = "requests") -> None:
+        service = {"internal_port": port, "ports": [80], "concurrency_type": concurrency, "soft_limit": soft,
                    "hard_limit": hard, "autostart": True, "autostop": autostop}
         self.cluster.write_machine(self.agents[host], machine_id, org=org, app=app, state=state, services=[service])
 
@@ -153,14 +179,15 @@ class Platform:
 def platform(tmp_path_factory):
     root = tmp_path_factory.mktemp("proxy")
     (root / "agents").mkdir()
-    cluster = AgentCluster(2, regions=2, root=root / "agents")
+    cluster = HostsCluster(2, regions=2, root=root / "agents")
     for a in cluster.agents:
         cluster.spawn(a)
     for a in cluster.agents:
         wait_port(a.api_port, 60)
     spec = root / "starter.json"
     spec.write_text("{}")
-    ports = [(free_port(), free_port(), free_port()) for _ in cluster.agents]
+    hop = free_port()  # the platform's hop port: the same on every host, as a DaemonSet's host port
+    ports = [(free_port(), free_port()) for _ in cluster.agents]
     config = root / "proxy.yaml"
     config.write_text(yaml.safe_dump({
         "domain": DOMAIN,
@@ -169,14 +196,14 @@ def platform(tmp_path_factory):
         "autostart_timeout_s": 30.0,
         "autostop_interval_s": 1.0,
         "app_max_inflight": 20,
-        "host_proxies": {a.host: f"127.0.0.1:{p[1]}" for a, p in zip(cluster.agents, ports)},
     }))
     proxies = []
-    for a, (port, hop, met) in zip(cluster.agents, ports):
-        argv = [KUBEFLY, "proxy", "--listen", f"127.0.0.1:{port}", "--hop-listen", f"127.0.0.1:{hop}",
+    for a, (port, met) in zip(cluster.agents, ports):
+        hop_ip = cluster.ip(a)
+        argv = [KUBEFLY, "proxy", "--listen", f"127.0.0.1:{port}", "--hop-listen", f"{hop_ip}:{hop}",
                 "--metrics-listen", f"127.0.0.1:{met}", "--agent", a.api, "--config", str(config),
                 "--starter", f"command:{sys.executable} {STARTER} {spec}", "--drain-timeout", "10"]
-        proxies.append(ProxyProc(a.host, port, hop, met, argv, root / f"proxy-{a.host}.log"))
+        proxies.append(ProxyProc(a.host, port, hop_ip, hop, met, argv, root / f"proxy-{a.host}.log"))
     p = Platform(cluster, proxies, config, spec)
     try:
         for proxy in proxies:

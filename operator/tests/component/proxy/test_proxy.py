@@ -39,10 +39,12 @@ def apps(platform):
     p.machine(0, "hot-a", "hot", p.backend("hot-a"), soft=1, hard=1)
     p.machine(0, "hot-b", "hot", p.backend("hot-b"), soft=1, hard=1)
     p.machine(0, "flood-0", "flood", p.backend("flood-0"))
+    p.machine(0, "conn-a", "conn", p.backend("conn-a"), soft=1, hard=1, concurrency="connections")
+    p.machine(0, "conn-b", "conn", p.backend("conn-b"), soft=1, hard=1, concurrency="connections")
     p.machine(0, "twin-a", "twin", p.backend("twin-a"), org="acme")
     p.machine(1, "twin-b", "twin", p.backend("twin-b"), org="globex")
     for app, machines in {"web": {"web-0", "web-1"}, "geo": {"geo-0", "geo-1"}, "hot": {"hot-a", "hot-b"},
-                          "flood": {"flood-0"}}.items():
+                          "flood": {"flood-0"}, "conn": {"conn-a", "conn-b"}}.items():
         p.wait_routable(app, machines)
     return p
 
@@ -111,6 +113,77 @@ async def test_host_answers_full_at_the_hard_limit(apps, session):
     served = sorted(h.get("x-machine-id", "") for s, h, _ in results if s == 200)
     assert served == ["hot-a", "hot-b"]
     assert sorted(s for s, _, _ in results) == [200, 200, 503]
+
+
+class KeepAlive:
+    """One client connection, kept open between requests (aiohttp's pool would hide that)."""
+
+    def __init__(self, port: int, host: str):
+        self.port, self.host = port, host
+        self.reader = self.writer = None
+
+    async def get(self, path: str = "/", **headers) -> tuple[int, dict, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n{extra}\r\n".encode())
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 15)
+        lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+        body = await self.reader.readexactly(int(fields.get("content-length", 0)))
+        return int(lines[0].split()[1]), fields, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+            self.writer = None
+
+
+async def test_connections_type_counts_open_client_connections(apps):
+    """conn: two instances on host-000, concurrency type connections, hard limit 1 each.
+    An open keep-alive connection holds its slot between requests; its requests stay on
+    that instance; a third connection is refused until one closes."""
+    p0, p1 = apps.proxies
+    for edge in (p1, p0):  # through a hop to host-000's proxy, then with the instances on the edge's host
+        a, b, c = (KeepAlive(edge.port, "conn.test") for _ in range(3))
+        try:
+            first = [await a.get() for _ in range(3)]
+            assert [s for s, _, _ in first] == [200] * 3
+            held = {h["x-machine-id"] for _, h, _ in first}
+            assert len(held) == 1  # one connection, one instance, one slot
+            status, headers, _ = await b.get()
+            assert status == 200 and headers["x-machine-id"] not in held  # a's idle connection still counts
+            status, headers, _ = await c.get()
+            assert status == 503 and headers["kubefly-error"] == "full"
+            assert (await a.get())[0] == 200  # requests on a held connection need no new slot
+            await a.close()  # frees a's slot (on host-000: the edge closes its own hop connection)
+            await c.close()
+            deadline = time.monotonic() + 10
+            while True:
+                c = KeepAlive(edge.port, "conn.test")
+                status, headers, _ = await c.get()
+                if status == 200:
+                    break
+                await c.close()
+                assert time.monotonic() < deadline, "a closed connection's slot was not released"
+                await asyncio.sleep(0.2)
+            assert headers["x-machine-id"] in held
+        finally:
+            for k in (a, b, c):
+                await k.close()
+
+
+async def test_hop_address_comes_from_the_agents(apps, session):
+    """No hop address is configured: host-001's proxy takes hops only on 127.0.0.2, the
+    address host-001's agent advertises, which host-000's proxy learns from its own agent."""
+    p0, p1 = apps.proxies
+    assert "host_proxies" not in apps.config.read_text() and p1.hop_ip == "127.0.0.2"
+    async with session.get(apps.agents[0].api + "/v1/members") as r:
+        members = await r.json()
+    assert {m["host"]: m["addr"].rsplit(":", 1)[0] for m in members["members"]} == {"host-001": "127.0.0.2"}
+    status, headers, _ = await get(session, p0, "web", **{"fly-force-instance-id": "web-1"})
+    assert status == 200 and headers["x-machine-id"] == "web-1"
 
 
 async def test_full_answer_makes_the_edge_retry_another_instance(apps, session):

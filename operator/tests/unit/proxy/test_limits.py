@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from kubefly.gossip.client import LocalReplica
 from kubefly.proxy import config as config_mod
 from kubefly.proxy.proxy import Proxy
 from kubefly.proxy.replica import StaticReplica
@@ -56,10 +57,20 @@ async def test_slots_stop_at_the_hard_limit_and_a_release_wakes_a_waiter(proxy):
     assert not proxy.waiters[("o", "web")]
 
 
-def test_host_proxy_addresses():
-    cfg = config_mod.Config(host_proxies={"h2": "[::1]:9999"}, host_proxy_template="{host}.nodes:4281")
-    assert cfg.host_proxy("h1") == ("h1.nodes", 4281)
-    assert cfg.host_proxy("h2") == ("::1", 9999)
+def test_hop_address_comes_from_the_agents_member_data():
+    replica = LocalReplica()
+    replica.apply_snapshot({"self": {"host": "h1", "region": "ams"},
+                            "instances": [row("there", "h2"), row("far", "h3"), row("lost", "h4")]})
+    # What GET /v1/members answers: each member's advertised gossip address.
+    replica.apply_members({"members": [{"host": "h2", "addr": "10.1.0.2:7946", "state": "alive"},
+                                       {"host": "h3", "addr": "fd00::3:7946", "state": "alive"}]})
+    proxy = Proxy(replica, config_mod.Config(), hop_port=5281)
+    inst = {i.machine_id: i for i in replica.instances("o", "web")}
+    assert proxy._hop_target(inst["there"]) == ("10.1.0.2", 5281)  # every host's proxy: the same hop port
+    assert proxy._hop_target(inst["far"]) == ("fd00::3", 5281)
+    assert proxy._hop_target(inst["lost"]) is None  # no member address: skipped, never guessed
+    proxy.config = config_mod.Config(hop_port=4999)
+    assert proxy._hop_target(inst["there"]) == ("10.1.0.2", 4999)
 
 
 def test_strategy_choice_and_validation(tmp_path):
