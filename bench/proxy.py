@@ -311,7 +311,17 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $host;
+      # The headers kubefly's edge adds, so both proxies do the same work per request.
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header Forwarded "for=\\"$remote_addr\\";proto=$scheme;host=\\"$host\\"";
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Forwarded-Port $server_port;
+      proxy_set_header Fly-Client-IP $remote_addr;
+      proxy_set_header Fly-Forwarded-Port $server_port;
+      proxy_set_header Fly-Region local;
+      proxy_set_header Fly-Request-Id $request_id;
+      add_header Fly-Request-Id $request_id;
     }}
   }}
 }}
@@ -414,7 +424,8 @@ def main():
         results["overload"] = {"capacity_rps": capacity, "offered_rps": offered, "runs": over}
         results["overload_p99_ratio"] = round(over["kubefly"]["p99_ms"] / over["nginx"]["p99_ms"], 4)
         results["overload_unanswered"] = over["kubefly"]["unanswered"]
-        results["nginx_config"] = "1 worker, upstream least_conn, keepalive 256, no max_conns"
+        results["nginx_config"] = ("1 worker process (kubefly: 1 process), upstream least_conn, keepalive 256, "
+                                   "no max_conns, the same forwarding headers as kubefly's edge")
         results["machine"]["loadavg_at_end"] = os.getloadavg()
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2))
