@@ -77,8 +77,13 @@ class MemberSpec:
     bindir: Path = PG_BINDIR
     # repmgr's failover clock: a primary is given up after about
     # monitor_interval + reconnect_attempts * reconnect_interval seconds.
+    # With primary_visibility_consensus a sibling that saw the primary less than
+    # 2 x monitor_interval ago cancels the election, and repmgr never reruns a
+    # cancelled one. The first standby to notice a dead primary must therefore
+    # retry for longer than that window ((attempts - 1) x interval >= 2 x monitor),
+    # else it cancels on a sibling that has not noticed yet and nobody promotes.
     monitor_interval_s: int = 1
-    reconnect_attempts: int = 2
+    reconnect_attempts: int = 3
     reconnect_interval_s: int = 1
     extra_pg_settings: dict[str, str] = field(default_factory=dict)
 

@@ -18,11 +18,6 @@ def served_by(cluster) -> int:
         return conn.execute("SELECT inet_server_port()").fetchone()[0]
 
 
-# Known defect (issue 6): failover after a SIGKILL sometimes never resumes writes
-# (seen in 1 of 2 full suite runs, and on kills 2-3 of bench-failover, where the
-# killed member came back still reporting primary). Runs every time; not strict,
-# so a pass shows as XPASS. Remove the mark with the fix.
-@pytest.mark.xfail(reason="intermittent: no acknowledged write within 60 s after the primary's SIGKILL", strict=False)
 def test_sigkill_primary_fails_over_without_losing_acknowledged_commits(make_cluster, writer_for):
     cluster = make_cluster(synchronous=True)
     old = cluster.wait_healthy(30)

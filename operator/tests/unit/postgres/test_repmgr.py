@@ -42,6 +42,9 @@ def test_repmgr_conf_fast_automatic_failover_with_consensus():
     assert c["primary_visibility_consensus"] == "true"
     assert c["monitor_interval_secs"] == "1"
     assert int(c["reconnect_attempts"]) * int(c["reconnect_interval"]) <= 3
+    # A standby's election starts only once every sibling's last sight of a dead primary is
+    # outside repmgr's visibility window (2 x monitor interval): else it cancels for good.
+    assert (int(c["reconnect_attempts"]) - 1) * int(c["reconnect_interval"]) >= 2 * int(c["monitor_interval_secs"])
     assert "standby promote" in c["promote_command"]
     assert "--upstream-node-id=%n" in c["follow_command"]
     assert c["service_start_command"] == "'curl -fsS -X POST --max-time 120 http://127.0.0.1:5500/ctl/start'"
