@@ -183,7 +183,9 @@ class Connection(asyncio.Protocol):
         while self.bindings:
             _, binding = self.bindings.popitem()
             binding.release()
-        if self._task is not None and not self._task.done() and not self.busy:
+        # A request still in progress is abandoned: nobody can read its answer, and
+        # the instance's slot (and, at a host, the edge's hop) must not wait for it.
+        if self._task is not None and not self._task.done() and self.tunnel is None:
             self._task.cancel()
 
     def pause_writing(self):
@@ -288,8 +290,8 @@ class Connection(asyncio.Protocol):
                 return
             finally:
                 self.busy = False
-            # The client may have gone away mid-response (connection_lost does not
-            # cancel a busy task): waiting for its next request would leak this task.
+            # The client may have gone away as the response finished: waiting for
+            # its next request would leak this task.
             if self.tunnel is not None or self.closed:
                 return
             if not req.keep_alive or self.draining or not req.body.done:

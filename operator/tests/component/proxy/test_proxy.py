@@ -256,6 +256,36 @@ async def test_instance_timeout_gives_504(apps, session):
     assert status == 504 and headers["kubefly-error"] == "timeout"
 
 
+async def test_total_timeout_answers_504_and_frees_the_slot(apps, session):
+    """An instance slower than the total timeout (its head within the response timeout
+    would not help): 504 within the bound, and its slot free again at once."""
+    p0, p1 = apps.proxies
+    original = apps.config.read_text()
+    cfg = yaml.safe_load(original)
+    apps.config.write_text(yaml.safe_dump({**cfg, "total_timeout_s": 1.5, "response_timeout_s": 20.0}))
+    for p in apps.proxies:
+        p.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    try:
+        timeouts = p1.metric("kubefly_proxy_requests_total", app="hot", code="504")
+        started = time.monotonic()
+        # Through host-001's edge to hot-a on host-000 (hard limit 1), which would answer after 8 s.
+        status, headers, body = await get(session, p1, "hot", "/slow?ms=8000", **{"fly-force-instance-id": "hot-a"})
+        took = time.monotonic() - started
+        assert status == 504 and headers["kubefly-error"] == "timeout" and b"timed out" in body
+        assert 1.5 <= took < 4.0  # the timeout plus the once-a-second sweep, not the instance's 8 s
+        assert p1.metric("kubefly_proxy_requests_total", app="hot", code="504") == timeouts + 1
+        # The edge closed its hop: host-000's proxy gave up the exchange and hot-a's only slot.
+        status, headers, _ = await get(session, p0, "hot", **{"fly-force-instance-id": "hot-a"})
+        assert status == 200 and headers["x-machine-id"] == "hot-a"
+        assert time.monotonic() - started < 6.0
+    finally:
+        apps.config.write_text(original)
+        for p in apps.proxies:
+            p.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+
+
 async def test_one_apps_flood_does_not_starve_another(apps, session):
     p0 = apps.proxies[0]
     flood = [asyncio.create_task(get(session, p0, "flood", "/slow?ms=2000")) for _ in range(40)]
