@@ -126,3 +126,37 @@ def test_autostop_per_region_and_minimum():
     assert routing.autostop_victims([inst("solo", minimum=1)], lambda i: 0) == []
     assert [v.machine_id for v in routing.autostop_victims([inst("solo")], lambda i: 0)] == ["solo"]
     assert routing.autostop_victims([inst("a", autostop="off"), inst("b", autostop="off")], lambda i: 0) == []
+
+
+def test_pick_is_the_head_of_order():
+    """pick() finds order()'s first candidate (same band, load, RTT) in one pass."""
+    rng = random.Random(7)
+    hosts = list(RTT)
+    for trial in range(300):
+        instances = [inst(f"m{i}", region=rng.choice(["ams", "fra"]), host=rng.choice(hosts),
+                          soft=rng.randint(1, 3), hard=rng.choice([None, 4]),
+                          check=rng.choice(["passing", "passing", "failing"])) for i in range(rng.randint(0, 7))]
+        loads = {i.machine_id: rng.randint(0, 5) for i in instances}
+        load = lambda i: loads[i.machine_id]  # noqa: E731
+        exclude = {i.key for i in instances if rng.random() < 0.2}
+        ranked = routing.order(instances, region="ams", load=load, rtt=RTT.get, rng=random.Random(trial),
+                               exclude=frozenset(exclude))
+        best, under_soft = routing.pick(instances, region="ams", load=load, rtt=RTT.get, rng=random.Random(trial),
+                                        exclude=exclude)
+        assert under_soft == (not routing.all_above_soft(ranked))
+        if not ranked:
+            assert best is None
+            continue
+        head = ranked[0]
+        same = lambda c: (c.instance.region == "ams", c.band, c.load, c.rtt)  # noqa: E731
+        assert same(best) == same(head)
+
+
+def test_pick_breaks_ties_uniformly():
+    instances = [inst(m) for m in "abcd"]
+    rng = random.Random(3)
+    seen = {}
+    for _ in range(4000):
+        best, _ = routing.pick(instances, region="ams", load=lambda i: 0, rtt=RTT.get, rng=rng)
+        seen[best.instance.machine_id] = seen.get(best.instance.machine_id, 0) + 1
+    assert set(seen) == set("abcd") and min(seen.values()) > 800  # about 1000 each
