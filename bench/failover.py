@@ -6,7 +6,9 @@ inserts ids through the endpoint as fast as it can and records every
 acknowledged commit. For each kill: write gap = first acknowledged write after
 the kill minus last acknowledged write before it; then the killed member is
 restarted and the time until it streams again as a standby is taken. At the
-end every acknowledged id is looked up on the primary.
+end every acknowledged id is looked up on the primary. Throughout, every
+member's /health is sampled every 0.1 s and any sample with two writable
+primaries is counted (it must stay 0).
 
 Writes bench/results/failover.json and prints a summary.
 """
@@ -71,17 +73,39 @@ class Writer(threading.Thread):
             return next((at for _, at, server in self.acked if at > t and server != port), None)
 
 
+class Sampler(threading.Thread):
+    """Polls every member's /health; counts samples where more than one member says writable."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__(daemon=True)
+        self.cluster = cluster
+        self.samples = 0
+        self.two_writable: list[list[str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            writable = sorted(n for n, h in self.cluster.healths().items() if h and h["writable"])
+            self.samples += 1
+            if len(writable) > 1:
+                self.two_writable.append(writable)
+            time.sleep(0.1)
+
+
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="kubefly-bench-pg-"))
     cluster = LocalCluster(root, synchronous=True)
     kills = []
-    writer = None
+    writer = sampler = None
+    finished = False
     try:
         cluster.start(timeout=120)
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             conn.execute("CREATE TABLE writes (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
         writer = Writer(cluster.dsn())
         writer.start()
+        sampler = Sampler(cluster)
+        sampler.start()
         for i in range(KILLS):
             primary = cluster.wait_healthy(120)
             time.sleep(2)  # steady load before the kill
@@ -106,15 +130,22 @@ def main() -> int:
                   f"old primary streaming again after {rejoin:.1f}s", flush=True)
         writer.stop.set()
         writer.join(10)
+        sampler.stop.set()
+        sampler.join(10)
         primary = cluster.wait_healthy(60)
         with psycopg.connect(cluster.member_dsn(primary), autocommit=True) as conn:
             stored = {row[0] for row in conn.execute("SELECT id FROM writes")}
         acked = {n for n, _, _ in writer.acked}
+        finished = True
     finally:
-        if writer is not None:
-            writer.stop.set()
+        for t in (writer, sampler):
+            if t is not None:
+                t.stop.set()
         cluster.stop()
-        remove(root)
+        if finished:
+            remove(root)
+        else:
+            print(f"member logs kept in {root}", file=sys.stderr)
 
     gaps = [k["write_gap_s"] for k in kills if k["write_gap_s"] is not None]
     result = {
@@ -125,6 +156,8 @@ def main() -> int:
         "acknowledged_writes": len(acked),
         "acknowledged_writes_lost": len(acked - stored),
         "standby_again_max_s": max(k["standby_again_s"] for k in kills),
+        "health_samples": sampler.samples,
+        "two_writable_samples": len(sampler.two_writable),
         "targets": {"write_gap_p50_s": 5, "write_gap_max_s": 10, "acknowledged_writes_lost": 0, "standby_again_s": 60},
         "per_kill": kills,
         "load_average_1m": round(os.getloadavg()[0], 2),
@@ -136,10 +169,12 @@ def main() -> int:
     print(f"  write gap p50 {result['write_gap_p50_s']}s (target <= 5s), max {result['write_gap_max_s']}s (target <= 10s)")
     print(f"  acknowledged writes lost: {result['acknowledged_writes_lost']} (target 0)")
     print(f"  old primary a standby again within {result['standby_again_max_s']}s (target <= 60s)")
+    print(f"  samples with two writable primaries: {result['two_writable_samples']} of {sampler.samples} (must be 0)")
     print(f"  anchors: CloudNativePG <= 10s on kind, repmgr defaults ~60s, Patroni 30-45s; load {result['load_average_1m']}")
     print(f"  -> {RESULTS}")
     ok = (result["write_gap_p50_s"] <= 5 and result["write_gap_max_s"] <= 10
-          and result["acknowledged_writes_lost"] == 0 and result["standby_again_max_s"] <= 60)
+          and result["acknowledged_writes_lost"] == 0 and result["standby_again_max_s"] <= 60
+          and result["two_writable_samples"] == 0)
     return 0 if ok else 1
 
 
