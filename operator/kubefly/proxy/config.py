@@ -44,9 +44,10 @@ class Config(BaseModel):
     hop_token: str = ""
 
     def strategy_for(self, org: str, app: str, n_instances: int) -> str:
-        named = self.strategies.get(f"{org}/{app}")
-        if named:
-            return named
+        if self.strategies:  # most configs name none: skip building the key per request
+            named = self.strategies.get(f"{org}/{app}")
+            if named:
+                return named
         return "leastload" if n_instances > self.leastload_threshold else "closest"
 
 

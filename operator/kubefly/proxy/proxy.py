@@ -14,6 +14,7 @@ hop); one on another host is reached through that host's proxy, which answers
 from __future__ import annotations
 
 import asyncio
+import operator
 import random
 import time
 from collections import defaultdict, deque
@@ -202,6 +203,7 @@ class Proxy:
         self._expired: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._resolved: dict[bytes | None, tuple[AppKey | None, str]] = {}
+        self._cands: dict[AppKey, tuple[list[Instance], list[routing.Candidate]]] = {}
 
     @property
     def _region(self) -> bytes:
@@ -209,16 +211,32 @@ class Proxy:
 
     # -- replica views ---------------------------------------------------------
     def load(self, inst: Instance) -> int:
-        if inst.host == self.replica.self_host:
-            return self.local_load.get(inst.key, 0)
-        gossiped = inst.load
-        service = routing.http_service(inst)
+        return self._load(inst.key, inst.host, inst.load, routing.http_service(inst))
+
+    def _candidate_load(self, c: routing.Candidate) -> int:
+        return self._load(c.key, c.host, c.instance.load, c.service)
+
+    def _load(self, key: tuple[str, str], host: str, gossiped: int, service) -> int:
+        if host == self.replica.self_host:
+            return self.local_load.get(key, 0)
         if service is not None and service.hard_limit is not None:
             # A gossiped load is a little old: it ranks an instance but never rules it
             # out; its host says "full" if it really is. Only this edge's own requests
             # in flight, which it knows exactly, can make it skip an instance unasked.
             gossiped = min(gossiped, service.hard_limit - 1)
-        return max(gossiped, self.outstanding.get(inst.key, 0))
+        return max(gossiped, self.outstanding.get(key, 0))
+
+    def _candidates(self, app: AppKey, instances: list[Instance]) -> list[routing.Candidate]:
+        """The app's candidates, rebuilt only when its rows change (the replica hands out
+        the same row objects until then)."""
+        hit = self._cands.get(app)
+        if hit is not None and (
+            hit[0] is instances or (len(hit[0]) == len(instances) and all(map(operator.is_, hit[0], instances)))
+        ):
+            return hit[1]
+        cands = routing.candidates(instances)
+        self._cands[app] = (instances, cands)
+        return cands
 
     def rtt(self, host: str) -> float | None:
         if host == self.replica.self_host:
@@ -338,16 +356,36 @@ class Proxy:
         if seconds is not None:
             stats.observe(seconds)
 
-    def _forward_head(self, req: Request, request_id: bytes) -> bytes:
+    def _forward_head(self, req: Request, request_id: bytes) -> tuple[bytes, bytes | None, bytes | None]:
         """The request's end-to-end headers plus what the edge asserts, serialized once
-        (an attempt, a hop or a replay only appends lines to it)."""
+        (an attempt, a hop or a replay only appends lines to it), and the routing
+        headers (fly-force-instance-id, fly-prefer-region): one pass over the headers."""
+        kept = []
+        xff = prior = force = prefer = None
+        host = b""
+        has_connection = False
+        for h in req.headers:
+            name = h[0]
+            if name not in EDGE_DROP:
+                kept.append(h)
+                if name == b"host":
+                    host = h[1]
+                elif name == b"fly-force-instance-id":
+                    force = h[1]
+                elif name == b"fly-prefer-region":
+                    prefer = h[1]
+            elif name == b"x-forwarded-for":
+                xff = h[1]
+            elif name == b"forwarded":
+                prior = h[1]
+            elif name == b"connection":
+                has_connection = True
+        if has_connection:  # rare: the Connection header may name more hop-by-hop headers
+            kept = http1.end_to_end(kept + [h for h in req.headers if h[0] == b"connection"], EDGE_DROP)
         client = req.conn.peer.encode()
-        xff = req.header(b"x-forwarded-for")
-        host = req.header(b"host") or b""
         port = req.conn.local_port
-        prior = req.header(b"forwarded")
         fwd = b'for="%s";proto=http;host="%s"' % (client, host)
-        return http1.serialize_headers(http1.end_to_end(req.headers, EDGE_DROP)) + (
+        head = http1.serialize_headers(kept) + (
             b"x-forwarded-for: %s\r\nforwarded: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\n"
             b"x-forwarded-port: %s\r\nfly-client-ip: %s\r\nfly-forwarded-port: %s\r\nfly-region: %s\r\n"
             b"fly-request-id: %s\r\n"
@@ -356,6 +394,7 @@ class Proxy:
             prior + b", " + fwd if prior else fwd,
             host, port, client, port, self._region, request_id,
         )
+        return head, force, prefer
 
     async def _route(self, req: Request, app: AppKey, cfg: Config, started: float) -> int:
         org, name = app
@@ -365,10 +404,10 @@ class Proxy:
             body, replayable = await req.body.read_upto(cfg.replay_body_limit)
         # Unique enough to follow a request through logs; not a secret, so no syscall for entropy.
         request_id = b"%016x-%s" % (self.rng.getrandbits(64), self._region)
-        base = self._forward_head(req, request_id)
+        base, forced, prefer = self._forward_head(req, request_id)
         head = base
-        force = (req.header(b"fly-force-instance-id") or b"").decode("latin-1").strip() or None
-        region = (req.header(b"fly-prefer-region") or b"").decode("latin-1").strip() or self.replica.self_region
+        force = forced.decode("latin-1").strip() or None if forced else None
+        region = (prefer.decode("latin-1").strip() if prefer else "") or self.replica.self_region
         deadline = started + cfg.retry_budget_s
         exclude: set[tuple[str, str]] = set()
         attempts = replays = 0
@@ -384,8 +423,9 @@ class Proxy:
                 choices, under_soft = [sticky], True
             elif strategy == routing.CLOSEST:
                 # Only the best candidate is tried; after "full" the edge asks again.
+                cands = routing.candidates(instances) if force is not None else self._candidates(app, instances)
                 best, under_soft = routing.pick(
-                    instances, region=region, load=self.load, rtt=self.rtt, rng=self.rng, exclude=exclude
+                    cands, region=region, load=self._candidate_load, rtt=self.rtt, rng=self.rng, exclude=exclude
                 )
                 choices = [best] if best is not None else []
             else:

@@ -110,11 +110,36 @@ def order(
     return local + remote
 
 
+class Candidate:
+    """An instance that can take traffic, with what routing reads from it on every
+    request, looked up once per instance row rather than once per request."""
+
+    __slots__ = ("instance", "key", "service", "region", "host")
+
+    def __init__(self, instance: Instance, service: Service):
+        self.instance = instance
+        self.key = instance.key
+        self.service = service
+        self.region = instance.region
+        self.host = instance.host
+
+
+def candidates(instances: Iterable[Instance]) -> list[Candidate]:
+    """The routable instances that have an HTTP service."""
+    out = []
+    for inst in instances:
+        if inst.routable:
+            service = http_service(inst)
+            if service is not None:
+                out.append(Candidate(inst, service))
+    return out
+
+
 def pick(
-    instances: Iterable[Instance],
+    cands: Iterable[Candidate],
     *,
     region: str,
-    load: Callable[[Instance], int],
+    load: Callable[[Candidate], int],
     rtt: Callable[[str], float | None],
     rng: random.Random,
     exclude: Container[tuple[str, str]] = (),
@@ -129,28 +154,28 @@ def pick(
     best_key: tuple | None = None
     ties = 0
     under_soft = False
-    for inst in instances:
-        if not inst.routable or (exclude and inst.key in exclude):
+    for c in cands:
+        if exclude and c.key in exclude:
             continue
-        service = http_service(inst)
-        if service is None:
-            continue
-        current = load(inst)
-        b = band(current, service)
+        current = load(c)
+        b = band(current, c.service)
         if b is Band.full:
             continue
         if b is Band.under_soft:
             under_soft = True
-        measured = rtt(inst.host)
+        measured = rtt(c.host)
         r = UNKNOWN_RTT if measured is None else measured
-        key = (0, b, current, r) if inst.region == region else (1, b, r, current)
+        key = (0, b, current, r) if c.region == region else (1, b, r, current)
         if best_key is None or key < best_key:
-            best_key, best, ties = key, (inst, service, current, b, r), 1
+            best_key, best, ties = key, (c, current, b, r), 1
         elif key == best_key:
             ties += 1
             if rng.random() * ties < 1:  # reservoir sampling: each tie kept with chance 1/ties
-                best = (inst, service, current, b, r)
-    return (Choice(*best) if best is not None else None), under_soft
+                best = (c, current, b, r)
+    if best is None:
+        return None, under_soft
+    c, current, b, r = best
+    return Choice(c.instance, c.service, current, b, r), under_soft
 
 
 def _sampled(choices: list[Choice], sample: int, rng: random.Random) -> list[Choice]:

@@ -83,13 +83,17 @@ class UpstreamConn(asyncio.Protocol):
         if self.tunnel_eof is not None:
             self.tunnel_eof()
             return
+        # The exchange may have been abandoned (its client went away), so nobody awaits
+        # these futures: exception() marks them retrieved, keeping asyncio quiet.
         if self._head is not None and not self._head.done():
             self._head.set_exception(UpstreamError("connection closed before response", sent=self._got_bytes or not self.reused))
+            self._head.exception()
         elif self._done is not None and not self._done.done():
             if self._until_close:
                 self._done.set_result(None)
             else:
                 self._done.set_exception(UpstreamError("connection closed mid-response", sent=True))
+                self._done.exception()
 
     def data_received(self, data: bytes):
         self._last = time.monotonic()

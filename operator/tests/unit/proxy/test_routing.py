@@ -141,8 +141,8 @@ def test_pick_is_the_head_of_order():
         exclude = {i.key for i in instances if rng.random() < 0.2}
         ranked = routing.order(instances, region="ams", load=load, rtt=RTT.get, rng=random.Random(trial),
                                exclude=frozenset(exclude))
-        best, under_soft = routing.pick(instances, region="ams", load=load, rtt=RTT.get, rng=random.Random(trial),
-                                        exclude=exclude)
+        best, under_soft = routing.pick(routing.candidates(instances), region="ams", load=lambda c: load(c.instance),
+                                        rtt=RTT.get, rng=random.Random(trial), exclude=exclude)
         assert under_soft == (not routing.all_above_soft(ranked))
         if not ranked:
             assert best is None
@@ -157,6 +157,6 @@ def test_pick_breaks_ties_uniformly():
     rng = random.Random(3)
     seen = {}
     for _ in range(4000):
-        best, _ = routing.pick(instances, region="ams", load=lambda i: 0, rtt=RTT.get, rng=rng)
+        best, _ = routing.pick(routing.candidates(instances), region="ams", load=lambda c: 0, rtt=RTT.get, rng=rng)
         seen[best.instance.machine_id] = seen.get(best.instance.machine_id, 0) + 1
     assert set(seen) == set("abcd") and min(seen.values()) > 800  # about 1000 each
