@@ -122,16 +122,19 @@ def test_a_cluster_becomes_members_on_distinct_hosts_services_and_credentials(ku
         for i in range(3)), timeout=120)
     assert kube.get(namespace, "service", "pg-3") is not None
 
-    # Scale down to 2: the highest-numbered members go (no primary is known to protect).
+    # Scale down to 2: the highest-numbered members go (no primary is known to protect); under
+    # keepVolumes (the default) their Volumes stay, labelled retired.
     kube.kubectl("-n", namespace, "patch", "pgc", "pg", "--type=merge", "-p", '{"spec":{"members":2}}')
     kube.wait_for("pg-2 and pg-3 removed", lambda: names(kube, namespace, "machines", sel) == ["pg-0", "pg-1"]
-                  and names(kube, namespace, "volumes", sel) == ["pg-0", "pg-1"], timeout=120)
-    assert kube.get(namespace, "service", "pg-3") is None
+                  and kube.get(namespace, "service", "pg-3") is None, timeout=120)
+    assert names(kube, namespace, "volumes", f"{sel},kubefly.dev/pg-retired=true") == ["pg-2", "pg-3"]
+    assert names(kube, namespace, "volumes", sel) == ["pg-0", "pg-1", "pg-2", "pg-3"]
+    assert not any(kube.get(namespace, "volume", f"pg-{i}")["metadata"].get("deletionTimestamp") for i in (2, 3))
 
     # Delete: keepVolumes (the default) keeps the data and the credentials that open it.
     kube.kubectl("-n", namespace, "delete", "pgc", "pg", "--wait=true", "--timeout=60s")
     kube.wait_for("member machines gone", lambda: not names(kube, namespace, "machines", sel), timeout=60)
-    kept = [kube.get(namespace, "volume", f"pg-{i}") for i in range(2)]
+    kept = [kube.get(namespace, "volume", f"pg-{i}") for i in range(4)]
     assert all(v is not None and not v["metadata"].get("deletionTimestamp") for v in kept)
     assert all(not v["metadata"].get("ownerReferences") for v in kept)
     assert kube.get(namespace, "secret", "pg-credentials") is not None

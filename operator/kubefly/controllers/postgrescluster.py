@@ -11,6 +11,9 @@ read) and an AppSecret of the same name sealed from it, which the Machine
 controller injects into the members' environment. Values never reach a log,
 an event or the custom resource.
 
+Removal of a member (scale down, host loss): its Machine and Service go; with
+deletePolicy keepVolumes its Volume stays, labelled retired; deleteVolumes deletes it.
+
 Deletion: Machines, Services and the AppSecret are owned and garbage-collected.
 With deletePolicy keepVolumes (default) the finalizer first drops the
 cluster's ownerReference from the Volumes and the credentials Secret, so the
@@ -175,11 +178,18 @@ async def _apply(c: pgplan.Cluster, snap: Snapshot, p: pgplan.Plan, logger) -> N
         logger.info(f"member {name} restarts with the current spec")
     for name in p.remove_members:
         await _call(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, "machines", name)
+        await _call(core.delete_namespaced_service, name, ns)
+    for name in p.retire_volumes:
+        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name,
+                    {"metadata": {"labels": {pgplan.RETIRED_LABEL: "true"}}})
+    for name in p.delete_volumes:
         # The Volume controller holds this until the Machine is gone.
         await _call(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name)
-        await _call(core.delete_namespaced_service, name, ns)
     if p.remove_members:
         logger.info(f"members removed: {', '.join(p.remove_members)}")
+    if p.retire_volumes:
+        logger.info(f"volumes kept (deletePolicy keepVolumes): {', '.join(p.retire_volumes)}; "
+                    f"label {pgplan.RETIRED_LABEL}=true, delete them when the data is no longer wanted")
     for svc in p.services:
         have = snap.services.get(svc["metadata"]["name"])
         if have is None:

@@ -25,6 +25,9 @@ MEMBER_LABEL = f"{labels.PREFIX}/pg-member"
 ROLE_LABEL = f"{labels.PREFIX}/pg-role"
 # Digest of the Machine spec the planner wrote: a defaulted spec read back never matches ours literally.
 SPEC_DIGEST = f"{labels.PREFIX}/pg-spec-digest"
+# On the kept Volume of a member that left the cluster (deletePolicy keepVolumes): no longer a member,
+# and its number is not reused while the Volume exists.
+RETIRED_LABEL = f"{labels.PREFIX}/pg-retired"
 
 PG_PORT = 5432
 HEALTH_PORT = 5500
@@ -61,6 +64,10 @@ class Member:
         return any(o is not None and o["metadata"].get("deletionTimestamp") for o in (self.volume, self.machine))
 
     @property
+    def retired(self) -> bool:
+        return self.volume is not None and RETIRED_LABEL in (self.volume["metadata"].get("labels") or {})
+
+    @property
     def host(self) -> str | None:
         for obj in (self.machine, self.volume):
             if obj is not None and (obj.get("status") or {}).get("host"):
@@ -95,7 +102,10 @@ class Plan:
     update_machine: tuple[str, dict, str] | None = None
     grow_volumes: list[tuple[str, int]] = field(default_factory=list)
     adopt: list[tuple[str, str]] = field(default_factory=list)  # (plural, name) missing our ownerReference
-    remove_members: list[str] = field(default_factory=list)  # Machine + Volume + Service of these
+    remove_members: list[str] = field(default_factory=list)  # Machine + Service of these
+    # Volumes of removed members: kept and labelled retired (deletePolicy keepVolumes), or deleted.
+    retire_volumes: list[str] = field(default_factory=list)
+    delete_volumes: list[str] = field(default_factory=list)
     services: list[dict] = field(default_factory=list)
     members: list[str] = field(default_factory=list)  # the member names the cluster is made of after this pass
     conditions: list[Condition] = field(default_factory=list)
@@ -247,7 +257,19 @@ def plan(
     members = {m.index: m for m in observed}
     desired = int(c.spec.get("members", 3))
     region = c.spec["region"]
-    active = {i: m for i, m in members.items() if not m.deleting}
+    keep_volumes = c.spec.get("deletePolicy", "keepVolumes") == "keepVolumes"
+    active = {i: m for i, m in members.items() if not m.deleting and not m.retired}
+    # A retired member's Machine whose deletion did not go through yet.
+    for i, m in sorted(members.items()):
+        if m.retired and m.machine is not None and not m.deleting:
+            p.remove_members.append(member_name(c.name, i))
+
+    def remove(i: int) -> None:
+        """Member i leaves: its Machine and Service go; its Volume only if the policy says so."""
+        name = member_name(c.name, i)
+        p.remove_members.append(name)
+        if members[i].volume is not None:
+            (p.retire_volumes if keep_volumes else p.delete_volumes).append(name)
 
     # Members on a host that is gone for good are replaced, once the cluster runs without them.
     lost = {i for i, m in active.items()
@@ -265,7 +287,8 @@ def plan(
                                           f"{names} lost their host; replacement waits: {why}"))
             lost = set()
         else:
-            p.remove_members += [member_name(c.name, i) for i in sorted(lost)]
+            for i in sorted(lost):
+                remove(i)
             p.conditions.append(Condition("MembersReplaced", True, "HostGone",
                                           f"{names} lost their host; re-cloned on another host"))
     current = {i: m for i, m in active.items() if i not in lost}
@@ -274,7 +297,7 @@ def plan(
     if len(current) > desired:
         keep_primary = {i for i in current if member_name(c.name, i) == primary}
         for i in sorted(set(current) - keep_primary, reverse=True)[: len(current) - desired]:
-            p.remove_members.append(member_name(c.name, i))
+            remove(i)
             del current[i]
 
     # Scale up (or replace): every member on its own host, all new members or none.
@@ -293,7 +316,7 @@ def plan(
         else:
             p.conditions.append(Condition("HostsAvailable", True, "Enough",
                                           f"region {region} has a distinct host for each of {desired} members"))
-            used = set(members)  # deleting and lost numbers too, until their objects are gone
+            used = set(members)  # deleting, lost and retired numbers too, until their objects are gone
             fresh = []
             n = 0
             while len(fresh) < need:

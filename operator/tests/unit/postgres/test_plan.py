@@ -111,6 +111,34 @@ def test_scale_down_removes_the_highest_numbered_member_but_never_the_primary():
     assert p.members == ["pg-0", "pg-2"] and "pg-1" not in {s["metadata"]["name"] for s in p.services}
 
 
+def test_scale_down_keeps_the_volume_unless_the_policy_deletes_volumes():
+    members = [started(C, i, f"h{i}") for i in range(3)]
+    c2 = P.Cluster("org", "pg", "uid-1", {**C.spec, "members": 2})
+    p = run(members, cluster=c2, primary="pg-0")
+    assert p.remove_members == ["pg-2"]
+    assert p.retire_volumes == ["pg-2"] and p.delete_volumes == []
+    drop = P.Cluster("org", "pg", "uid-1", {**c2.spec, "deletePolicy": "deleteVolumes"})
+    p = run(members, cluster=drop, primary="pg-0")
+    assert p.remove_members == ["pg-2"] and p.retire_volumes == [] and p.delete_volumes == ["pg-2"]
+
+
+def test_a_retired_volume_is_no_member_and_its_number_is_not_reused():
+    members = [started(C, i, f"h{i}") for i in range(3)]
+    members[2].volume["metadata"]["labels"][P.RETIRED_LABEL] = "true"
+    c2 = P.Cluster("org", "pg", "uid-1", {**C.spec, "members": 2})
+    # The Machine's deletion did not go through yet: asked again, and the Volume is left alone.
+    p = run(members, cluster=c2, primary="pg-0")
+    assert p.members == ["pg-0", "pg-1"] and p.remove_members == ["pg-2"]
+    assert p.retire_volumes == [] and p.delete_volumes == [] and not p.create_machines
+    retired = P.Member(2, members[2].volume)
+    p = run([*members[:2], retired], cluster=c2, primary="pg-0")
+    assert p.remove_members == [] and not p.create_machines and not p.create_volumes
+    assert "pg-2" not in {s["metadata"]["name"] for s in p.services}
+    # Scaling up again clones a new member under a new number.
+    p = run([*members[:2], retired], hosts=HOSTS + [P.Host("h3", "iad", True)], primary="pg-0")
+    assert [v["metadata"]["name"] for v in p.create_volumes] == ["pg-3"] and p.members == ["pg-0", "pg-1", "pg-3"]
+
+
 def test_a_number_is_reused_only_when_its_objects_are_gone():
     members = [started(C, i, f"h{i}") for i in range(2)]
     gone = started(C, 2, "h2")
@@ -132,7 +160,7 @@ def test_a_member_whose_host_is_gone_is_replaced_on_another_host_once_the_others
     hosts = [P.Host("h0", "iad", True), P.Host("h2", "iad", True), P.Host("h3", "iad", True)]
     members = [started(C, 0, "h0"), started(C, 1, "h1", host_gone_for=120), started(C, 2, "h2")]
     p = run(members, hosts=hosts, primary="pg-0")
-    assert p.remove_members == ["pg-1"]
+    assert p.remove_members == ["pg-1"] and p.retire_volumes == ["pg-1"]
     assert [v["metadata"]["name"] for v in p.create_volumes] == ["pg-3"]
     assert p.members == ["pg-0", "pg-2", "pg-3"]
     assert "pg-1" not in p.create_machines[0]["spec"]["env"]["KUBEFLY_PG_PEERS"]
