@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
+import aiohttp
 import kopf
 import structlog
 from kubernetes import client, config
@@ -59,21 +60,65 @@ PLATFORM_REGIONS_SEEN: set[str] = set()
 
 
 class _Kube:
-    """The Kubernetes API from worker threads (the official client is synchronous)."""
+    """The few Kubernetes API calls the machine controller makes, over aiohttp on Kopf's loop.
+
+    Not the official client: it is synchronous (a thread per call) and validates every
+    argument and body into models; both stood out in a profile of a 1,000-machine
+    burst. Credentials still come from its config loader (kubeconfig or
+    in-cluster, with the token refresh hook). Errors raise its ApiException, status set.
+    """
 
     def __init__(self) -> None:
         config.load_config()
-        cfg = client.Configuration.get_default_copy()
-        cfg.connection_pool_maxsize = 16
-        api = client.ApiClient(cfg)
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.pool = ThreadPoolExecutor(16, thread_name_prefix="kube")
+        self.cfg = client.Configuration.get_default_copy()
+        ctx: ssl.SSLContext | bool = False
+        if self.cfg.verify_ssl:
+            ctx = ssl.create_default_context(cafile=self.cfg.ssl_ca_cert)
+        elif self.cfg.cert_file:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        if self.cfg.cert_file and ctx:
+            ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
+        self.host = self.cfg.host.rstrip("/")
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=16),
+                                             timeout=aiohttp.ClientTimeout(total=60))
 
-    async def call(self, fn, *args, **kwargs):
-        kwargs.setdefault("_preload_content", False)
-        resp = await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
-        return json.loads(resp.data) if resp.data else None
+    async def request(self, method: str, path: str, body: dict | None = None, *,
+                      content_type: str = "application/json", params: dict | None = None) -> dict | None:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        if token := self.cfg.auth_settings().get("BearerToken", {}).get("value"):
+            headers["Authorization"] = token
+        data = json.dumps(body, separators=(",", ":")) if body is not None else None
+        extra = {"server_hostname": self.cfg.tls_server_name} if self.cfg.tls_server_name else {}
+        async with self.session.request(method, self.host + path, data=data, headers=headers, params=params,
+                                        **extra) as resp:
+            raw = await resp.read()
+            if resp.status >= 400:
+                raise ApiException(status=resp.status, reason=resp.reason, body=raw[:2000].decode(errors="replace"))
+            return json.loads(raw) if raw else None
+
+    async def get(self, path: str) -> dict | None:
+        return await self.request("GET", path)
+
+    async def patch_status(self, path: str, body: dict) -> dict | None:
+        return await self.request("PATCH", f"{path}/status", body, content_type="application/merge-patch+json")
+
+    async def create(self, path: str, body: dict) -> dict | None:
+        return await self.request("POST", path, body)
+
+    async def delete(self, path: str, grace_period_seconds: int) -> dict | None:
+        return await self.request("DELETE", path, params={"gracePeriodSeconds": str(grace_period_seconds)})
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def custom_path(namespace: str, plural: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}"
+
+
+def pods_path(namespace: str, name: str = "") -> str:
+    return f"/api/v1/namespaces/{namespace}/pods" + (f"/{name}" if name else "")
 
 
 _kube: _Kube | None = None
@@ -200,7 +245,7 @@ def appsecret_changed(namespace, spec, **_):
 
 
 @kopf.on.event(GROUP, VERSION, "machines")
-def machine_changed(namespace, name, type, status, **_):
+def machine_changed(namespace, name, type, status, meta, **_):
     key = (namespace, name)
     old, new = STATES.get(key), None if type == "DELETED" else (status or {}).get("state")
     if old != new:
@@ -212,6 +257,9 @@ def machine_changed(namespace, name, type, status, **_):
             STATES.pop(key, None)
         else:
             STATES[key] = new
+    mine = LATEST.get(key)
+    if mine is not None and type != "DELETED" and mine["metadata"].get("resourceVersion") == meta.get("resourceVersion"):
+        return  # the echo of our own status write: the daemon already knows it
     wake(key)
 
 
@@ -224,7 +272,7 @@ async def _watch_platform(ns: str, stop: asyncio.Event) -> None:
     last_error = None
     while not stop.is_set():
         try:
-            cm = await kube().call(kube().core.read_namespaced_config_map, platform.CONFIGMAP, ns)
+            cm = await kube().get(f"/api/v1/namespaces/{ns}/configmaps/{platform.CONFIGMAP}")
             settings = platform.parse((cm or {}).get("data"))
             last_error = None
         except ApiException as exc:
@@ -262,8 +310,12 @@ async def start_platform_watch(memo: kopf.Memo, **_) -> None:
 
 @kopf.on.cleanup()
 async def stop_platform_watch(memo: kopf.Memo, **_) -> None:
+    global _kube
     memo.platform_stop.set()
     await memo.platform_task
+    if _kube is not None:
+        await _kube.close()
+        _kube = None
 
 
 # ---- the machine's daemon ----------------------------------------------------
@@ -337,14 +389,13 @@ async def _apply(machine: dict, plan: lifecycle.Plan, logger) -> dict | None:
     try:
         if plan.attach_volume is not None:
             v = plan.attach_volume
-            await k.call(k.custom.patch_namespaced_custom_object_status, GROUP, VERSION, ns, "volumes", v.name,
-                         {"metadata": {"resourceVersion": v.resource_version}, "status": {"attachedMachine": name}})
+            await k.patch_status(custom_path(ns, "volumes", v.name),
+                                 {"metadata": {"resourceVersion": v.resource_version}, "status": {"attachedMachine": name}})
             kopf.event(machine, type="Normal", reason="VolumeAttached", message=f"claimed volume {v.name}")
         updated = None
         patch = _status_patch(machine.get("status") or {}, plan.status)
         if patch:
-            updated = await k.call(k.custom.patch_namespaced_custom_object_status, GROUP, VERSION, ns, "machines", name,
-                                   {"status": patch})
+            updated = await k.patch_status(custom_path(ns, "machines", name), {"status": patch})
     except BaseException:
         if plan.placement is not None and plan.placement.ok:
             RESERVED.pop(key, None)
@@ -357,13 +408,13 @@ async def _apply(machine: dict, plan: lifecycle.Plan, logger) -> dict | None:
         log.info("machine state", namespace=ns, name=name, state=patch["state"], host=plan.status.get("host"))
     if plan.delete_pod_grace is not None:
         try:
-            await k.call(k.core.delete_namespaced_pod, name, ns, grace_period_seconds=plan.delete_pod_grace)
+            await k.delete(pods_path(ns, name), plan.delete_pod_grace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
     if plan.create_pod is not None:
         try:
-            await k.call(k.core.create_namespaced_pod, ns, plan.create_pod)
+            await k.create(pods_path(ns), plan.create_pod)
         except ApiException as exc:
             if exc.status != 409:  # already there: a restarted operator finds what it made
                 raise
@@ -429,7 +480,7 @@ async def destroy_machine(body, namespace, name, spec, status, patch, machine_po
         grace = (spec.get("stop") or {}).get("timeoutSeconds", 5) if host and host[0].ready else 0
         if not pod.deleting or grace == 0:
             try:
-                await k.call(k.core.delete_namespaced_pod, name, namespace, grace_period_seconds=grace)
+                await k.delete(pods_path(namespace, name), grace)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -446,12 +497,12 @@ async def destroy_machine(body, namespace, name, spec, status, patch, machine_po
 async def _release_volume(namespace: str, volume: str, machine: str) -> None:
     k = kube()
     try:
-        v = await k.call(k.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, "volumes", volume)
+        v = await k.get(custom_path(namespace, "volumes", volume))
     except ApiException as exc:
         if exc.status == 404:
             return
         raise
     if (v.get("status") or {}).get("attachedMachine") != machine:
         return  # only ever clear our own claim
-    await k.call(k.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, "volumes", volume,
-                 {"metadata": {"resourceVersion": v["metadata"]["resourceVersion"]}, "status": {"attachedMachine": None}})
+    await k.patch_status(custom_path(namespace, "volumes", volume),
+                         {"metadata": {"resourceVersion": v["metadata"]["resourceVersion"]}, "status": {"attachedMachine": None}})
