@@ -116,23 +116,27 @@ def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = DROP
     return out
 
 
-def response_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tuple[bytes, bytes | None]:
-    """A response's end-to-end headers serialized, and its Content-Length, in one pass
-    (this runs for every response the proxy relays)."""
+def response_headers(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
+) -> tuple[bytes, bytes | None, bytes | None]:
+    """A response's end-to-end headers serialized, its Content-Length and its
+    fly-replay header, in one pass (this runs for every response the proxy relays)."""
     out = []
-    length = None
+    length = replay = None
     named: set[bytes] | None = None
     for name, value in headers:
+        if name == b"fly-replay":
+            replay = value
         if name in drop:
             if name == b"content-length":
                 length = value
-            elif name == b"connection":
+            elif name == b"connection" and value.lower() not in _PLAIN_TOKENS:
                 named = connection_tokens(headers) - _PLAIN_TOKENS
             continue
         out.append(name + b": " + value + b"\r\n")
     if named:  # rare: the Connection header names further hop-by-hop headers
         out = [name + b": " + value + b"\r\n" for name, value in headers if name not in drop and name not in named]
-    return b"".join(out), length
+    return b"".join(out), length, replay
 
 
 def get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -146,6 +150,14 @@ def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join([n + b": " + v + b"\r\n" for n, v in headers])
 
 
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in REASONS.items()}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Status\r\n" % status
+
+
 def simple_response(
     status: int,
     body: bytes,
@@ -154,7 +166,7 @@ def simple_response(
     content_type: bytes = b"text/plain; charset=utf-8",
     extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
 ) -> bytes:
-    head = b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Status"))
+    head = status_line(status)
     hdrs = [
         (b"content-type", content_type),
         (b"content-length", b"%d" % len(body)),

@@ -203,11 +203,16 @@ class Proxy:
         self._expired: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._resolved: dict[bytes | None, tuple[AppKey | None, str]] = {}
+        self._region_src: str | None = None
+        self._region_bytes = b""
         self._cands: dict[AppKey, tuple[list[Instance], list[routing.Candidate]]] = {}
 
     @property
     def _region(self) -> bytes:
-        return self.replica.self_region.encode()
+        region = self.replica.self_region
+        if region is not self._region_src:  # encoded once, not per request
+            self._region_src, self._region_bytes = region, region.encode()
+        return self._region_bytes
 
     # -- replica views ---------------------------------------------------------
     def load(self, inst: Instance) -> int:
@@ -657,20 +662,18 @@ class Proxy:
             conn.reusable = False
             conn.close()
             return Outcome.full
-        if edge and not req.upgrade:
-            replay = http1.get(rheaders, b"fly-replay")
-            if replay is not None and replayable:
-                directive = parse_replay(replay)
-                if directive is not None:
-                    conn.reusable = False
-                    conn.close()
-                    return directive
+        block, length, replay = http1.response_headers(rheaders, REPLAY_DROP if edge else http1.DROP)
+        if edge and replay is not None and replayable and not req.upgrade:
+            directive = parse_replay(replay)
+            if directive is not None:
+                conn.reusable = False
+                conn.close()
+                return directive
         if status == 101 and req.upgrade:
             return await self._tunnel(req, conn, rheaders)
         no_body = http1.status_has_no_body(status, req.method)
         keep = req.keep_alive and not client.draining and not req.upgrade
-        block, length = http1.response_headers(rheaders, REPLAY_DROP if edge else http1.DROP)
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, http1.REASONS.get(status, b"Status")), block]
+        out = [http1.status_line(status), block]
         if edge:
             out.append(b"fly-request-id: %s\r\n" % request_id)
         chunked = False

@@ -90,6 +90,10 @@ class Body:
         self._wake()
 
 
+# Most requests have no body: they share this one (already done, never fed).
+EMPTY_BODY = Body(None, None, False)
+
+
 class Request:
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade", "body", "conn")
 
@@ -250,7 +254,7 @@ class Connection(asyncio.Protocol):
         except http1.BadRequest as exc:
             self._error = exc
             raise
-        body = Body(self, length, chunked)
+        body = Body(self, length, chunked) if chunked or length else EMPTY_BODY
         req = Request(
             p.get_method(), self._url, version, self._headers, p.should_keep_alive(), p.should_upgrade(), body, self
         )
@@ -279,7 +283,8 @@ class Connection(asyncio.Protocol):
     async def _serve(self):
         while self._queue and not self.closed:
             req = self._queue.popleft()
-            self._resume("pipeline")
+            if self._read_paused_by:
+                self._resume("pipeline")
             self.busy = True
             self.busy_writing = False
             try:
