@@ -534,12 +534,31 @@ class Member:
         await self.stop_postgres("immediate")
         try:
             await self.ensure_clean_shutdown()
+            await self.checkpoint_source(primary)
             await self.run_cmd(rm.rejoin_argv(self.spec, primary), timeout=180)
             if not self.pg_running():
                 await self.start_postgres()
         except CommandFailed as exc:
             log.warning("rejoin failed, cloning afresh", error=str(exc), primary=primary.name)
             await self.clone(primary)
+
+    async def checkpoint_source(self, primary: Peer) -> None:
+        """CHECKPOINT on the rewind source, so its control file names its current timeline.
+
+        A freshly promoted primary records its new timeline in pg_control only at
+        the end of its first checkpoint, which is spread over seconds. Before that,
+        pg_rewind reads the same timeline on both sides, says "no rewind required",
+        and the diverged old primary can never stream (rejoin times out, re-clone).
+        """
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                host=primary.host, port=primary.pg_port, user=rm.REPMGR_USER, dbname=rm.REPMGR_DB,
+                password=self.creds.repmgr_password, connect_timeout=3, autocommit=True,
+            ) as conn:
+                await asyncio.wait_for(conn.execute("CHECKPOINT"), 60)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            # pg_rewind may still work (an older promotion); the rejoin falls back to a clone if not.
+            log.warning("checkpoint on the rewind source failed", primary=primary.name, error=str(exc))
 
     async def fence(self, reason: str) -> None:
         """Stop accepting writes now: health says not writable at once, then postgres stops immediately.
