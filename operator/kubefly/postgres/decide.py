@@ -43,10 +43,20 @@ class Report:
 
 @dataclass(frozen=True)
 class View:
-    """An observer's latest successful report of a member and when it got it (monotonic seconds)."""
+    """An observer's latest successful report of a member and when it got it (monotonic seconds).
+
+    `refused_at`: when a later poll found the member's health port closed
+    (connection refused): the host answered and no member process listens, so
+    its postgres is gone too (it dies with the member, PR_SET_PDEATHSIG).
+    """
 
     report: Report | None = None
     seen_at: float | None = None
+    refused_at: float | None = None
+
+    @property
+    def gone(self) -> bool:
+        return self.refused_at is not None and (self.seen_at is None or self.refused_at > self.seen_at)
 
 
 def majority(total_members: int) -> int:
@@ -65,7 +75,9 @@ def choose_primary(views: Mapping[str, View], now: float, *, fresh_s: float, fen
     heard within `fresh_s`. A member that said so and then went quiet may still
     be accepting writes from someone else until it fences itself, which it does
     within `fence_deadline_s` of losing the majority; until then it blocks every
-    other candidate. Two writable primaries at once, however short, give None:
+    other candidate, unless its health port has refused a connection since (its
+    process is gone, postgres with it: a dead primary writes nothing, so the
+    failover does not wait out the deadline). Two writable primaries at once, however short, give None:
     the endpoint never points at two writable primaries, and it refuses rather
     than guesses.
     """
@@ -75,9 +87,9 @@ def choose_primary(views: Mapping[str, View], now: float, *, fresh_s: float, fen
         if view.report is None or view.seen_at is None or not view.report.writable:
             continue
         age = now - view.seen_at
-        if age <= fresh_s:
+        if age <= fresh_s and not view.gone:
             live.append(name)
-        elif age <= fence_deadline_s:
+        elif age <= fence_deadline_s and not view.gone:
             shadows += 1
     if len(live) == 1 and shadows == 0:
         return live[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import time
 from dataclasses import dataclass
 
@@ -70,6 +72,10 @@ class Endpoint:
             async with http.get(member.health_url) as resp:
                 body = await resp.json()
             self.views[member.name] = decide.View(decide.Report.from_json(body), time.monotonic())
+        except aiohttp.ClientConnectorError as exc:
+            if getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED:
+                # Nothing listens: the member process is gone, and its postgres with it.
+                self.views[member.name] = dataclasses.replace(self.views[member.name], refused_at=time.monotonic())
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             pass
 

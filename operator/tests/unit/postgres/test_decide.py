@@ -31,6 +31,17 @@ def test_silent_old_primary_blocks_new_one_until_its_fence_deadline():
     assert choose(views, now=105.5) == "b"  # a silent longer than the deadline has fenced itself
 
 
+def test_a_silent_old_primary_whose_health_port_refuses_is_gone_and_blocks_nobody():
+    views = {"a": View(view().report, 100.0, refused_at=100.5), "b": view(seen_at=102.0, timeline=2)}
+    assert choose(views, now=102.0) == "b"
+    # A refusal older than the last report (it restarted since) proves nothing.
+    views["a"] = View(view().report, 100.0, refused_at=99.0)
+    assert choose(views, now=102.0) is None
+    # Nor does it make a fresh writable report count less: two writable primaries choose none.
+    views["a"] = View(view().report, 101.5, refused_at=99.0)
+    assert choose(views, now=102.0) is None
+
+
 def test_primary_that_reports_not_writable_does_not_block():
     views = {"a": view(writable=False), "b": view(timeline=2)}
     assert choose(views) == "b"
@@ -41,17 +52,22 @@ def test_nobody_writable_chooses_none():
 
 
 reports = st.builds(
-    lambda role, writable, age: View(Report("x", role, writable=writable), 100.0 - age),
+    lambda role, writable, age, refused_after: View(
+        Report("x", role, writable=writable), 100.0 - age,
+        None if refused_after is None else 100.0 - age + refused_after),
     st.sampled_from(["primary", "standby", "fenced", "starting"]),
     st.booleans(),
     st.floats(min_value=0, max_value=20),
+    st.none() | st.floats(min_value=-5, max_value=5),
 )
 
 
 @given(st.dictionaries(st.sampled_from("abcde"), reports, min_size=1))
 def test_chosen_member_is_the_only_possibly_writable_one(views):
     chosen = choose(views)
-    possibly_writable = [n for n, v in views.items() if v.report.writable and 100.0 - v.seen_at <= 5.0]
+    # Possibly writable: said so within the fence deadline and not refused since (a refusal means gone).
+    possibly_writable = [n for n, v in views.items()
+                         if v.report.writable and 100.0 - v.seen_at <= 5.0 and not v.gone]
     if chosen is not None:
         assert possibly_writable == [chosen]
         assert 100.0 - views[chosen].seen_at <= 1.0
