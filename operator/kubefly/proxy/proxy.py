@@ -525,7 +525,8 @@ class Proxy:
             target = self._hop_target(inst)
             if target is None:
                 return Outcome.retry
-            head = head + b"%s: %s/%s\r\n" % (http1.H_INSTANCE, inst.org.encode(), inst.machine_id.encode())
+            head = head + b"%s: %s/%s/%s\r\n" % (
+                http1.H_INSTANCE, inst.org.encode(), inst.app.encode(), inst.machine_id.encode())
             if cfg.hop_token:
                 head += b"%s: %s\r\n" % (http1.H_HOP_TOKEN, cfg.hop_token.encode())
         if service.concurrency_type is ConcurrencyType.connections:
@@ -754,14 +755,13 @@ class Proxy:
         if cfg.hop_token and req.header(http1.H_HOP_TOKEN) != cfg.hop_token.encode():
             self._answer(req, 403, "kubefly: not a kubefly edge\n", b"hop-token")
             return
-        org, _, machine = (req.header(http1.H_INSTANCE) or b"").decode("latin-1").partition("/")
+        # org/app/machine: the app narrows the lookup to its own rows (org/machine,
+        # from an older edge, scans the org's).
+        parts = (req.header(http1.H_INSTANCE) or b"").decode("latin-1").split("/")
+        org, machine = parts[0], parts[-1]
+        rows = self.replica.instances(org, parts[1]) if len(parts) == 3 else self.replica.instances(org)
         inst = next(
-            (
-                i
-                for i in self.replica.instances(org)
-                if i.machine_id == machine and i.host == self.replica.self_host and i.routable
-            ),
-            None,
+            (i for i in rows if i.machine_id == machine and i.host == self.replica.self_host and i.routable), None
         )
         service = routing.http_service(inst) if inst is not None else None
         bindings = req.conn.bindings

@@ -98,14 +98,15 @@ async def test_host_answers_full_at_the_hard_limit(apps, session):
     busy = asyncio.create_task(get(session, p0, "hot", "/slow?ms=2000", **{"fly-force-instance-id": "hot-a"}))
     await asyncio.sleep(0.5)
 
-    async def hop(machine):
+    async def hop(instance):
         """What an edge on another host sends to host-000's proxy."""
         async with session.get(f"http://127.0.0.1:{p0.hop_port}/",
-                               headers={"Host": "hot.test", "kubefly-instance": f"acme/{machine}"}) as r:
+                               headers={"Host": "hot.test", "kubefly-instance": instance}) as r:
             return r.status, r.headers.get("kubefly-full")
 
-    assert await hop("hot-a") == (503, "1")  # at its hard limit: "full" at once, no queue
-    assert await hop("hot-b") == (200, None)
+    assert await hop("acme/hot/hot-a") == (503, "1")  # at its hard limit: "full" at once, no queue
+    assert await hop("acme/hot/hot-b") == (200, None)
+    assert await hop("acme/hot-b") == (200, None)  # an older edge's org/machine still works
     assert (await busy)[0] == 200
     # Seen from an edge on the other host: two served on distinct instances, the third
     # refused once its retry budget is spent, never queued behind a busy instance.
