@@ -167,7 +167,8 @@ def _machines(namespace: str, app: str) -> list[rollout.MachineView]:
         annotated = (meta.get("annotations") or {}).get(rollout.DIGEST_ANNOTATION)
         views.append(rollout.MachineView(
             name=meta["name"],
-            started=status.get("state") == "started",
+            # Being replaced or starting is still started: the roll waits for it to be back.
+            started=status.get("state") in ("started", "starting", "replacing"),
             ready=bool(ready and ready.get("status") == "True"),
             instance_id=status.get("instanceId"),
             secrets=tuple(spec["secrets"]) if spec.get("secrets") is not None else None,
