@@ -168,6 +168,11 @@ def resolve_app(host: bytes | None, domain: str, apps: dict[str, set[str]]) -> t
     return None, f"no app at {name}"
 
 
+def _not_woken(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
 class Proxy:
     def __init__(
         self,
@@ -288,21 +293,27 @@ class Proxy:
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(True)
                 break
 
     async def _wait_for_slot(self, app: AppKey, timeout: float) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters[app].append(fut)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        waiters = self.waiters[app]
+        waiters.append(fut)
+        # A timer handle rather than asyncio.timeout(): when every instance is full this
+        # runs for each waiting request many times a second.
+        timer = loop.call_later(timeout, _not_woken, fut)
         try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            pass
+            await fut
         finally:
-            if not fut.done():
+            timer.cancel()
+            if fut.cancelled() or not fut.done() or fut.result() is False:  # not woken by a release: still in line
                 fut.cancel()
-                self.waiters[app].remove(fut)
+                try:
+                    waiters.remove(fut)
+                except ValueError:
+                    pass  # a release took it out of line as it was being cancelled
 
     # -- edge ---------------------------------------------------------------------
     async def edge(self, req: Request) -> None:
@@ -422,13 +433,13 @@ class Proxy:
                 instances = [i for i in instances if force in (i.machine_id, i.instance_id)]
                 if not instances:
                     return self._answer(req, 404, f"kubefly: app {name} has no instance {force}\n", b"no-instance")
+            cands = routing.candidates(instances) if force is not None else self._candidates(app, instances)
             strategy = cfg.strategy_for(org, name, len(instances))
             sticky = self._sticky(req.conn.bindings, instances, exclude) if req.conn.bindings else None
             if sticky is not None:
                 choices, under_soft = [sticky], True
             elif strategy == routing.CLOSEST:
                 # Only the best candidate is tried; after "full" the edge asks again.
-                cands = routing.candidates(instances) if force is not None else self._candidates(app, instances)
                 best, under_soft = routing.pick(
                     cands, region=region, load=self._candidate_load, rtt=self.rtt, rng=self.rng, exclude=exclude
                 )
@@ -449,10 +460,10 @@ class Proxy:
                             return self._answer(req, 503, f"kubefly: app {name} did not start in time\n", b"autostart")
                         continue
             if not choices:
-                if not any(i.routable for i in instances):
+                if not cands:
                     return self._answer(req, 503, f"kubefly: app {name} has no started instance\n", b"no-instance")
                 remaining = deadline - time.monotonic()
-                capacity = sum((routing.http_service(i).hard_limit or 0) for i in instances if i.routable)
+                capacity = sum(c.service.hard_limit or 0 for c in cands)
                 if remaining <= 0 or attempts >= cfg.max_attempts or len(self.waiters[app]) >= max(capacity, 1):
                     return self._answer(req, 503, f"kubefly: every instance of {name} is at its limit\n", b"full")
                 # A slot frees on this host (wake-up) or a peer's load report changes (re-check).
