@@ -709,7 +709,7 @@ class Proxy:
                 out.append(http1.LAST_CHUNK)
                 chunked = False
         client.write(b"".join(out))
-        if not no_body:
+        if not no_body and not conn.finished:  # more body to come (most small answers are complete here)
             def sink(data: bytes, _chunked=chunked) -> None:
                 client.write(http1.chunk(data) if _chunked else data)
                 if client.write_paused:
