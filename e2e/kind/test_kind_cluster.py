@@ -6,7 +6,11 @@ on the edge worker: test_kind_platform.py reaches it through that port.)"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import subprocess
+
+import yaml
 
 from .kindlib import KIND_CONFIG, KindCluster
 
@@ -115,3 +119,45 @@ def test_the_test_app_serves_full_and_crashes_when_told(kind: KindCluster, names
         "-n", namespace, "get", "pod", "app", "-o", "jsonpath={.status.containerStatuses[0].restartCount}").stdout or 0))
     assert restarts >= 1
     wait_ready(kind, namespace, "app")
+
+
+def node_containers(kind: KindCluster) -> list[str]:
+    return subprocess.run(["docker", "ps", "--filter", f"label=io.x-k8s.kind.cluster={kind.name}", "--format", "{{.Names}}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+
+
+def service_cidr(kind: KindCluster) -> str:
+    config = kind.kubectl("-n", "kube-system", "get", "cm", "kubeadm-config", "-o", "jsonpath={.data.ClusterConfiguration}").stdout
+    return yaml.safe_load(config)["networking"]["serviceSubnet"]
+
+
+def guard_rules(node: str, cidr: str) -> list[str]:
+    """The Service CIDR rules of hack/kind/node/service-cidr-guard.sh on one node, as `ip rule` prints them."""
+    out = subprocess.run(["docker", "exec", node, "ip", "rule", "show"], capture_output=True, text=True, check=True).stdout
+    return [" ".join(line.split()) for line in out.splitlines() if f"to {cidr} " in line]
+
+
+def test_service_cidr_traffic_that_kube_proxy_did_not_rewrite_never_leaves_a_node(kind: KindCluster, namespace: str):
+    cidr = service_cidr(kind)
+    nodes = node_containers(kind)
+    assert len(nodes) == len(KIND_CONFIG["nodes"])
+    for node in nodes:
+        assert guard_rules(node, cidr) == [f"32000: from all to {cidr} iif lo lookup main",
+                                           f"32001: from all to {cidr} unreachable"], node
+
+    # An address in the Service CIDR that no Service has: kube-proxy has no rule
+    # for it, exactly as for every Service IP while kube-proxy is not running.
+    # Refused on the pod's own node at once (ENETUNREACH), not sent toward the real network.
+    unused = str(ipaddress.ip_network(cidr)[-2])
+    node = sorted(workers(kind))[0]
+    kind.apply(app_pod(kind, "client", node), namespace)
+    wait_ready(kind, namespace, "client")
+    code = ("import errno, socket, time\nt = time.monotonic()\n"
+            f"try:\n    socket.create_connection(({unused!r}, 443), timeout=10)\n    print('connected')\n"
+            "except OSError as e:\n    print(errno.errorcode.get(e.errno, e), round(time.monotonic() - t, 2))")
+    verdict, *took = kind.kubectl("-n", namespace, "exec", "client", "--", "/opt/kubefly/bin/python", "-c", code).stdout.split()
+    assert verdict == "ENETUNREACH" and float(took[0]) < 5, (verdict, took)
+    # Services themselves still work through the guard (kube-proxy's DNAT comes before routing).
+    api = kind.kubectl("get", "svc", "kubernetes", "-n", "default", "-o", "jsonpath={.spec.clusterIP}").stdout
+    connect = f"import socket; socket.create_connection(({api!r}, 443), timeout=10); print('connected')"
+    assert kind.kubectl("-n", namespace, "exec", "client", "--", "/opt/kubefly/bin/python", "-c", connect).stdout.strip() == "connected"
