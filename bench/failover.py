@@ -92,6 +92,12 @@ class Sampler(threading.Thread):
             time.sleep(0.1)
 
 
+def reclones(root: Path, name: str) -> int:
+    """Times the member fell back to a fresh clone because its rejoin (pg_rewind) failed."""
+    log = root / f"{name}.member.log"
+    return log.read_text(errors="replace").count("rejoin failed, cloning afresh") if log.exists() else 0
+
+
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="kubefly-bench-pg-"))
     cluster = LocalCluster(root, synchronous=True)
@@ -120,14 +126,16 @@ def main() -> int:
             gap = None if before is None or after is None else after - before
             new = next((m.name for m in cluster.members if m.pg_port == writer.last_server()), None)
             restarted_at = time.monotonic()
+            clones_before = reclones(root, primary)
             cluster.start_member(primary)
             cluster.wait_healthy(120)
             rejoin = time.monotonic() - restarted_at
             kills.append({"killed": primary, "new_primary": new, "write_gap_s": gap and round(gap, 3),
-                          "standby_again_s": round(rejoin, 3)})
+                          "standby_again_s": round(rejoin, 3),
+                          "rejoin": "re-cloned" if reclones(root, primary) > clones_before else "rewound"})
             gap_text = "none (no write came back)" if gap is None else f"{gap:.2f}s"
             print(f"kill {i + 1}/{KILLS}: {primary} -> {new}, write gap {gap_text}, "
-                  f"old primary streaming again after {rejoin:.1f}s", flush=True)
+                  f"old primary streaming again after {rejoin:.1f}s ({kills[-1]['rejoin']})", flush=True)
         writer.stop.set()
         writer.join(10)
         sampler.stop.set()
@@ -156,6 +164,8 @@ def main() -> int:
         "acknowledged_writes": len(acked),
         "acknowledged_writes_lost": len(acked - stored),
         "standby_again_max_s": max(k["standby_again_s"] for k in kills),
+        "standby_again_p50_s": round(statistics.median(k["standby_again_s"] for k in kills), 3),
+        "rejoins_recloned": sum(k["rejoin"] == "re-cloned" for k in kills),
         "health_samples": sampler.samples,
         "two_writable_samples": len(sampler.two_writable),
         "targets": {"write_gap_p50_s": 5, "write_gap_max_s": 10, "acknowledged_writes_lost": 0, "standby_again_s": 60},
