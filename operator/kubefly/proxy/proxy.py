@@ -372,12 +372,11 @@ class Proxy:
         if seconds is not None:
             stats.observe(seconds)
 
-    def _forward_head(self, req: Request, request_id: bytes) -> tuple[bytes, bytes | None, bytes | None]:
+    def _forward_head(self, req: Request, request_id: bytes) -> bytes:
         """The request's end-to-end headers plus what the edge asserts, serialized once
-        (an attempt, a hop or a replay only appends lines to it), and the routing
-        headers (fly-force-instance-id, fly-prefer-region): one pass over the headers."""
+        (an attempt, a hop or a replay only appends lines to it), in one pass."""
         kept = []
-        xff = prior = force = prefer = None
+        xff = prior = None
         host = b""
         has_connection = False
         for h in req.headers:
@@ -386,10 +385,6 @@ class Proxy:
                 kept.append(h)
                 if name == b"host":
                     host = h[1]
-                elif name == b"fly-force-instance-id":
-                    force = h[1]
-                elif name == b"fly-prefer-region":
-                    prefer = h[1]
             elif name == b"x-forwarded-for":
                 xff = h[1]
             elif name == b"forwarded":
@@ -401,7 +396,7 @@ class Proxy:
         client = req.conn.peer.encode()
         port = req.conn.local_port
         fwd = b'for="%s";proto=http;host="%s"' % (client, host)
-        head = http1.serialize_headers(kept) + (
+        return http1.serialize_headers(kept) + (
             b"x-forwarded-for: %s\r\nforwarded: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\n"
             b"x-forwarded-port: %s\r\nfly-client-ip: %s\r\nfly-forwarded-port: %s\r\nfly-region: %s\r\n"
             b"fly-request-id: %s\r\n"
@@ -410,7 +405,6 @@ class Proxy:
             prior + b", " + fwd if prior else fwd,
             host, port, client, port, self._region, request_id,
         )
-        return head, force, prefer
 
     async def _route(self, req: Request, app: AppKey, cfg: Config, started: float) -> int:
         org, name = app
@@ -420,9 +414,10 @@ class Proxy:
             body, replayable = await req.body.read_upto(cfg.replay_body_limit)
         # Unique enough to follow a request through logs; not a secret, so no syscall for entropy.
         request_id = b"%016x-%s" % (self.rng.getrandbits(64), self._region)
-        base, forced, prefer = self._forward_head(req, request_id)
-        head = base
+        base = head = None  # built at the first attempt: a request refused at once never needs it
+        forced = req.header(b"fly-force-instance-id")
         force = forced.decode("latin-1").strip() or None if forced else None
+        prefer = req.header(b"fly-prefer-region")
         region = (prefer.decode("latin-1").strip() if prefer else "") or self.replica.self_region
         deadline = started + cfg.retry_budget_s
         exclude: set[tuple[str, str]] = set()
@@ -450,9 +445,9 @@ class Proxy:
                     sample=cfg.sample, exclude=frozenset(exclude),
                 )
                 under_soft = not routing.all_above_soft(choices)
-            if force is None and not under_soft:
+            if force is None and not under_soft and self.starter is not None:
                 candidate = routing.autostart_candidate(instances, region=region, rtt=self.rtt)
-                if candidate is not None and self.starter is not None:
+                if candidate is not None:
                     waiting = self._autostart(candidate)
                     if not choices:
                         # Nothing can serve now: hold the request until the machine passes its checks.
@@ -472,6 +467,8 @@ class Proxy:
                 continue
             choice = choices[0]
             attempts += 1
+            if base is None:
+                base = head = self._forward_head(req, request_id)
             result = await self._attempt(req, choice, head, body, replayable, cfg, request_id)
             if isinstance(result, int):
                 return result
