@@ -53,7 +53,8 @@ class PostgresClusterSpec(ApiModel):
         default=None, description="A request: make this member the primary (a planned switchover)."
     )
     delete_policy: Literal["keepVolumes", "deleteVolumes"] = Field(
-        default="keepVolumes", description="What happens to the members' Volumes when the cluster is deleted."
+        default="keepVolumes",
+        description="What happens to a member's Volume when the cluster is deleted or scaled down, or the member is replaced: keepVolumes keeps it (labelled retired), deleteVolumes deletes it.",
     )
 
     @model_validator(mode="after")
