@@ -115,3 +115,26 @@ def test_uninstall_keeps_crds_and_user_objects_then_reinstall_adopts_them(kube, 
         "--set", "operator.enabled=false", "--wait", "--timeout", "120s",
     )
     assert kube.kubectl("get", "clusterrole", f"{kube.release}-operator").returncode == 0
+
+
+def test_dns_runs_beside_the_agent_behind_a_node_local_service_that_machines_are_given(kube):
+    out = kube.helm("template", "x", str(kube.chart), "--namespace", "kf", "--set", "agent.enabled=true",
+                    "--set", "dns.enabled=true", "--set", "dns.clusterDomain=corp.example").stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    svc = docs[("Service", "x-kubefly-dns")]["spec"]
+    # Local: a Machine's query reaches its own host's resolver (its org and "nearest" are judged there).
+    assert svc["internalTrafficPolicy"] == "Local"
+    assert {(p["port"], p["targetPort"], p["protocol"]) for p in svc["ports"]} == {(53, 7953, "UDP"), (53, 7953, "TCP")}
+    pod = docs[("DaemonSet", "x-kubefly-dns")]["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] and pod["containers"][0]["args"][:2] == ["dns", "--agent=http://127.0.0.1:7947"]
+    assert "--listen=$(KUBEFLY_HOST_IP):7953" in pod["containers"][0]["args"]
+    env = {e["name"]: e.get("value") for e in docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # Kubernetes expands the Service link of the operator's own namespace into the ClusterIP.
+    assert env["KUBEFLY_MACHINE_DNS"] == "$(X_KUBEFLY_DNS_SERVICE_HOST)" and env["KUBEFLY_CLUSTER_DOMAIN"] == "corp.example"
+
+
+def test_dns_without_the_agent_is_refused_with_the_fix(kube):
+    proc = kube.helm("template", "x", str(kube.chart), "--set", "dns.enabled=true", check=False)
+    assert proc.returncode != 0 and "dns.enabled needs agent.enabled" in proc.stderr
+    out = kube.helm("template", "x", str(kube.chart)).stdout
+    assert "KUBEFLY_MACHINE_DNS" not in out and "x-kubefly-dns" not in out
