@@ -1,6 +1,8 @@
 """Pure builders of a Volume's PersistentVolume and PersistentVolumeClaim.
 
-The PV is a `local` volume (a directory on the host's disk) with required node
+The PV is a directory on the host's disk (`hostPath`, DirectoryOrCreate: the
+kubelet makes it at the first mount, as Fly's host makes a machine's volume;
+a `local` PV would need someone to create it beforehand) with required node
 affinity to the one host placement chose. PV and PVC name each other
 (`claimRef` and `volumeName`), so the persistent-volume controller binds them
 at once and exactly, whatever the StorageClass's WaitForFirstConsumer says;
@@ -70,7 +72,7 @@ def build_pv(*, namespace: str, volume: str, uid: str, app: str, region: str, ho
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": STORAGE_CLASS,
             "volumeMode": "Filesystem",
-            "local": {"path": host_path(namespace, volume)},
+            "hostPath": {"path": host_path(namespace, volume), "type": "DirectoryOrCreate"},
             "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim_name(volume)},
             "nodeAffinity": {
                 "required": {
@@ -113,7 +115,7 @@ def host_of_pv(pv: dict) -> str | None:
 
 
 def growth_patch(size_gb: int) -> tuple[dict, dict]:
-    """Merge patches that extend the PV and the claim to size_gb (a local PV grows in place)."""
+    """Merge patches that extend the PV and the claim to size_gb (a host directory grows in place)."""
     return (
         {"spec": {"capacity": {"storage": quantity(size_gb)}}},
         {"spec": {"resources": {"requests": {"storage": quantity(size_gb)}}}},

@@ -16,11 +16,12 @@ BODY = {
 }
 
 
-def test_pv_is_local_pinned_prebound_and_retained():
+def test_pv_is_a_host_directory_pinned_prebound_and_retained():
     pv = build_pv(namespace="org", volume="data", uid=BODY["metadata"]["uid"], app="web", region="ams", host="h1", size_gb=3)
     assert pv["metadata"]["name"] == pv_name("org", "data", BODY["metadata"]["uid"])
     spec = pv["spec"]
-    assert spec["local"]["path"] == "/var/lib/kubefly/volumes/org/data"
+    # The kubelet creates the directory at the first mount; nobody has to beforehand.
+    assert spec["hostPath"] == {"path": "/var/lib/kubefly/volumes/org/data", "type": "DirectoryOrCreate"}
     assert spec["storageClassName"] == STORAGE_CLASS == "kubefly-local"
     assert spec["persistentVolumeReclaimPolicy"] == "Retain"
     assert spec["capacity"] == {"storage": "3Gi"}
