@@ -86,7 +86,7 @@ def test_machine_is_placed_and_started_as_a_pinned_pod(kube, namespace):
     assert md["labels"][labels.REGION] == "ams" and md["labels"][labels.HOST] == st["host"]
     assert md["annotations"][labels.INSTANCE_ID] == st["instanceId"]
     assert json.loads(md["annotations"][labels.SERVICES])[0]["internal_port"] == 8080
-    assert {"Placed", "Starting", "Started"} <= set(events(kube, namespace, "web-1"))
+    assert {"Placed", "Started"} <= set(events(kube, namespace, "web-1"))
     table = kube.kubectl("-n", namespace, "get", "machines").stdout
     assert "STATE" in table and "started" in table
 

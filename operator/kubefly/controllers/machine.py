@@ -47,6 +47,7 @@ log = structlog.get_logger("kubefly.controllers.machine")
 # Wait between reconciles when nothing wakes a machine: a safety net, not the mechanism.
 IDLE_RESYNC_S = 120.0
 PLATFORM_POLL_S = 2.0
+THROTTLE_RETRIES = 5  # a 429 (Retry-After) is retried in place this many times
 
 RESERVED: dict[tuple[str, str], placement.Placed] = {}
 WAKERS: dict[tuple[str, str], asyncio.Event] = {}
@@ -80,8 +81,11 @@ class _Kube:
         if self.cfg.cert_file and ctx:
             ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
         self.host = self.cfg.host.rstrip("/")
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=16),
-                                             timeout=aiohttp.ClientTimeout(total=60))
+        # No total timeout: in a burst, requests queue for a connection far longer than any
+        # one call takes; only a stalled socket is an error.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=16),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60))
 
     async def request(self, method: str, path: str, body: dict | None = None, *,
                       content_type: str = "application/json", params: dict | None = None) -> dict | None:
@@ -90,12 +94,19 @@ class _Kube:
             headers["Authorization"] = token
         data = json.dumps(body, separators=(",", ":")) if body is not None else None
         extra = {"server_hostname": self.cfg.tls_server_name} if self.cfg.tls_server_name else {}
-        async with self.session.request(method, self.host + path, data=data, headers=headers, params=params,
-                                        **extra) as resp:
-            raw = await resp.read()
-            if resp.status >= 400:
-                raise ApiException(status=resp.status, reason=resp.reason, body=raw[:2000].decode(errors="replace"))
-            return json.loads(raw) if raw else None
+        throttled = 0
+        while True:
+            async with self.session.request(method, self.host + path, data=data, headers=headers, params=params,
+                                            **extra) as resp:
+                raw = await resp.read()
+                if resp.status == 429 and throttled < THROTTLE_RETRIES:
+                    throttled += 1
+                    # API priority and fairness queues were full: wait as told, not the reconcile backoff.
+                    await asyncio.sleep(min(float(resp.headers.get("Retry-After") or 1), 5.0))
+                    continue
+                if resp.status >= 400:
+                    raise ApiException(status=resp.status, reason=resp.reason, body=raw[:2000].decode(errors="replace"))
+                return json.loads(raw) if raw else None
 
     async def get(self, path: str) -> dict | None:
         return await self.request("GET", path)
@@ -137,10 +148,13 @@ def wake(key: tuple[str, str]) -> None:
 
 
 # ---- indices: the cluster snapshot, fed by watches -------------------------
+# Every handler here is async though none awaits: Kopf runs sync handlers in its
+# thread pool, a thread hop per watch event (and wake() must run on the loop:
+# asyncio.Event is not thread-safe).
 
 
 @kopf.index("nodes")
-def hosts(name, labels: dict, spec, status, **_):
+async def hosts(name, labels: dict, spec, status, **_):
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     alloc = status.get("allocatable") or {}
     tainted = any(t.get("effect") in ("NoSchedule", "NoExecute") and not t.get("key", "").startswith("node.kubernetes.io/")
@@ -161,7 +175,7 @@ def hosts(name, labels: dict, spec, status, **_):
 
 
 @kopf.index(GROUP, VERSION, "machines")
-def placed_machines(namespace, name, spec, status, **_):
+async def placed_machines(namespace, name, spec, status, **_):
     host = status.get("host")
     if not host or status.get("state") == "failed":
         return None
@@ -170,13 +184,13 @@ def placed_machines(namespace, name, spec, status, **_):
 
 
 @kopf.index("pods", labels={kflabels.MANAGED_BY: kflabels.MANAGED_BY_VALUE})
-def machine_pods(namespace, labels: dict, body, **_):
+async def machine_pods(namespace, labels: dict, body, **_):
     machine = labels.get(kflabels.MACHINE)
     return {(namespace, machine): lifecycle.pod_view(body)} if machine else None
 
 
 @kopf.index(GROUP, VERSION, "volumes")
-def volumes(namespace, name, spec, status, meta, **_):
+async def volumes(namespace, name, spec, status, meta, **_):
     return {(namespace, name): lifecycle.VolumeView(
         name=name, app=spec.get("app", ""), region=spec.get("region", ""), host=status.get("host"),
         claim=status.get("claim"), attached=status.get("attachedMachine"), resource_version=meta.get("resourceVersion", ""),
@@ -184,7 +198,7 @@ def volumes(namespace, name, spec, status, meta, **_):
 
 
 @kopf.index(GROUP, VERSION, "appsecrets")
-def app_secrets(namespace, name, spec, status, **_):
+async def app_secrets(namespace, name, spec, status, **_):
     return {(namespace, spec.get("app")): (name, status.get("secretName"), status.get("digest") or "")}
 
 
@@ -211,12 +225,12 @@ def _one(index, key):
 
 
 @kopf.on.event("pods", labels={kflabels.MANAGED_BY: kflabels.MANAGED_BY_VALUE})
-def pod_changed(namespace, labels: dict, **_):
+async def pod_changed(namespace, labels: dict, **_):
     wake((namespace, labels.get(kflabels.MACHINE)))
 
 
 @kopf.on.event("nodes")
-def node_changed(name, type, status, placed_machines: kopf.Index, **_):
+async def node_changed(name, type, status, placed_machines: kopf.Index, **_):
     ready = type != "DELETED" and any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in (status or {}).get("conditions") or []
     )
@@ -233,19 +247,19 @@ def node_changed(name, type, status, placed_machines: kopf.Index, **_):
 
 
 @kopf.on.event(GROUP, VERSION, "volumes")
-def volume_changed(namespace, name, **_):
+async def volume_changed(namespace, name, **_):
     for key in MOUNTERS.get((namespace, name), ()):
         wake(key)
 
 
 @kopf.on.event(GROUP, VERSION, "appsecrets")
-def appsecret_changed(namespace, spec, **_):
+async def appsecret_changed(namespace, spec, **_):
     for key in BY_APP.get((namespace, spec.get("app")), ()):
         wake(key)
 
 
 @kopf.on.event(GROUP, VERSION, "machines")
-def machine_changed(namespace, name, type, status, meta, **_):
+async def machine_changed(namespace, name, type, status, meta, **_):
     key = (namespace, name)
     old, new = STATES.get(key), None if type == "DELETED" else (status or {}).get("state")
     if old != new:

@@ -437,7 +437,12 @@ def _start(b: _Builder, digest: str) -> None:
     b.cond("Ready", False, "Starting", f"starting version {st['version']} on host {st['host']}")
     if was != "replacing":
         b.log("start", "requested", source="user")
-    b.event("Normal", "Starting", f"starting instance {st['instanceId']} (version {st['version']}) on host {st['host']}")
+    starting = f"starting instance {st['instanceId']} (version {st['version']}) on host {st['host']}"
+    if b.plan.events and b.plan.events[-1][1] == "Placed":
+        # Placed and started in one pass: one Event, not two (a 1,000-machine burst is API-bound).
+        b.plan.events[-1] = ("Normal", "Placed", f"{b.plan.events[-1][2]}; {starting}")
+    else:
+        b.event("Normal", "Starting", starting)
 
 
 def _observe(b: _Builder, pod: PodView) -> None:

@@ -58,6 +58,8 @@ def test_placement_then_pod_in_one_pass():
         "nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["a1"]
     assert plan.status["version"] == 1 and plan.status["instanceId"]
     assert [e["type"] for e in plan.status["events"]] == ["launch", "start"]
+    # One Kubernetes Event for placed-and-starting; later starts say Starting.
+    assert [reason for _, reason, _ in plan.events] == ["Placed"] and "starting instance" in plan.events[0][2]
 
 
 def test_no_room_fails_with_the_reason_and_creates_nothing_then_stays_failed():
@@ -80,6 +82,7 @@ def test_desired_stopped_only_creates_then_start_is_immediate():
     m["spec"]["state"], m["metadata"]["generation"] = "started", 2
     plan = run(m)
     assert plan.create_pod is not None and plan.status["state"] == "starting"
+    assert [reason for _, reason, _ in plan.events] == ["Starting"]
 
 
 def test_running_ready_pod_is_started_and_ready_and_checks_gate_ready_only():
