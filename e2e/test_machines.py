@@ -298,10 +298,12 @@ def test_every_check_gates_readiness_through_the_host_agent_and_never_restarts(k
          "--source", "pods"],
         env={**os.environ, "KUBECONFIG": str(agent_kubeconfig)}, stdout=log, stderr=subprocess.STDOUT)
     tcp = http = None
+    # Free ports, not 5432/8080: a wildcard listener of anything else on the box would take the pod's address too.
+    tcp_port, http_port = free_port(), free_port()
     try:
         apply(kube, namespace, "checked", region=region,
-              checks=[{"name": "tcp-db", "type": "tcp", "port": 5432, "intervalSeconds": 1},
-                      {"name": "http-health", "type": "http", "port": 8080, "path": "/health", "intervalSeconds": 1}])
+              checks=[{"name": "tcp-db", "type": "tcp", "port": tcp_port, "intervalSeconds": 1},
+                      {"name": "http-health", "type": "http", "port": http_port, "path": "/health", "intervalSeconds": 1}])
         m = wait_machine(kube, namespace, "checked", "started", state_is("started"))
         pod = get(kube, namespace, "pod", "checked")
         assert pod["spec"]["readinessGates"] == [{"conditionType": CHECKS_GATE}]
@@ -313,7 +315,7 @@ def test_every_check_gates_readiness_through_the_host_agent_and_never_restarts(k
         m = wait_machine(kube, namespace, "checked", "checks failing", lambda m: "tcp-db" in (cond(m, "Ready") or {}).get("message", ""))
         assert cond(m, "Ready")["reason"] == "ChecksFailing" and "http-health" in cond(m, "Ready")["message"]
 
-        tcp = socket.create_server((ip, 5432))
+        tcp = socket.create_server((ip, tcp_port))
         health = {"ok": True}
 
         class Health(BaseHTTPRequestHandler):
@@ -324,7 +326,7 @@ def test_every_check_gates_readiness_through_the_host_agent_and_never_restarts(k
             def log_message(self, *_):
                 pass
 
-        http = ThreadingHTTPServer((ip, 8080), Health)
+        http = ThreadingHTTPServer((ip, http_port), Health)
         threading.Thread(target=http.serve_forever, daemon=True).start()
         wait_machine(kube, namespace, "checked", "Ready once every check passes", ready, timeout=30)
 
