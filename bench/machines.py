@@ -58,6 +58,7 @@ class Watcher:
         from kubernetes import watch
 
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import ProtocolError
 
         while not self._stop.is_set():
             w = watch.Watch()
@@ -69,8 +70,8 @@ class Watcher:
                         self.started.setdefault(obj["metadata"]["name"], time.monotonic())
                     if self._stop.is_set():
                         break
-            except ApiException:
-                # An expired or too-new resource version: list and watch again.
+            except (ApiException, ProtocolError):
+                # An expired or too-new resource version, or a dropped stream: list and watch again.
                 continue
 
     def wait(self, names: list[str], timeout: float) -> bool:
