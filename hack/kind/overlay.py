@@ -9,6 +9,12 @@ source of the topology) plus only the patches this machine needs.
 --cgroup-v1: kubelet >= 1.35 refuses cgroup v1 unless failCgroupV1 is false.
 --port-offset: shift every extraPortMappings hostPort (a second cluster, e.g.
   the e2e one, beside `make up`'s).
+
+Always: the node controller's grace period is 30 s (kube-controller-manager
+--node-monitor-grace-period; Kubernetes' default is 50 s). A Machine must say
+its host is lost within 60 s of the host going away, and with 50 s plus the
+kubelet's 10 s lease renewal and the 5 s monitor period a stopped worker was
+reported after more than 60 s on a busy machine.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+NODE_MONITOR_GRACE = "30s"
 
 
 def overlay(config: dict, *, name: str | None, port_offset: int, node_image: str | None, cgroup_v1: bool) -> dict:
@@ -34,6 +41,11 @@ def overlay(config: dict, *, name: str | None, port_offset: int, node_image: str
             node["image"] = node_image
     if node_image:
         config.setdefault("networking", {})["disableDefaultCNI"] = True
+    config.setdefault("kubeadmConfigPatchesJSON6902", []).append({
+        "group": "kubeadm.k8s.io", "version": "v1beta4", "kind": "ClusterConfiguration",
+        "patch": yaml.safe_dump([{"op": "add", "path": "/controllerManager/extraArgs/-",
+                                  "value": {"name": "node-monitor-grace-period", "value": NODE_MONITOR_GRACE}}]),
+    })
     if cgroup_v1:
         config.setdefault("kubeadmConfigPatches", []).append(
             "kind: KubeletConfiguration\nfailCgroupV1: false\n"
