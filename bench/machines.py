@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=50, help="simulated hosts beyond kind-config's")
     ap.add_argument("--cluster", default="kubefly-bench-machines")
     ap.add_argument("--keep", action="store_true", help="keep the cluster afterwards")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     ap.add_argument("--phases", default="steady,burst,host-loss",
                     help="comma-separated subset of steady,burst,host-loss")
     ap.add_argument("--profile", action="store_true",
@@ -176,7 +177,7 @@ def main() -> None:
                    check=True, capture_output=True)
     print(f"[bench] cluster with {len(cluster.topology.hosts) + args.hosts} hosts in {time.monotonic() - t0:.0f}s",
           file=sys.stderr)
-    workdir = REPO / "bench" / "results" / "machines-operator"
+    workdir = REPO / "bench" / "results" / f"{args.cluster}-operator"  # per cluster: two benches may run side by side
     workdir.mkdir(parents=True, exist_ok=True)
     sa = cluster.service_account_kubeconfig("kubefly-system", "kubefly", workdir / "kubeconfig")
     op = subprocess.Popen([str(Path(sys.executable).with_name("kubefly")), "operator", "--peering", "kubefly",
@@ -261,8 +262,8 @@ def main() -> None:
             op.wait()
         if not args.keep:
             cluster.down()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
