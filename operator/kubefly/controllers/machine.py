@@ -13,7 +13,6 @@ await, so two machines placed at the same moment never count the same room.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import ssl
 import time
@@ -87,8 +86,8 @@ class _Kube:
             connector=aiohttp.TCPConnector(ssl=ctx, limit=16),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60))
 
-    async def request(self, method: str, path: str, body: dict | None = None, *,
-                      content_type: str = "application/json", params: dict | None = None) -> dict | None:
+    async def request(self, method: str, path: str, body: dict | None = None, *, content_type: str = "application/json",
+                      params: dict | None = None, parse: bool = True) -> dict | None:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         if token := self.cfg.auth_settings().get("BearerToken", {}).get("value"):
             headers["Authorization"] = token
@@ -106,7 +105,7 @@ class _Kube:
                     continue
                 if resp.status >= 400:
                     raise ApiException(status=resp.status, reason=resp.reason, body=raw[:2000].decode(errors="replace"))
-                return json.loads(raw) if raw else None
+                return json.loads(raw) if raw and parse else None
 
     async def get(self, path: str) -> dict | None:
         return await self.request("GET", path)
@@ -114,11 +113,11 @@ class _Kube:
     async def patch_status(self, path: str, body: dict) -> dict | None:
         return await self.request("PATCH", f"{path}/status", body, content_type="application/merge-patch+json")
 
-    async def create(self, path: str, body: dict) -> dict | None:
-        return await self.request("POST", path, body)
+    async def create(self, path: str, body: dict) -> None:
+        await self.request("POST", path, body, parse=False)  # the created object is not needed
 
-    async def delete(self, path: str, grace_period_seconds: int) -> dict | None:
-        return await self.request("DELETE", path, params={"gracePeriodSeconds": str(grace_period_seconds)})
+    async def delete(self, path: str, grace_period_seconds: int) -> None:
+        await self.request("DELETE", path, params={"gracePeriodSeconds": str(grace_period_seconds)}, parse=False)
 
     async def close(self) -> None:
         await self.session.close()
@@ -445,7 +444,9 @@ async def run_machine(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
     while not stopped:
         waker.clear()
         started = time.monotonic()
-        machine = _fresher(copy.deepcopy(dict(body)), LATEST.get(key))
+        # A shallow snapshot is enough: Kopf replaces the body's source on each event (never
+        # mutates it), and the planner builds new status values (a deep copy cost 6% of a burst).
+        machine = _fresher(dict(body), LATEST.get(key))
         spec = machine.get("spec") or {}
         if spec.get("app"):
             BY_APP.setdefault((namespace, spec["app"]), set()).add(key)
