@@ -21,17 +21,28 @@ def get_machine(kind: KindCluster, namespace: str, name: str) -> dict:
     return json.loads(kind.kubectl("-n", namespace, "get", "machine", name, "-o", "json").stdout)
 
 
+def region_away_from_the_operator(kind: KindCluster) -> str:
+    """A worker region whose host does not run the operator. Losing the operator's own host is another
+    case (the operator's pod only leaves a lost node after the 300 s eviction; see docs/kind.md)."""
+    nodes = json.loads(kind.kubectl("get", "nodes", "-l", "!node-role.kubernetes.io/control-plane", "-o", "json").stdout)["items"]
+    operator = kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator",
+                            "--field-selector=status.phase=Running", "-o", "jsonpath={.items[*].spec.nodeName}").stdout.split()
+    return sorted(n["metadata"]["labels"]["topology.kubernetes.io/region"] for n in nodes if n["metadata"]["name"] not in operator)[0]
+
+
 def test_a_stopped_worker_is_reported_as_host_loss_and_its_machine_recovers_when_it_starts(kind: KindCluster, namespace: str):
-    kind.apply(machine(kind, "lost-1", "syd"), namespace)
+    kind.apply(machine(kind, "lost-1", region_away_from_the_operator(kind)), namespace)
     m = kind.wait_for("lost-1 started", lambda: settled(m := get_machine(kind, namespace, "lost-1")) and m, timeout=180)
     host = m["status"]["host"]
     instance = m["status"]["instanceId"]
 
     subprocess.run(["docker", "stop", host], check=True, capture_output=True)
+    stopped = time.monotonic()
     try:
         m = kind.wait_for(f"HostNotReady on lost-1 within {HOST_LOSS_WITHIN_S}s of `docker stop {host}`",
                           lambda: (cond(m := get_machine(kind, namespace, "lost-1"), "HostReady") or {})
                           .get("reason") == "HostNotReady" and m, timeout=HOST_LOSS_WITHIN_S)
+        print(f"[kind] HostNotReady {time.monotonic() - stopped:.0f}s after `docker stop {host}` returned")
         assert "comes back when the host does" in cond(m, "HostReady")["message"]
         assert cond(m, "Ready")["status"] == "False" and m["status"]["host"] == host
     finally:
