@@ -47,12 +47,7 @@ def in_machine(kind: KindCluster, namespace: str, name: str, code: str) -> str:
     return kind.kubectl("-n", namespace, "exec", name, "-c", "machine", "--", "/opt/kubefly/bin/python", "-c", code).stdout.strip()
 
 
-# Known defect, found by this case: the Volume's host directory is made by the kubelet (hostPath,
-# DirectoryOrCreate) as root, mode 0755, so an app that runs as a non-root user (the test app runs
-# as 65532, like most images) cannot write its own volume: PermissionError on the first write. (Before,
-# as a `local` PV, nothing made the directory and the mount failed.) With the directory made 0777 by
-# hand the whole case passes. strict: once apps can write their volume this XPASSes; drop the mark.
-@pytest.mark.xfail(strict=True, reason="a Volume's host directory is root 0755: a non-root app cannot write it")
+# The test app runs as a non-root user (65532), as most images do: the volume must be its to write.
 def test_volume_data_outlives_stop_start_and_a_replace_on_the_pinned_workers_disk(kind: KindCluster, namespace: str):
     kind.apply({"apiVersion": "kubefly.dev/v1alpha1", "kind": "Volume", "metadata": {"name": "data"},
                 "spec": {"app": "vol", "region": "syd", "sizeGb": 1}}, namespace)
@@ -70,7 +65,7 @@ def test_volume_data_outlives_stop_start_and_a_replace_on_the_pinned_workers_dis
     read = "print(open('/data/marker').read())"
     # The bytes are on the pinned worker's own disk, where the PV says.
     pv = json.loads(kind.kubectl("get", "pv", vol["status"]["persistentVolume"], "-o", "json").stdout)["spec"]
-    path = (pv.get("hostPath") or pv.get("local"))["path"]
+    path = pv["hostPath"]["path"]
     on_disk = subprocess.run(["docker", "exec", host, "cat", f"{path}/marker"], capture_output=True, text=True)
     assert on_disk.stdout == token, on_disk.stderr
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from kubefly import API_VERSION, labels
 from kubefly.instances import Service as InstanceService
 from kubefly.machines.dns_config import pod_dns
+from kubefly.machines.volume_prep import volume_prep
 from kubefly.placement.machines import guest_requests
 from kubefly.secrets.digest import combined_digest
 
@@ -106,9 +107,11 @@ def build_pod(
         ],
     }
     volumes = []
+    prep: dict = {}
     if mounts and claim:
         container["volumeMounts"] = [{"name": "data", "mountPath": mounts[0]["path"]}]
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": claim}})
+        prep = volume_prep("data", mounts[0]["path"])
 
     pod_labels = {
         labels.APP: spec["app"],
@@ -148,6 +151,7 @@ def build_pod(
         },
         "spec": {
             "containers": [container],
+            **prep,
             # Every check gates readiness (never liveness: a failing check never restarts the machine).
             **({"readinessGates": [{"conditionType": CHECKS_GATE}]} if checks else {}),
             "volumes": volumes,
