@@ -20,7 +20,7 @@ from kubefly.api.appsecret import AppSecret
 from kubefly.conditions import get_condition
 from kubefly.controllers import acceptance
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
-from kubefly.controllers.volume import _condition_patch, kube_api, update_status
+from kubefly.controllers.common import condition_patch, kube_api, update_status
 from kubefly.labels import APP, MACHINE, MANAGED_BY, MANAGED_BY_VALUE, PREFIX
 from kubefly.secrets import digest, keystore, rollout, sealing
 
@@ -112,7 +112,7 @@ def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
         # The Secret keeps its previous values and no machine is rolled.
         message = "; ".join(f"spec.data.{k}: {why}" for k, why in failures.items())
         message += ". Reseal with `kubefly secrets seal` for this cluster, organisation and app"
-        update_status(PLURAL, ns, name, lambda b: _condition_patch(b, [
+        update_status(PLURAL, ns, name, lambda b: condition_patch(b, [
             ("Accepted", True, "SpecValid", result.message),
             ("Ready", False, "DecryptionFailed", message),
         ], {"observedGeneration": generation}))
@@ -136,7 +136,7 @@ def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
              "observedGeneration": generation}
 
     def patch(b: dict) -> dict | None:
-        out = _condition_patch(b, conditions, extra) or {}
+        out = condition_patch(b, conditions, extra) or {}
         # Every non-staged change starts a roll; the planner finds nothing to
         # do when every started machine already runs these values.
         if not staged and not (b.get("status") or {}).get("rollout"):
@@ -212,7 +212,7 @@ def roll(body: kopf.Body, logger, **_) -> None:
     generation = fresh["metadata"].get("generation")
     if isinstance(step, rollout.Wait):
         message = f"waiting for machine {step.machine} to be Ready as a new instance before the next"
-        update_status(PLURAL, ns, name, lambda b: _condition_patch(b, [("RolledOut", False, "Rolling", message)]))
+        update_status(PLURAL, ns, name, lambda b: condition_patch(b, [("RolledOut", False, "Rolling", message)]))
         return
     if isinstance(step, rollout.Roll):
         kube_api()[1].patch_namespaced_custom_object(
@@ -221,13 +221,13 @@ def roll(body: kopf.Body, logger, **_) -> None:
         )
         message = f"replacing machine {step.machine} with the new values"
         update_status(PLURAL, ns, name, lambda b: {
-            **(_condition_patch(b, [("RolledOut", False, "Rolling", message)]) or {}),
+            **(condition_patch(b, [("RolledOut", False, "Rolling", message)]) or {}),
             "rollout": {"digest": status["digest"], "machine": step.machine, "fromInstanceId": step.from_instance_id},
         })
         logger.info(f"rolling machine {step.machine} onto secrets digest {step.digest}")
         return
     update_status(PLURAL, ns, name, lambda b: {
-        **(_condition_patch(b, [("RolledOut", True, "RolledOut", "every started machine of the app runs these values")]) or {}),
+        **(condition_patch(b, [("RolledOut", True, "RolledOut", "every started machine of the app runs these values")]) or {}),
         "rollout": None,
     })
     logger.info(f"secrets digest {status.get('digest')} rolled out to app {app} (generation {generation})")

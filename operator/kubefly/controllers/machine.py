@@ -29,6 +29,7 @@ from kubefly import GROUP, VERSION, platform
 from kubefly import labels as kflabels
 from kubefly.api.machine import Machine
 from kubefly.controllers import acceptance
+from kubefly.controllers.common import wait_woken
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.machines import lifecycle
 from kubefly.machines.pod import SecretRef
@@ -474,12 +475,7 @@ async def run_machine(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
             log.exception("reconcile failed", namespace=namespace, name=name)
         RECONCILES.labels("Machine", outcome).inc()
         RECONCILE_SECONDS.labels("Machine").observe(time.monotonic() - started)
-        waits = [asyncio.ensure_future(waker.wait()), asyncio.ensure_future(stopped.wait())]
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        await wait_woken(waker, stopped, timeout)
 
 
 @kopf.on.delete(GROUP, VERSION, "machines", id="destroy")

@@ -41,7 +41,7 @@ from kubefly.api.postgrescluster import PostgresCluster
 from kubefly.conditions import get_condition, now_rfc3339
 from kubefly.controllers import acceptance
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
-from kubefly.controllers.volume import _condition_patch, kube_api, to_dict, update_status
+from kubefly.controllers.common import condition_patch, kube_api, to_dict, update_status, wait_woken
 from kubefly.placement.volumes import host_of_node
 from kubefly.postgres import decide
 from kubefly.postgres import plan as pgplan
@@ -263,7 +263,7 @@ async def _switchover(c: pgplan.Cluster, target: str, generation, http: aiohttp.
         outcome = (True, "Completed", f"{target} took over as primary")
     except (aiohttp.ClientError, TimeoutError, RuntimeError, ApiException) as exc:
         outcome = (False, "Failed", f"switchover to {target} failed: {type(exc).__name__} {exc}"[:1000])
-    update_status(PLURAL, c.namespace, c.name, lambda b: _condition_patch(b, [("Switchover", *outcome)])
+    update_status(PLURAL, c.namespace, c.name, lambda b: condition_patch(b, [("Switchover", *outcome)])
                   if b["metadata"].get("generation") == generation else None)
 
 
@@ -295,7 +295,7 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                 verdict = acceptance.check(PostgresCluster, cluster)
                 if not verdict.ok:
                     # Nothing is built from a spec the models refuse.
-                    update_status(PLURAL, namespace, name, lambda b: _condition_patch(
+                    update_status(PLURAL, namespace, name, lambda b: condition_patch(
                         b, [("Accepted", False, "InvalidSpec", verdict.message),
                             ("Ready", False, "InvalidSpec", verdict.message)],
                         {"phase": "Invalid", "observedGeneration": b["metadata"].get("generation")}))
@@ -346,7 +346,7 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                              "observedGeneration": c.generation}
                     if j.failover:
                         extra["lastFailover"] = j.failover
-                    update_status(PLURAL, namespace, name, lambda b: _condition_patch(b, updates, extra))
+                    update_status(PLURAL, namespace, name, lambda b: condition_patch(b, updates, extra))
             except ApiException as exc:
                 outcome = "error"
                 log.error("reconcile did not apply", namespace=namespace, name=name, status=exc.status, reason=exc.reason)
@@ -355,12 +355,7 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                 log.exception("reconcile failed", namespace=namespace, name=name)
             RECONCILES.labels("PostgresCluster", outcome).inc()
             RECONCILE_SECONDS.labels("PostgresCluster").observe(time.monotonic() - started)
-            waits = [asyncio.ensure_future(waker.wait()), asyncio.ensure_future(stopped.wait())]
-            try:
-                await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await wait_woken(waker, stopped, POLL_S)
         if switching is not None and not switching.done():
             switching.cancel()
     WAKERS.pop(key, None)

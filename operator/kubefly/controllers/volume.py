@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 
 import kopf
-from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubefly import GROUP, VERSION
 from kubefly.api.volume import Volume
-from kubefly.conditions import get_condition, set_condition
+from kubefly.conditions import get_condition
 from kubefly.controllers import acceptance
+from kubefly.controllers.common import condition_patch, kube_api, to_dict, update_status
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.placement import volumes as placement
 from kubefly.volumes import objects, redundancy
@@ -28,22 +28,6 @@ from kubefly.volumes import objects, redundancy
 PLURAL = "volumes"
 # Placements are decided one at a time so two Volumes never both take a host's last room.
 _PLACING = threading.Lock()
-_api: tuple[client.CoreV1Api, client.CustomObjectsApi] | None = None
-
-
-def kube_api() -> tuple[client.CoreV1Api, client.CustomObjectsApi]:
-    global _api
-    if _api is None:
-        config.load_config()
-        api = client.ApiClient()
-        _api = (client.CoreV1Api(api), client.CustomObjectsApi(api))
-    return _api
-
-
-def to_dict(obj) -> dict:
-    return client.ApiClient().sanitize_for_serialization(obj)
-
-
 def _get(namespace: str, name: str) -> dict | None:
     try:
         return kube_api()[1].get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -51,48 +35,6 @@ def _get(namespace: str, name: str) -> dict | None:
         if exc.status == 404:
             return None
         raise
-
-
-def update_status(plural: str, namespace: str, name: str, mutate: Callable[[dict], dict | None]) -> dict | None:
-    """Read, let `mutate` compute a status merge patch from the fresh object, write it if not stale."""
-    custom = kube_api()[1]
-    for _ in range(10):
-        try:
-            body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        patch = mutate(body)
-        if not patch:
-            return body
-        try:
-            return custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name,
-                {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": patch},
-            )
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
-            if exc.status == 404:
-                return None
-    raise kopf.TemporaryError(f"{plural} {namespace}/{name}: status kept changing under us", delay=1)
-
-
-def _condition_patch(body: dict, updates: list[tuple[str, bool, str, str]], extra: dict | None = None) -> dict | None:
-    status = body.get("status") or {}
-    generation = body["metadata"].get("generation")
-    conditions = status.get("conditions") or []
-    for type_, ok, reason, message in updates:
-        conditions = set_condition(conditions, type_, ok, reason, message, generation)
-    patch = {k: v for k, v in (extra or {}).items() if status.get(k) != v}
-    if _essence(conditions) != _essence(status.get("conditions") or []):
-        patch["conditions"] = conditions
-    return patch or None
-
-
-def _essence(conditions: list[dict]) -> list[tuple]:
-    return sorted((c["type"], c["status"], c["reason"], c["message"]) for c in conditions)
 
 
 # ---- snapshot ----------------------------------------------------------------
@@ -152,14 +94,14 @@ def _place(body: dict, logger) -> str | None:
         request = placement.VolumeRequest(meta["namespace"], meta["name"], spec["app"], spec["region"], spec["sizeGb"])
         decision = placement.place(request, hosts, placed)
         if isinstance(decision, placement.Refused):
-            update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+            update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
                 b, [("Placed", False, decision.reason, decision.message), ("Ready", False, decision.reason, decision.message)]
             ))
             return None
         # The host is recorded before anything is created on it, so a restart
         # in between finds the decision and never places the volume twice.
         message = f"pinned to host {decision.host} in region {spec['region']}"
-        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
             b, [("Placed", True, "Placed", message)], {"host": decision.host}
         ))
     logger.info(f"volume placed on host {decision.host}")
@@ -259,7 +201,7 @@ def refresh_redundancy(namespace: str, app: str) -> None:
 
 def _redundancy_patch(body: dict, sibling: redundancy.Sibling, siblings: list[redundancy.Sibling]) -> dict | None:
     v = redundancy.verdict(sibling, siblings)
-    return _condition_patch(body, [(redundancy.CONDITION, v.redundant, v.reason, v.message)])
+    return condition_patch(body, [(redundancy.CONDITION, v.redundant, v.reason, v.message)])
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="volume")
@@ -277,7 +219,7 @@ def reconcile(body: kopf.Body, logger, **_) -> None:
         logger.warning(f"Volume refused: {result.message}")
         RECONCILES.labels("Volume", "invalid").inc()
         return
-    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
         b, [("Accepted", True, "SpecValid", result.message)]))
     host = _place(body, logger)
     if host is None:
@@ -299,7 +241,7 @@ def reconcile(body: kopf.Body, logger, **_) -> None:
     _release_if_gone(_get(meta["namespace"], meta["name"]) or body)
     extra = {"host": host, "persistentVolume": pv["metadata"]["name"], "claim": pvc["metadata"]["name"],
              "observedGeneration": meta.get("generation")}
-    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(b, updates, extra))
+    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(b, updates, extra))
     refresh_redundancy(meta["namespace"], body["spec"]["app"])
     RECONCILES.labels("Volume", "ready" if phase == "Bound" else "pending").inc()
     RECONCILE_SECONDS.labels("Volume").observe(time.monotonic() - started)
@@ -321,7 +263,7 @@ def delete(body: kopf.Body, logger, **_) -> None:
         blocked = get_condition(status.get("conditions"), "DeletionBlocked")
         if not blocked or blocked.get("status") != "True":
             kopf.warn(body, reason="VolumeAttached", message=message)
-        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: _condition_patch(
+        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
             b, [("DeletionBlocked", True, "AttachedToMachine", message)]))
         raise kopf.TemporaryError(message, delay=5)
     core = kube_api()[0]
