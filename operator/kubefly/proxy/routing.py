@@ -72,18 +72,15 @@ def _choices(
     exclude: frozenset[tuple[str, str]],
 ) -> list[Choice]:
     out = []
-    for inst in instances:
-        if not inst.routable or inst.key in exclude:
+    for cand in candidates(instances):
+        if cand.key in exclude:
             continue
-        service = http_service(inst)
-        if service is None:
-            continue
-        current = load(inst)
-        b = band(current, service)
+        current = load(cand.instance)
+        b = band(current, cand.service)
         if b is Band.full:
             continue
-        measured = rtt(inst.host)
-        out.append(Choice(inst, service, current, b, UNKNOWN_RTT if measured is None else measured))
+        measured = rtt(cand.host)
+        out.append(Choice(cand.instance, cand.service, current, b, UNKNOWN_RTT if measured is None else measured))
     return out
 
 
