@@ -8,9 +8,12 @@ def test_repo_kind_config_names_three_regions_and_kind_node_names():
     assert topo.cluster == "kubefly"
     assert [h.name for h in topo.hosts] == [
         "kubefly-control-plane", "kubefly-worker", "kubefly-worker2", "kubefly-worker3",
+        "kubefly-worker4", "kubefly-worker5",
     ]
     assert topo.regions == ["ams", "iad", "syd"]
     assert all(h.region for h in topo.workers)
+    # A three-member PostgresCluster needs three hosts in one region.
+    assert [h.name for h in topo.workers if h.region == "ams"] == ["kubefly-worker", "kubefly-worker4", "kubefly-worker5"]
 
 
 def test_names_follow_kind_numbering_per_role():
