@@ -441,8 +441,8 @@ class Proxy:
                 choices = [best] if best is not None else []
             else:
                 choices = routing.order(
-                    instances, region=region, load=self.load, rtt=self.rtt, rng=self.rng, strategy=strategy,
-                    sample=cfg.sample, exclude=frozenset(exclude),
+                    cands, region=region, load=self._candidate_load, rtt=self.rtt, rng=self.rng, strategy=strategy,
+                    sample=cfg.sample, exclude=exclude,
                 )
                 under_soft = not routing.all_above_soft(choices)
             if force is None and not under_soft and self.starter is not None:

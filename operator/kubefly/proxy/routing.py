@@ -18,7 +18,7 @@ of every instance, so a pick costs O(sample), not O(n log n).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -65,48 +65,6 @@ class Choice:
     rtt: float
 
 
-def _choices(
-    instances: Iterable[Instance],
-    load: Callable[[Instance], int],
-    rtt: Callable[[str], float | None],
-    exclude: frozenset[tuple[str, str]],
-) -> list[Choice]:
-    out = []
-    for cand in candidates(instances):
-        if cand.key in exclude:
-            continue
-        current = load(cand.instance)
-        b = band(current, cand.service)
-        if b is Band.full:
-            continue
-        measured = rtt(cand.host)
-        out.append(Choice(cand.instance, cand.service, current, b, UNKNOWN_RTT if measured is None else measured))
-    return out
-
-
-def order(
-    instances: Iterable[Instance],
-    *,
-    region: str,
-    load: Callable[[Instance], int],
-    rtt: Callable[[str], float | None],
-    rng: random.Random,
-    strategy: str = CLOSEST,
-    sample: int = 8,
-    exclude: frozenset[tuple[str, str]] = frozenset(),
-) -> list[Choice]:
-    """Candidates to try, best first. An empty list means nothing can take the request now."""
-    choices = _choices(instances, load, rtt, exclude)
-    local = [c for c in choices if c.instance.region == region]
-    remote = [c for c in choices if c.instance.region != region]
-    if strategy == LEASTLOAD:
-        return _sampled(local, sample, rng) + _sampled(remote, sample, rng)
-    # A random key per choice breaks ties without biasing toward replica order.
-    local.sort(key=lambda c: (c.band, c.load, c.rtt, rng.random()))
-    remote.sort(key=lambda c: (c.band, c.rtt, c.load, rng.random()))
-    return local + remote
-
-
 class Candidate:
     """An instance that can take traffic, with what routing reads from it on every
     request, looked up once per instance row rather than once per request."""
@@ -132,6 +90,47 @@ def candidates(instances: Iterable[Instance]) -> list[Candidate]:
     return out
 
 
+def _rated(
+    cands: Iterable[Candidate],
+    load: Callable[[Candidate], int],
+    rtt: Callable[[str], float | None],
+    exclude: Container[tuple[str, str]],
+) -> Iterator[tuple[Candidate, int, Band, float]]:
+    """Each candidate that is not excluded nor at its hard limit, with its load, band and RTT."""
+    for c in cands:
+        if exclude and c.key in exclude:
+            continue
+        current = load(c)
+        b = band(current, c.service)
+        if b is not Band.full:
+            measured = rtt(c.host)
+            yield c, current, b, UNKNOWN_RTT if measured is None else measured
+
+
+def order(
+    cands: Iterable[Candidate],
+    *,
+    region: str,
+    load: Callable[[Candidate], int],
+    rtt: Callable[[str], float | None],
+    rng: random.Random,
+    strategy: str = CLOSEST,
+    sample: int = 8,
+    exclude: Container[tuple[str, str]] = (),
+) -> list[Choice]:
+    """The candidates to try, best first. An empty list means nothing can take the request now."""
+    local: list[Choice] = []
+    remote: list[Choice] = []
+    for c, current, b, r in _rated(cands, load, rtt, exclude):
+        (local if c.region == region else remote).append(Choice(c.instance, c.service, current, b, r))
+    if strategy == LEASTLOAD:
+        return _sampled(local, sample, rng) + _sampled(remote, sample, rng)
+    # A random key per choice breaks ties without biasing toward replica order.
+    local.sort(key=lambda c: (c.band, c.load, c.rtt, rng.random()))
+    remote.sort(key=lambda c: (c.band, c.rtt, c.load, rng.random()))
+    return local + remote
+
+
 def pick(
     cands: Iterable[Candidate],
     *,
@@ -151,17 +150,9 @@ def pick(
     best_key: tuple | None = None
     ties = 0
     under_soft = False
-    for c in cands:
-        if exclude and c.key in exclude:
-            continue
-        current = load(c)
-        b = band(current, c.service)
-        if b is Band.full:
-            continue
+    for c, current, b, r in _rated(cands, load, rtt, exclude):
         if b is Band.under_soft:
             under_soft = True
-        measured = rtt(c.host)
-        r = UNKNOWN_RTT if measured is None else measured
         key = (0, b, current, r) if c.region == region else (1, b, r, current)
         if best_key is None or key < best_key:
             best_key, best, ties = key, (c, current, b, r), 1

@@ -196,6 +196,7 @@ def platform(tmp_path_factory):
         "autostart_timeout_s": 30.0,
         "autostop_interval_s": 1.0,
         "app_max_inflight": 20,
+        "strategies": {"acme/spread": "leastload"},
     }))
     proxies = []
     for a, (port, met) in zip(cluster.agents, ports):

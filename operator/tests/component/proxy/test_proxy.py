@@ -30,7 +30,8 @@ async def get(session, proxy, app, path="/", **headers):
 @pytest.fixture(scope="module")
 def apps(platform):
     """web: one instance per host. geo: a local (hard 2) and a remote instance. hot: two
-    instances on host-000 with hard limit 1 each."""
+    instances on host-000 with hard limit 1 each. spread: as hot plus one on host-001,
+    routed with strategy leastload (the config names it)."""
     p = platform
     p.machine(0, "web-0", "web", p.backend("web-0"))
     p.machine(1, "web-1", "web", p.backend("web-1"))
@@ -38,13 +39,17 @@ def apps(platform):
     p.machine(1, "geo-1", "geo", p.backend("geo-1"), soft=1, hard=2)
     p.machine(0, "hot-a", "hot", p.backend("hot-a"), soft=1, hard=1)
     p.machine(0, "hot-b", "hot", p.backend("hot-b"), soft=1, hard=1)
+    p.machine(0, "spread-a", "spread", p.backend("spread-a"), soft=1, hard=1)
+    p.machine(0, "spread-b", "spread", p.backend("spread-b"), soft=1, hard=1)
+    p.machine(1, "spread-c", "spread", p.backend("spread-c"), soft=1, hard=1)
     p.machine(0, "flood-0", "flood", p.backend("flood-0"))
     p.machine(0, "conn-a", "conn", p.backend("conn-a"), soft=1, hard=1, concurrency="connections")
     p.machine(0, "conn-b", "conn", p.backend("conn-b"), soft=1, hard=1, concurrency="connections")
     p.machine(0, "twin-a", "twin", p.backend("twin-a"), org="acme")
     p.machine(1, "twin-b", "twin", p.backend("twin-b"), org="globex")
     for app, machines in {"web": {"web-0", "web-1"}, "geo": {"geo-0", "geo-1"}, "hot": {"hot-a", "hot-b"},
-                          "flood": {"flood-0"}, "conn": {"conn-a", "conn-b"}}.items():
+                          "flood": {"flood-0"}, "conn": {"conn-a", "conn-b"},
+                          "spread": {"spread-a", "spread-b", "spread-c"}}.items():
         p.wait_routable(app, machines)
     return p
 
@@ -91,6 +96,14 @@ async def test_local_first_then_cross_region_when_local_is_full(apps, session):
     # One at a time, everything stays local.
     for _ in range(5):
         assert (await get(session, p0, "geo"))[2] == b"geo-0\n"
+
+
+async def test_leastload_app_fills_its_region_before_crossing(apps, session):
+    p0 = apps.proxies[0]
+    results = await asyncio.gather(*(get(session, p0, "spread", "/slow?ms=1500") for _ in range(3)))
+    assert [s for s, _, _ in results] == [200] * 3
+    # Each local instance takes its one request (hard limit 1); the third crosses to r1.
+    assert sorted(h["x-machine-id"] for _, h, _ in results) == ["spread-a", "spread-b", "spread-c"]
 
 
 async def test_host_answers_full_at_the_hard_limit(apps, session):

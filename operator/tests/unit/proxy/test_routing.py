@@ -26,8 +26,8 @@ RTT = {"h1": 0.0, "h2": 0.001, "far": 0.080, "farther": 0.150}
 def order(instances, loads=None, region="ams", seed=1, **kw):
     loads = loads or {}
     return [c.instance.machine_id for c in routing.order(
-        instances, region=region, load=lambda i: loads.get(i.machine_id, 0), rtt=RTT.get,
-        rng=random.Random(seed), **kw)]
+        routing.candidates(instances), region=region, load=lambda c: loads.get(c.instance.machine_id, 0),
+        rtt=RTT.get, rng=random.Random(seed), **kw)]
 
 
 def test_bands():
@@ -137,12 +137,12 @@ def test_pick_is_the_head_of_order():
                           soft=rng.randint(1, 3), hard=rng.choice([None, 4]),
                           check=rng.choice(["passing", "passing", "failing"])) for i in range(rng.randint(0, 7))]
         loads = {i.machine_id: rng.randint(0, 5) for i in instances}
-        load = lambda i: loads[i.machine_id]  # noqa: E731
+        load = lambda c: loads[c.instance.machine_id]  # noqa: E731
         exclude = {i.key for i in instances if rng.random() < 0.2}
-        ranked = routing.order(instances, region="ams", load=load, rtt=RTT.get, rng=random.Random(trial),
-                               exclude=frozenset(exclude))
-        best, under_soft = routing.pick(routing.candidates(instances), region="ams", load=lambda c: load(c.instance),
-                                        rtt=RTT.get, rng=random.Random(trial), exclude=exclude)
+        cands = routing.candidates(instances)
+        ranked = routing.order(cands, region="ams", load=load, rtt=RTT.get, rng=random.Random(trial), exclude=exclude)
+        best, under_soft = routing.pick(cands, region="ams", load=load, rtt=RTT.get, rng=random.Random(trial),
+                                        exclude=exclude)
         assert under_soft == (not routing.all_above_soft(ranked))
         if not ranked:
             assert best is None
