@@ -167,7 +167,13 @@ class LocalReplica:
 
 
 class ReplicaClient:
-    def __init__(self, base_url: str, *, connect_timeout: float = 5.0, members_interval: float = 2.0):
+    """Follows one agent. `members_interval` (seconds) also polls `GET /v1/members`
+    for `replica.host_ip()`; only a reader that hops to other hosts (the proxy)
+    needs it, so by default (None) nothing is polled and `host_ip()` knows no host."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float = 5.0, members_interval: float | None = None):
+        if members_interval is not None and members_interval <= 0:
+            raise ValueError(f"members_interval must be a positive number of seconds or None, got {members_interval}")
         self.base_url = base_url.rstrip("/")
         self._members_interval = members_interval
         self._members_task: asyncio.Task | None = None
@@ -186,7 +192,8 @@ class ReplicaClient:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         )
         self._task = asyncio.create_task(self._follow())
-        self._members_task = asyncio.create_task(self._poll_members())
+        if self._members_interval is not None:
+            self._members_task = asyncio.create_task(self._poll_members(self._members_interval))
         try:
             await asyncio.wait_for(self._first.wait(), wait)
         except asyncio.TimeoutError:
@@ -222,7 +229,7 @@ class ReplicaClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.debug("load report failed", error=str(exc))
 
-    async def _poll_members(self) -> None:
+    async def _poll_members(self, interval: float) -> None:
         """Member addresses (where each host's proxy is reached) change rarely: poll them."""
         assert self._session is not None
         while True:
@@ -236,7 +243,7 @@ class ReplicaClient:
                 raise
             except Exception as exc:  # the agent restarts or is gone: keep the last addresses
                 log.debug("members poll failed", error=str(exc))
-            await asyncio.sleep(self._members_interval)
+            await asyncio.sleep(interval)
 
     async def _follow(self) -> None:
         assert self._session is not None

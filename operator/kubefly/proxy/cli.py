@@ -13,6 +13,8 @@ from kubefly.proxy import config as config_mod
 from kubefly.proxy import http1, server, starters
 from kubefly.proxy.proxy import Proxy, log
 
+# Hops go to the IP each host's agent advertises; hosts join and leave rarely.
+MEMBERS_INTERVAL_S = 2.0
 
 
 def _addr(spec: str) -> tuple[str, int]:
@@ -64,7 +66,7 @@ async def _run(cfg, config_file, overrides, listen, hop_listen, agent_url, stati
     else:
         from kubefly.gossip.client import ReplicaClient
 
-        client = ReplicaClient(agent_url)
+        client = ReplicaClient(agent_url, members_interval=MEMBERS_INTERVAL_S)
         await client.start()
         replica, report_load = client.replica, client.report_load
     proxy = Proxy(replica, cfg, starter=starters.from_spec(starter_spec), report_load=report_load, hop_port=hop_listen[1])
