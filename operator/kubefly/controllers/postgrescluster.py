@@ -159,10 +159,16 @@ async def _apply(c: pgplan.Cluster, snap: Snapshot, p: pgplan.Plan, logger) -> N
     ns = c.namespace
     for v in p.create_volumes:
         await _create(custom.create_namespaced_custom_object, GROUP, VERSION, ns, "volumes", v)
+    for name in p.reuse_volumes:
+        # Before its Machine: a retired Volume with a Machine is a removal not done yet.
+        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name,
+                    {"metadata": {"labels": {pgplan.RETIRED_LABEL: None}}})
     for m in p.create_machines:
         await _create(custom.create_namespaced_custom_object, GROUP, VERSION, ns, "machines", m)
     if p.create_machines:
         logger.info(f"members created: {', '.join(m['metadata']['name'] for m in p.create_machines)}")
+    if p.reuse_volumes:
+        logger.info(f"retired volumes taken back, their data rejoins: {', '.join(p.reuse_volumes)}")
     for name, size in p.grow_volumes:
         await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name, {"spec": {"sizeGb": size}})
     members = {m.index: m for m in snap.members}

@@ -6,8 +6,9 @@ the members to remove, and the conditions that say what is waited for.
 
 Members are numbered: member n is Volume `<cluster>-n` + Machine `<cluster>-n`
 (repmgr node_id n+1) + headless Service `<cluster>-n`, whose DNS name is the
-member's stable address (peers never store pod IPs, which change). A number is
-reused only once every object of the member it named is gone.
+member's stable address (peers never store pod IPs, which change). A number
+goes to a new member only once every object of the member it named is gone; a
+retired member's kept Volume brings its own number back (`reusable`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ ROLE_LABEL = f"{labels.PREFIX}/pg-role"
 # Digest of the Machine spec the planner wrote: a defaulted spec read back never matches ours literally.
 SPEC_DIGEST = f"{labels.PREFIX}/pg-spec-digest"
 # On the kept Volume of a member that left the cluster (deletePolicy keepVolumes): no longer a member,
-# and its number is not reused while the Volume exists.
+# and its number goes to no other member while the Volume exists; a re-created member may take it
+# back (`reusable`), number and data both.
 RETIRED_LABEL = f"{labels.PREFIX}/pg-retired"
 
 PG_PORT = 5432
@@ -106,6 +108,8 @@ class Plan:
     # Volumes of removed members: kept and labelled retired (deletePolicy keepVolumes), or deleted.
     retire_volumes: list[str] = field(default_factory=list)
     delete_volumes: list[str] = field(default_factory=list)
+    # Retired Volumes a re-created member takes back: they lose the retired label before its Machine is made.
+    reuse_volumes: list[str] = field(default_factory=list)
     services: list[dict] = field(default_factory=list)
     members: list[str] = field(default_factory=list)  # the member names the cluster is made of after this pass
     conditions: list[Condition] = field(default_factory=list)
@@ -241,6 +245,22 @@ def _healthy(m: Member) -> bool:
     return m.state == "started" and host_ok
 
 
+def reusable(members: Iterable[Member], free_hosts: set[str]) -> list[Member]:
+    """Retired members whose Volume can come back, lowest number first, at most one per host.
+
+    A Volume is local to its host, so it comes back only where a member may run: its host is
+    in `free_hosts` (schedulable, in the cluster's region, hosting no member). Its Machine
+    must be gone and the Volume not being deleted. The member keeps its number, so its data
+    is a repmgr node the cluster already knows, and rejoins by rewind or clones over.
+    """
+    out, hosts = [], set()
+    for m in sorted(members, key=lambda m: m.index):
+        if m.retired and m.machine is None and not m.deleting and m.host in free_hosts and m.host not in hosts:
+            out.append(m)
+            hosts.add(m.host)
+    return out
+
+
 def plan(
     c: Cluster,
     observed: Iterable[Member],
@@ -316,6 +336,11 @@ def plan(
         else:
             p.conditions.append(Condition("HostsAvailable", True, "Enough",
                                           f"region {region} has a distinct host for each of {desired} members"))
+            # Kept data first: a retired Volume on a free host comes back under its number.
+            for m in reusable(members.values(), region_hosts - taken)[:need]:
+                current[m.index] = m
+                p.reuse_volumes.append(member_name(c.name, m.index))
+                need -= 1
             used = set(members)  # deleting, lost and retired numbers too, until their objects are gone
             fresh = []
             n = 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from kubefly.postgres import plan as P
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -122,7 +124,14 @@ def test_scale_down_keeps_the_volume_unless_the_policy_deletes_volumes():
     assert p.remove_members == ["pg-2"] and p.retire_volumes == [] and p.delete_volumes == ["pg-2"]
 
 
-def test_a_retired_volume_is_no_member_and_its_number_is_not_reused():
+def retired(c, i, host):
+    """What a scale down or host loss leaves of member i under keepVolumes: its Volume, labelled."""
+    volume = started(c, i, host).volume
+    volume["metadata"]["labels"][P.RETIRED_LABEL] = "true"
+    return P.Member(i, volume)
+
+
+def test_a_retired_volume_is_no_member_and_its_number_goes_to_no_other_member():
     members = [started(C, i, f"h{i}") for i in range(3)]
     members[2].volume["metadata"]["labels"][P.RETIRED_LABEL] = "true"
     c2 = P.Cluster("org", "pg", "uid-1", {**C.spec, "members": 2})
@@ -130,13 +139,86 @@ def test_a_retired_volume_is_no_member_and_its_number_is_not_reused():
     p = run(members, cluster=c2, primary="pg-0")
     assert p.members == ["pg-0", "pg-1"] and p.remove_members == ["pg-2"]
     assert p.retire_volumes == [] and p.delete_volumes == [] and not p.create_machines
-    retired = P.Member(2, members[2].volume)
-    p = run([*members[:2], retired], cluster=c2, primary="pg-0")
-    assert p.remove_members == [] and not p.create_machines and not p.create_volumes
+    # ... nor taken back while that Machine exists: a new member under a new number.
+    p = run(members, primary="pg-0", hosts=HOSTS + [P.Host("h3", "iad", True)])
+    assert p.reuse_volumes == [] and [v["metadata"]["name"] for v in p.create_volumes] == ["pg-3"]
+    p = run([*members[:2], retired(C, 2, "h2")], cluster=c2, primary="pg-0")
+    assert p.remove_members == [] and not p.create_machines and not p.create_volumes and not p.reuse_volumes
     assert "pg-2" not in {s["metadata"]["name"] for s in p.services}
-    # Scaling up again clones a new member under a new number.
-    p = run([*members[:2], retired], hosts=HOSTS + [P.Host("h3", "iad", True)], primary="pg-0")
+
+
+def test_scale_up_takes_back_a_retired_volume_on_a_free_host_under_its_number():
+    members = [started(C, i, f"h{i}") for i in range(2)]
+    p = run([*members, retired(C, 2, "h2")], primary="pg-0")
+    assert p.reuse_volumes == ["pg-2"] and p.create_volumes == [] and p.adopt == []
+    assert p.members == ["pg-0", "pg-1", "pg-2"]
+    [machine] = p.create_machines
+    assert machine["metadata"]["name"] == "pg-2" and machine["spec"]["mounts"] == [{"volume": "pg-2", "path": "/data"}]
+    # Its number, so its data is the repmgr node the cluster knew.
+    assert machine["spec"]["env"]["KUBEFLY_PG_NODE_ID"] == "3"
+    assert "pg-2" in {s["metadata"]["name"] for s in p.services}
+
+
+def test_a_kept_volume_of_a_deleted_cluster_is_taken_back_and_adopted():
+    kept = retired(C, 1, "h1")
+    kept.volume["metadata"]["ownerReferences"] = []
+    p = run([started(C, 0, "h0"), kept, started(C, 2, "h2")], primary="pg-0")
+    assert p.reuse_volumes == ["pg-1"] and p.adopt == [("volumes", "pg-1")]
+
+
+@pytest.mark.parametrize(("why", "hosts", "spoil"), [
+    ("host not ready", [P.Host("h0", "iad", True), P.Host("h1", "iad", True), P.Host("h2", "iad", False),
+                        P.Host("h3", "iad", True)], None),
+    ("host left the region", [P.Host("h0", "iad", True), P.Host("h1", "iad", True), P.Host("h2", "syd", True),
+                              P.Host("h3", "iad", True)], None),
+    ("host gone", [P.Host("h0", "iad", True), P.Host("h1", "iad", True), P.Host("h3", "iad", True)], None),
+    ("volume being deleted", None, lambda v: v["metadata"].update(deletionTimestamp="2025-01-01T11:00:00Z")),
+    ("volume never placed", None, lambda v: v.pop("status")),
+])
+def test_a_retired_volume_where_no_member_may_run_stays_retired(why, hosts, spoil):
+    old = retired(C, 2, "h2")
+    if spoil:
+        spoil(old.volume)
+    p = run([started(C, 0, "h0"), started(C, 1, "h1"), old], hosts=hosts or HOSTS + [P.Host("h3", "iad", True)],
+            primary="pg-0")
+    assert p.reuse_volumes == [], why
     assert [v["metadata"]["name"] for v in p.create_volumes] == ["pg-3"] and p.members == ["pg-0", "pg-1", "pg-3"]
+
+
+def test_a_retired_volume_on_a_members_host_stays_retired():
+    # pg-1 was cloned on h2 after pg-2 left it: one member a host, so pg-2's data cannot come back there.
+    p = run([started(C, 0, "h0"), started(C, 1, "h2"), retired(C, 2, "h2")],
+            hosts=HOSTS + [P.Host("h3", "iad", True)], primary="pg-0")
+    assert p.reuse_volumes == [] and [v["metadata"]["name"] for v in p.create_volumes] == ["pg-3"]
+
+
+def test_retired_volumes_come_back_lowest_number_first_one_per_host():
+    hosts = [P.Host(f"h{i}", "iad", True) for i in range(6)]
+    c5 = P.Cluster("org", "pg", "uid-1", {**C.spec, "members": 5})
+    old = [retired(C, 2, "h2"), retired(C, 3, "h4"), retired(C, 4, "h2"), retired(C, 5, "h3")]
+    p = run([started(C, 0, "h0"), started(C, 1, "h1"), *old], hosts=hosts, cluster=c5, primary="pg-0")
+    # Three to add: pg-2 (h2) and pg-3 (h4) come back; pg-4 shares h2 with pg-2, so pg-5 (h3) is next.
+    assert p.reuse_volumes == ["pg-2", "pg-3", "pg-5"] and p.create_volumes == []
+    c4 = P.Cluster("org", "pg", "uid-1", {**C.spec, "members": 4})
+    p = run([started(C, 0, "h0"), started(C, 1, "h1"), *old], hosts=hosts, cluster=c4, primary="pg-0")
+    assert p.reuse_volumes == ["pg-2", "pg-3"] and p.members == ["pg-0", "pg-1", "pg-2", "pg-3"]
+    # More members than retired Volumes that can come back: the rest are new, under new numbers.
+    c6 = P.Cluster("org", "pg", "uid-1", {**C.spec, "members": 6})
+    p = run([started(C, 0, "h0"), started(C, 1, "h1"), *old], hosts=hosts, cluster=c6, primary="pg-0")
+    assert p.reuse_volumes == ["pg-2", "pg-3", "pg-5"] and [v["metadata"]["name"] for v in p.create_volumes] == ["pg-6"]
+
+
+def test_a_lost_member_is_replaced_by_a_retired_volume_on_a_free_host():
+    hosts = [P.Host("h0", "iad", True), P.Host("h2", "iad", True), P.Host("h3", "iad", True)]
+    members = [started(C, 0, "h0"), started(C, 1, "h1", host_gone_for=120), started(C, 2, "h2"), retired(C, 3, "h3")]
+    p = run(members, hosts=hosts, primary="pg-0")
+    assert p.remove_members == ["pg-1"] and p.retire_volumes == ["pg-1"]
+    assert p.reuse_volumes == ["pg-3"] and p.create_volumes == [] and p.members == ["pg-0", "pg-2", "pg-3"]
+    # The lost member's own Volume comes back once its host is back and a member is wanted there.
+    back = hosts + [P.Host("h1", "iad", True)]
+    members = [started(C, 0, "h0"), started(C, 2, "h2"), started(C, 3, "h3"), retired(C, 1, "h1")]
+    c4 = P.Cluster("org", "pg", "uid-1", {**C.spec, "members": 4})
+    assert run(members, hosts=back, cluster=c4, primary="pg-0").reuse_volumes == ["pg-1"]
 
 
 def test_a_number_is_reused_only_when_its_objects_are_gone():
