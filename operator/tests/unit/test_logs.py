@@ -1,13 +1,18 @@
 import json
 import logging
 
+import kopf
+
 from kubefly import logs
 
 
 def test_stdlib_records_become_json_with_the_kopf_object(capsys):
     logs.configure("INFO", component="operator")
     ref = {"apiVersion": "kubefly.dev/v1alpha1", "kind": "Machine", "name": "web-1", "uid": "u", "namespace": "org-a"}
-    logging.getLogger("kopf.objects").info("Handler succeeded.", extra={"k8s_ref": ref, "k8s_skip": False, "settings": object()})
+    # Kopf's own settings, with its event poster off (it handles "kopf.objects" once kopf is imported).
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False
+    logging.getLogger("kopf.objects").info("Handler succeeded.", extra={"k8s_ref": ref, "k8s_skip": False, "settings": settings})
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert line["event"] == "Handler succeeded."
     assert (line["kind"], line["namespace"], line["name"]) == ("Machine", "org-a", "web-1")
