@@ -1,7 +1,7 @@
 """PostgresCluster on the local control plane: Volumes on distinct hosts, Machines,
 Services, credentials, truthful status (nothing runs in kwok, so member health
-is unreachable and says so), scaling, switchover refused with a reason, and
-deletion that keeps the data."""
+is unreachable and says so), scaling (a scale up takes a retired Volume back),
+switchover refused with a reason, and deletion that keeps the data."""
 
 from __future__ import annotations
 
@@ -127,9 +127,21 @@ def test_a_cluster_becomes_members_on_distinct_hosts_services_and_credentials(ku
     kube.kubectl("-n", namespace, "patch", "pgc", "pg", "--type=merge", "-p", '{"spec":{"members":2}}')
     kube.wait_for("pg-2 and pg-3 removed", lambda: names(kube, namespace, "machines", sel) == ["pg-0", "pg-1"]
                   and kube.get(namespace, "service", "pg-3") is None, timeout=120)
-    assert names(kube, namespace, "volumes", f"{sel},kubefly.dev/pg-retired=true") == ["pg-2", "pg-3"]
+    pgretired = "kubefly.dev/pg-retired"
+    assert names(kube, namespace, "volumes", f"{sel},{pgretired}=true") == ["pg-2", "pg-3"]
     assert names(kube, namespace, "volumes", sel) == ["pg-0", "pg-1", "pg-2", "pg-3"]
     assert not any(kube.get(namespace, "volume", f"pg-{i}")["metadata"].get("deletionTimestamp") for i in (2, 3))
+
+    # Scale up to 3: the lowest-numbered retired Volume on a free host comes back under its number
+    # (its data rejoins), unlabelled, instead of a new Volume; pg-3 stays retired.
+    kube.kubectl("-n", namespace, "patch", "pgc", "pg", "--type=merge", "-p", '{"spec":{"members":3}}')
+    m2 = kube.wait_for("pg-2 back on its Volume", lambda: (m := kube.get(namespace, "machine", "pg-2"))
+                       and status(m).get("state") == "started" and m, timeout=90)
+    assert status(m2)["host"] == status(vols[2])["host"], "the member runs where its kept data is"
+    assert m2["spec"]["mounts"][0]["volume"] == "pg-2" and m2["spec"]["env"]["KUBEFLY_PG_NODE_ID"] == "3"
+    assert pgretired not in kube.get(namespace, "volume", "pg-2")["metadata"]["labels"]
+    assert names(kube, namespace, "volumes", f"{sel},{pgretired}=true") == ["pg-3"]
+    assert names(kube, namespace, "volumes", sel) == ["pg-0", "pg-1", "pg-2", "pg-3"], "no new Volume"
 
     # Delete: keepVolumes (the default) keeps the data and the credentials that open it.
     kube.kubectl("-n", namespace, "delete", "pgc", "pg", "--wait=true", "--timeout=60s")
