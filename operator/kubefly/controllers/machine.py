@@ -13,15 +13,11 @@ await, so two machines placed at the same moment never count the same room.
 from __future__ import annotations
 
 import asyncio
-import json
-import ssl
 import time
 from datetime import datetime, timezone
 
-import aiohttp
 import kopf
 import structlog
-from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
@@ -30,6 +26,7 @@ from kubefly import labels as kflabels
 from kubefly.api.machine import Machine
 from kubefly.controllers import acceptance
 from kubefly.controllers.common import wait_woken
+from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.machines import lifecycle
 from kubefly.machines.pod import SecretRef
@@ -47,7 +44,6 @@ log = structlog.get_logger("kubefly.controllers.machine")
 # Wait between reconciles when nothing wakes a machine: a safety net, not the mechanism.
 IDLE_RESYNC_S = 120.0
 PLATFORM_POLL_S = 2.0
-THROTTLE_RETRIES = 5  # a 429 (Retry-After) is retried in place this many times
 
 RESERVED: dict[tuple[str, str], placement.Placed] = {}
 WAKERS: dict[tuple[str, str], asyncio.Event] = {}
@@ -58,88 +54,6 @@ STATES: dict[tuple[str, str], str] = {}
 HOST_READY: dict[str, bool] = {}
 PLATFORM = platform.PlatformSettings()
 PLATFORM_REGIONS_SEEN: set[str] = set()
-
-
-class _Kube:
-    """The few Kubernetes API calls the machine controller makes, over aiohttp on Kopf's loop.
-
-    Not the official client: it is synchronous (a thread per call) and validates every
-    argument and body into models; both stood out in a profile of a 1,000-machine
-    burst. Credentials still come from its config loader (kubeconfig or
-    in-cluster, with the token refresh hook). Errors raise its ApiException, status set.
-    """
-
-    def __init__(self) -> None:
-        config.load_config()
-        self.cfg = client.Configuration.get_default_copy()
-        ctx: ssl.SSLContext | bool = False
-        if self.cfg.verify_ssl:
-            ctx = ssl.create_default_context(cafile=self.cfg.ssl_ca_cert)
-        elif self.cfg.cert_file:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        if self.cfg.cert_file and ctx:
-            ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
-        self.host = self.cfg.host.rstrip("/")
-        # No total timeout: in a burst, requests queue for a connection far longer than any
-        # one call takes; only a stalled socket is an error.
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ctx, limit=16),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60))
-
-    async def request(self, method: str, path: str, body: dict | None = None, *, content_type: str = "application/json",
-                      params: dict | None = None, parse: bool = True) -> dict | None:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        if token := self.cfg.auth_settings().get("BearerToken", {}).get("value"):
-            headers["Authorization"] = token
-        data = json.dumps(body, separators=(",", ":")) if body is not None else None
-        extra = {"server_hostname": self.cfg.tls_server_name} if self.cfg.tls_server_name else {}
-        throttled = 0
-        while True:
-            async with self.session.request(method, self.host + path, data=data, headers=headers, params=params,
-                                            **extra) as resp:
-                raw = await resp.read()
-                if resp.status == 429 and throttled < THROTTLE_RETRIES:
-                    throttled += 1
-                    # API priority and fairness queues were full: wait as told, not the reconcile backoff.
-                    await asyncio.sleep(min(float(resp.headers.get("Retry-After") or 1), 5.0))
-                    continue
-                if resp.status >= 400:
-                    raise ApiException(status=resp.status, reason=resp.reason, body=raw[:2000].decode(errors="replace"))
-                return json.loads(raw) if raw and parse else None
-
-    async def get(self, path: str) -> dict | None:
-        return await self.request("GET", path)
-
-    async def patch_status(self, path: str, body: dict) -> dict | None:
-        return await self.request("PATCH", f"{path}/status", body, content_type="application/merge-patch+json")
-
-    async def create(self, path: str, body: dict) -> None:
-        await self.request("POST", path, body, parse=False)  # the created object is not needed
-
-    async def delete(self, path: str, grace_period_seconds: int) -> None:
-        await self.request("DELETE", path, params={"gracePeriodSeconds": str(grace_period_seconds)}, parse=False)
-
-    async def close(self) -> None:
-        await self.session.close()
-
-
-def custom_path(namespace: str, plural: str, name: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}"
-
-
-def pods_path(namespace: str, name: str = "") -> str:
-    return f"/api/v1/namespaces/{namespace}/pods" + (f"/{name}" if name else "")
-
-
-_kube: _Kube | None = None
-
-
-def kube() -> _Kube:
-    global _kube
-    if _kube is None:
-        _kube = _Kube()
-    return _kube
 
 
 def wake(key: tuple[str, str]) -> None:
@@ -286,7 +200,7 @@ async def _watch_platform(ns: str, stop: asyncio.Event) -> None:
     last_error = None
     while not stop.is_set():
         try:
-            cm = await kube().get(f"/api/v1/namespaces/{ns}/configmaps/{platform.CONFIGMAP}")
+            cm = await kube().get(core_path(ns, "configmaps", platform.CONFIGMAP))
             settings = platform.parse((cm or {}).get("data"))
             last_error = None
         except ApiException as exc:
@@ -324,12 +238,8 @@ async def start_platform_watch(memo: kopf.Memo, **_) -> None:
 
 @kopf.on.cleanup()
 async def stop_platform_watch(memo: kopf.Memo, **_) -> None:
-    global _kube
     memo.platform_stop.set()
     await memo.platform_task
-    if _kube is not None:
-        await _kube.close()
-        _kube = None
 
 
 # ---- the machine's daemon ----------------------------------------------------
@@ -421,17 +331,10 @@ async def _apply(machine: dict, plan: lifecycle.Plan, logger) -> dict | None:
     if patch.get("state"):
         log.info("machine state", namespace=ns, name=name, state=patch["state"], host=plan.status.get("host"))
     if plan.delete_pod_grace is not None:
-        try:
-            await k.delete(pods_path(ns, name), plan.delete_pod_grace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        await k.delete(core_path(ns, "pods", name), grace_period_seconds=plan.delete_pod_grace, missing_ok=True)
     if plan.create_pod is not None:
-        try:
-            await k.create(pods_path(ns), plan.create_pod)
-        except ApiException as exc:
-            if exc.status != 409:  # already there: a restarted operator finds what it made
-                raise
+        # Already there (409): a restarted operator finds what it made. The answer is not needed.
+        await k.create(core_path(ns, "pods"), plan.create_pod, exists_ok=True, parse=False)
     return updated
 
 
@@ -490,11 +393,7 @@ async def destroy_machine(body, namespace, name, spec, status, patch, machine_po
         # A lost host never confirms the stop: remove the pod outright instead of waiting for ever.
         grace = (spec.get("stop") or {}).get("timeoutSeconds", 5) if host and host[0].ready else 0
         if not pod.deleting or grace == 0:
-            try:
-                await k.delete(pods_path(namespace, name), grace)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+            await k.delete(core_path(namespace, "pods", name), grace_period_seconds=grace, missing_ok=True)
         raise kopf.TemporaryError("waiting for the machine's pod to stop", delay=1)
     for m in spec.get("mounts") or []:
         await _release_volume(namespace, m["volume"], name)
@@ -507,13 +406,8 @@ async def destroy_machine(body, namespace, name, spec, status, patch, machine_po
 
 async def _release_volume(namespace: str, volume: str, machine: str) -> None:
     k = kube()
-    try:
-        v = await k.get(custom_path(namespace, "volumes", volume))
-    except ApiException as exc:
-        if exc.status == 404:
-            return
-        raise
-    if (v.get("status") or {}).get("attachedMachine") != machine:
+    v = await k.get(custom_path(namespace, "volumes", volume), missing_ok=True)
+    if v is None or (v.get("status") or {}).get("attachedMachine") != machine:
         return  # only ever clear our own claim
     await k.patch_status(custom_path(namespace, "volumes", volume),
                          {"metadata": {"resourceVersion": v["metadata"]["resourceVersion"]}, "status": {"attachedMachine": None}})

@@ -14,7 +14,7 @@ import kopf
 from prometheus_client import Counter, Histogram
 
 from kubefly import GROUP, VERSION
-from kubefly.controllers import acceptance
+from kubefly.controllers import acceptance, kubeapi
 
 # Kinds whose controller is not written yet: their spec is only checked and
 # acknowledged (condition Accepted). A kind leaves this tuple when its module
@@ -69,3 +69,9 @@ for _resource in ACCEPT_ONLY:
 
 # Controllers; imported last because they use the metrics above.
 from kubefly.controllers import appsecret, machine, postgrescluster, volume  # noqa: E402,F401
+
+
+@kopf.on.cleanup()
+async def close_api_client(**_) -> None:
+    # Kopf runs cleanup handlers in the order registered: this one after the controllers'.
+    await kubeapi.close()
