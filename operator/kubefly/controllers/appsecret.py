@@ -13,14 +13,14 @@ import hashlib
 import time
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from kubefly import API_VERSION, GROUP, VERSION
 from kubefly.api.appsecret import AppSecret
 from kubefly.conditions import get_condition
 from kubefly.controllers import acceptance
+from kubefly.controllers.common import condition_patch, update_status
+from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
-from kubefly.controllers.common import condition_patch, kube_api, update_status
 from kubefly.labels import APP, MACHINE, MANAGED_BY, MANAGED_BY_VALUE, PREFIX
 from kubefly.secrets import digest, keystore, rollout, sealing
 
@@ -31,8 +31,8 @@ ROLL_INTERVAL_S = 2.0
 
 
 @kopf.on.startup()
-def sealing_key(memo: kopf.Memo, logger, **_) -> None:
-    memo.sealing_key = keystore.ensure(kube_api()[0], memo.home_namespace)
+async def sealing_key(memo: kopf.Memo, logger, **_) -> None:
+    memo.sealing_key = await keystore.ensure(kube(), memo.home_namespace)
     logger.info(f"sealing key {sealing.key_id(memo.sealing_key.public_key())} published in "
                 f"ConfigMap {memo.home_namespace}/{keystore.NAME}")
 
@@ -55,18 +55,14 @@ def _unseal_all(body: dict, private) -> tuple[dict[str, str], dict[str, str]]:
     return values, failures
 
 
-def _write_secret(body: dict, values: dict[str, str], set_digest: str) -> str:
-    core = kube_api()[0]
+async def _write_secret(body: dict, values: dict[str, str], set_digest: str) -> str:
+    api = kube()
     meta, spec = body["metadata"], body["spec"]
     name = secret_name(meta["name"])
+    path = core_path(meta["namespace"], "secrets", name)
     data = {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}
     labels = {MANAGED_BY: MANAGED_BY_VALUE, APP: spec["app"], APPSECRET_LABEL: meta["name"]}
-    try:
-        current = core.read_namespaced_secret(name, meta["namespace"])
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        current = None
+    current = await api.get(path, missing_ok=True)
     if current is None:
         owner = {"apiVersion": API_VERSION, "kind": "AppSecret", "name": meta["name"], "uid": meta["uid"], "controller": True}
         secret = {
@@ -75,18 +71,14 @@ def _write_secret(body: dict, values: dict[str, str], set_digest: str) -> str:
                          "annotations": {DIGEST_ANNOTATION: set_digest}, "ownerReferences": [owner]},
             "data": data,
         }
-        try:
-            core.create_namespaced_secret(meta["namespace"], secret)
+        if await api.create(core_path(meta["namespace"], "secrets"), secret, exists_ok=True) is not None:
             return name
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            current = core.read_namespaced_secret(name, meta["namespace"])
-    if (current.metadata.annotations or {}).get(DIGEST_ANNOTATION) == set_digest and (current.data or {}) == data:
+        current = await api.get(path)
+    if (current["metadata"].get("annotations") or {}).get(DIGEST_ANNOTATION) == set_digest and (current.get("data") or {}) == data:
         return name
     # Keys removed from the AppSecret are removed from the Secret (null in a merge patch).
-    removed = {k: None for k in (current.data or {}) if k not in data}
-    core.patch_namespaced_secret(name, meta["namespace"], {
+    removed = {k: None for k in (current.get("data") or {}) if k not in data}
+    await api.patch(path, {
         "metadata": {"labels": labels, "annotations": {DIGEST_ANNOTATION: set_digest}},
         "data": {**removed, **data},
     })
@@ -96,14 +88,14 @@ def _write_secret(body: dict, values: dict[str, str], set_digest: str) -> str:
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="appsecret")
 @kopf.on.create(GROUP, VERSION, PLURAL, id="appsecret")
 @kopf.on.update(GROUP, VERSION, PLURAL, id="appsecret")
-def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
+async def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     started = time.monotonic()
     body = dict(body)
     meta = body["metadata"]
     ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     result = acceptance.check(AppSecret, body)
     if not result.ok:
-        update_status(PLURAL, ns, name, lambda b: {"conditions": result.conditions(b), "observedGeneration": generation})
+        await update_status(PLURAL, ns, name, lambda b: {"conditions": result.conditions(b), "observedGeneration": generation})
         logger.warning(f"AppSecret refused: {result.message}")
         RECONCILES.labels("AppSecret", "invalid").inc()
         return
@@ -112,7 +104,7 @@ def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
         # The Secret keeps its previous values and no machine is rolled.
         message = "; ".join(f"spec.data.{k}: {why}" for k, why in failures.items())
         message += ". Reseal with `kubefly secrets seal` for this cluster, organisation and app"
-        update_status(PLURAL, ns, name, lambda b: condition_patch(b, [
+        await update_status(PLURAL, ns, name, lambda b: condition_patch(b, [
             ("Accepted", True, "SpecValid", result.message),
             ("Ready", False, "DecryptionFailed", message),
         ], {"observedGeneration": generation}))
@@ -123,7 +115,7 @@ def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     key = digest.digest_key(sealing.private_bytes(memo.sealing_key))
     key_digests = {k: digest.value_digest(key, app=app, name=k, value=v) for k, v in values.items()}
     set_digest = digest.set_digest(key_digests)
-    secret = _write_secret(body, values, set_digest)
+    secret = await _write_secret(body, values, set_digest)
     staged = bool(body["spec"].get("stage"))
     conditions = [
         ("Accepted", True, "SpecValid", result.message),
@@ -145,21 +137,21 @@ def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
             out["rollout"] = None
         return out or None
 
-    update_status(PLURAL, ns, name, patch)
+    await update_status(PLURAL, ns, name, patch)
     logger.info(f"Secret {secret} holds keys {', '.join(sorted(values)) or '(none)'} (digest {set_digest})")
     RECONCILES.labels("AppSecret", "materialised").inc()
     RECONCILE_SECONDS.labels("AppSecret").observe(time.monotonic() - started)
 
 
-def _machines(namespace: str, app: str) -> list[rollout.MachineView]:
-    core, custom = kube_api()
-    pods = core.list_namespaced_pod(namespace, label_selector=f"{APP}={app}").items
+async def _machines(namespace: str, app: str) -> list[rollout.MachineView]:
+    api = kube()
+    pods = await api.list(core_path(namespace, "pods"), label_selector=f"{APP}={app}")
     pod_digest = {
-        (p.metadata.labels or {}).get(MACHINE): (p.metadata.annotations or {}).get(rollout.DIGEST_ANNOTATION)
-        for p in pods if p.metadata.deletion_timestamp is None
+        (p["metadata"].get("labels") or {}).get(MACHINE): (p["metadata"].get("annotations") or {}).get(rollout.DIGEST_ANNOTATION)
+        for p in pods if not p["metadata"].get("deletionTimestamp")
     }
     views = []
-    for m in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "machines")["items"]:
+    for m in await api.list(custom_path(namespace, "machines")):
         spec, status, meta = m.get("spec") or {}, m.get("status") or {}, m["metadata"]
         if spec.get("app") != app or meta.get("deletionTimestamp"):
             continue
@@ -178,8 +170,8 @@ def _machines(namespace: str, app: str) -> list[rollout.MachineView]:
     return views
 
 
-def _appsecrets(namespace: str, app: str) -> list[rollout.AppSecretView]:
-    items = kube_api()[1].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+async def _appsecrets(namespace: str, app: str) -> list[rollout.AppSecretView]:
+    items = await kube().list(custom_path(namespace, PLURAL))
     return [
         rollout.AppSecretView(s["metadata"]["name"], s["status"]["digest"])
         for s in items
@@ -193,40 +185,35 @@ def _rolling(status: dict, spec: dict, **_) -> bool:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, id="roll", interval=ROLL_INTERVAL_S, when=_rolling)
-def roll(body: kopf.Body, logger, **_) -> None:
+async def roll(body: kopf.Body, logger, **_) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    try:
-        fresh = kube_api()[1].get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return
-        raise
+    fresh = await kube().get(custom_path(ns, PLURAL, name), missing_ok=True)
+    if fresh is None:
+        return
     status = fresh.get("status") or {}
     progress_raw = status.get("rollout")
     if not progress_raw or fresh["spec"].get("stage"):
         return
     app = fresh["spec"]["app"]
     progress = rollout.Progress(progress_raw["machine"], progress_raw.get("fromInstanceId")) if progress_raw.get("machine") else None
-    step = rollout.next_step(name, _appsecrets(ns, app), _machines(ns, app), progress)
+    step = rollout.next_step(name, await _appsecrets(ns, app), await _machines(ns, app), progress)
     generation = fresh["metadata"].get("generation")
     if isinstance(step, rollout.Wait):
         message = f"waiting for machine {step.machine} to be Ready as a new instance before the next"
-        update_status(PLURAL, ns, name, lambda b: condition_patch(b, [("RolledOut", False, "Rolling", message)]))
+        await update_status(PLURAL, ns, name, lambda b: condition_patch(b, [("RolledOut", False, "Rolling", message)]))
         return
     if isinstance(step, rollout.Roll):
-        kube_api()[1].patch_namespaced_custom_object(
-            GROUP, VERSION, ns, "machines", step.machine,
-            {"metadata": {"annotations": {rollout.DIGEST_ANNOTATION: step.digest}}},
-        )
+        await kube().patch(custom_path(ns, "machines", step.machine),
+                           {"metadata": {"annotations": {rollout.DIGEST_ANNOTATION: step.digest}}})
         message = f"replacing machine {step.machine} with the new values"
-        update_status(PLURAL, ns, name, lambda b: {
+        await update_status(PLURAL, ns, name, lambda b: {
             **(condition_patch(b, [("RolledOut", False, "Rolling", message)]) or {}),
             "rollout": {"digest": status["digest"], "machine": step.machine, "fromInstanceId": step.from_instance_id},
         })
         logger.info(f"rolling machine {step.machine} onto secrets digest {step.digest}")
         return
-    update_status(PLURAL, ns, name, lambda b: {
+    await update_status(PLURAL, ns, name, lambda b: {
         **(condition_patch(b, [("RolledOut", True, "RolledOut", "every started machine of the app runs these values")]) or {}),
         "rollout": None,
     })

@@ -1,58 +1,43 @@
-"""What the Volume, AppSecret and PostgresCluster controllers share: the API
-client, status writes that never clobber a concurrent writer, condition patches,
-and the wait of a per-object reconcile loop."""
+"""What the Volume, AppSecret and PostgresCluster controllers share: status
+writes that never clobber a concurrent writer, condition patches, and the wait
+of a per-object reconcile loop. The API client is controllers/kubeapi.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 import kopf
-from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubefly import GROUP, VERSION
 from kubefly.conditions import set_condition
-
-_api: tuple[client.CoreV1Api, client.CustomObjectsApi] | None = None
-
-
-def kube_api() -> tuple[client.CoreV1Api, client.CustomObjectsApi]:
-    global _api
-    if _api is None:
-        config.load_config()
-        api = client.ApiClient()
-        _api = (client.CoreV1Api(api), client.CustomObjectsApi(api))
-    return _api
+from kubefly.controllers.kubeapi import custom_path, kube
 
 
-def to_dict(obj) -> dict:
-    return client.ApiClient().sanitize_for_serialization(obj)
+async def update_status(plural: str, namespace: str, name: str,
+                        mutate: Callable[[dict], dict | None | Awaitable[dict | None]]) -> dict | None:
+    """Read, let `mutate` compute a status merge patch from the fresh object, write it if not stale.
 
-
-def update_status(plural: str, namespace: str, name: str, mutate: Callable[[dict], dict | None]) -> dict | None:
-    """Read, let `mutate` compute a status merge patch from the fresh object, write it if not stale."""
-    custom = kube_api()[1]
+    `mutate` may be a coroutine function, for a verdict that needs another read after this one."""
+    k, path = kube(), custom_path(namespace, plural, name)
     for _ in range(10):
-        try:
-            body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        body = await k.get(path, missing_ok=True)
+        if body is None:
+            return None
         patch = mutate(body)
+        if inspect.isawaitable(patch):
+            patch = await patch
         if not patch:
             return body
         try:
-            return custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name,
-                {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": patch},
-            )
+            return await k.patch_status(path, {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                                               "status": patch})
         except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
             if exc.status == 404:
                 return None
+            if exc.status != 409:
+                raise
     raise kopf.TemporaryError(f"{plural} {namespace}/{name}: status kept changing under us", delay=1)
 
 

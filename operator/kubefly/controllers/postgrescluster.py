@@ -40,8 +40,9 @@ from kubefly import GROUP, VERSION, labels
 from kubefly.api.postgrescluster import PostgresCluster
 from kubefly.conditions import get_condition, now_rfc3339
 from kubefly.controllers import acceptance
+from kubefly.controllers.common import condition_patch, update_status, wait_woken
+from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
-from kubefly.controllers.common import condition_patch, kube_api, to_dict, update_status, wait_woken
 from kubefly.placement.volumes import host_of_node
 from kubefly.postgres import decide
 from kubefly.postgres import plan as pgplan
@@ -64,41 +65,24 @@ def image(version: int) -> str:
     return os.environ.get(IMAGE_ENV) or f"kubefly-postgres:{version}"
 
 
-async def _call(fn, *args, **kwargs):
-    """The synchronous client off the event loop; 404 -> None."""
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-async def _create(fn, *args) -> None:
-    try:
-        await asyncio.to_thread(fn, *args)
-    except ApiException as exc:
-        if exc.status != 409:  # made by an earlier pass
-            raise
-
-
 def wake(namespace: str, name: str | None) -> None:
     if name and (ev := WAKERS.get((namespace, name))) is not None:
         ev.set()
 
 
+# Async, so wake() runs on the loop (asyncio.Event is not thread-safe; Kopf runs sync handlers in threads).
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def cluster_changed(namespace, name, **_):
+async def cluster_changed(namespace, name, **_):
     wake(namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "machines", labels={pgplan.CLUSTER_LABEL: kopf.PRESENT})
-def member_machine_changed(namespace, labels: dict, **_):
+async def member_machine_changed(namespace, labels: dict, **_):
     wake(namespace, labels.get(pgplan.CLUSTER_LABEL))
 
 
 @kopf.on.event(GROUP, VERSION, "volumes", labels={pgplan.CLUSTER_LABEL: kopf.PRESENT})
-def member_volume_changed(namespace, labels: dict, **_):
+async def member_volume_changed(namespace, labels: dict, **_):
     wake(namespace, labels.get(pgplan.CLUSTER_LABEL))
 
 
@@ -110,87 +94,89 @@ class Snapshot:
         self.c = cluster
 
     async def read(self) -> None:
-        core, custom = kube_api()
+        k = kube()
         sel = f"{pgplan.CLUSTER_LABEL}={self.c.name}"
         ns = self.c.namespace
         vols, machines, services, nodes = await asyncio.gather(
-            _call(custom.list_namespaced_custom_object, GROUP, VERSION, ns, "volumes", label_selector=sel),
-            _call(custom.list_namespaced_custom_object, GROUP, VERSION, ns, "machines", label_selector=sel),
-            _call(core.list_namespaced_service, ns, label_selector=sel),
-            _call(core.list_node),
+            k.list(custom_path(ns, "volumes"), label_selector=sel),
+            k.list(custom_path(ns, "machines"), label_selector=sel),
+            k.list(core_path(ns, "services"), label_selector=sel),
+            k.list(core_path(None, "nodes")),
         )
         by_index: dict[int, dict] = {}
-        for kind, items in (("volume", vols["items"]), ("machine", machines["items"])):
+        for kind, items in (("volume", vols), ("machine", machines)):
             for obj in items:
                 idx = (obj["metadata"].get("labels") or {}).get(pgplan.MEMBER_LABEL, "")
                 if idx.isdigit():
                     by_index.setdefault(int(idx), {})[kind] = obj
         self.members = [pgplan.Member(i, d.get("volume"), d.get("machine")) for i, d in sorted(by_index.items())]
-        self.services = {s.metadata.name: s for s in services.items}
-        self.hosts = [pgplan.Host(h.name, h.region, h.schedulable) for h in (host_of_node(to_dict(n)) for n in nodes.items)]
+        self.services = {s["metadata"]["name"]: s for s in services}
+        self.hosts = [pgplan.Host(h.name, h.region, h.schedulable) for h in map(host_of_node, nodes)]
 
 
 async def _ensure_credentials(c: pgplan.Cluster, memo) -> None:
-    core, custom = kube_api()
+    k = kube()
     name = pgplan.credentials_name(c.name)
-    secret = await _call(core.read_namespaced_secret, name, c.namespace)
+    path = core_path(c.namespace, "secrets", name)
+    secret = await k.get(path, missing_ok=True)
     if secret is None:
         values = {"username": pgplan.SUPERUSER, "password": pysecrets.token_urlsafe(24),
                   "repmgr-password": pysecrets.token_urlsafe(24), "admin-token": pysecrets.token_urlsafe(32)}
-        await _create(core.create_namespaced_secret, c.namespace, pgplan.build_credentials(c, values))
-        secret = await _call(core.read_namespaced_secret, name, c.namespace)
-    elif not any(ref.uid == c.uid for ref in secret.metadata.owner_references or []):
+        # 409: made by an earlier pass.
+        await k.create(core_path(c.namespace, "secrets"), pgplan.build_credentials(c, values), exists_ok=True, parse=False)
+        secret = await k.get(path, missing_ok=True)
+    elif not any(ref.get("uid") == c.uid for ref in secret["metadata"].get("ownerReferences") or []):
         # Kept from a deleted cluster of the same name (keepVolumes): its passwords open the kept data.
         # A strategic merge adds to ownerReferences (merge key uid).
-        await _call(core.patch_namespaced_secret, name, c.namespace, {"metadata": {"ownerReferences": [pgplan.owner(c)]}})
-    if await _call(custom.get_namespaced_custom_object, GROUP, VERSION, c.namespace, "appsecrets", name) is None:
+        await k.patch(path, {"metadata": {"ownerReferences": [pgplan.owner(c)]}}, missing_ok=True)
+    if await k.get(custom_path(c.namespace, "appsecrets", name), missing_ok=True) is None:
         public = memo.sealing_key.public_key()
         data = {}
         for env, key in pgplan.MEMBER_ENV_SECRETS.items():
-            value = base64.b64decode(secret.data[key]).decode()
+            value = base64.b64decode(secret["data"][key]).decode()
             data[env] = sealing.seal(public, namespace=c.namespace, app=c.spec["app"], key=env, value=value)
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AppSecret",
                 "metadata": {**pgplan.object_meta(c, name)}, "spec": {"app": c.spec["app"], "data": data}}
-        await _create(custom.create_namespaced_custom_object, GROUP, VERSION, c.namespace, "appsecrets", body)
+        await k.create(custom_path(c.namespace, "appsecrets"), body, exists_ok=True, parse=False)
 
 
 async def _apply(c: pgplan.Cluster, snap: Snapshot, p: pgplan.Plan, logger) -> None:
-    core, custom = kube_api()
+    k = kube()
     ns = c.namespace
+    # Creates tolerate 409 (made by an earlier pass); patches and deletes tolerate 404 (gone meanwhile).
     for v in p.create_volumes:
-        await _create(custom.create_namespaced_custom_object, GROUP, VERSION, ns, "volumes", v)
+        await k.create(custom_path(ns, "volumes"), v, exists_ok=True, parse=False)
     for name in p.reuse_volumes:
         # Before its Machine: a retired Volume with a Machine is a removal not done yet.
-        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name,
-                    {"metadata": {"labels": {pgplan.RETIRED_LABEL: None}}})
+        await k.patch(custom_path(ns, "volumes", name), {"metadata": {"labels": {pgplan.RETIRED_LABEL: None}}},
+                      missing_ok=True)
     for m in p.create_machines:
-        await _create(custom.create_namespaced_custom_object, GROUP, VERSION, ns, "machines", m)
+        await k.create(custom_path(ns, "machines"), m, exists_ok=True, parse=False)
     if p.create_machines:
         logger.info(f"members created: {', '.join(m['metadata']['name'] for m in p.create_machines)}")
     if p.reuse_volumes:
         logger.info(f"retired volumes taken back, their data rejoins: {', '.join(p.reuse_volumes)}")
     for name, size in p.grow_volumes:
-        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name, {"spec": {"sizeGb": size}})
+        await k.patch(custom_path(ns, "volumes", name), {"spec": {"sizeGb": size}}, missing_ok=True)
     members = {m.index: m for m in snap.members}
     for plural, name in p.adopt:
         obj = next(m.volume for m in members.values() if m.volume and m.volume["metadata"]["name"] == name)
         refs = (obj["metadata"].get("ownerReferences") or []) + [pgplan.owner(c)]
-        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, plural, name,
-                    {"metadata": {"ownerReferences": refs}})
+        await k.patch(custom_path(ns, plural, name), {"metadata": {"ownerReferences": refs}}, missing_ok=True)
     if p.update_machine is not None:
         name, spec, digest = p.update_machine
-        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "machines", name,
-                    {"metadata": {"annotations": {pgplan.SPEC_DIGEST: digest}}, "spec": spec})
+        await k.patch(custom_path(ns, "machines", name),
+                      {"metadata": {"annotations": {pgplan.SPEC_DIGEST: digest}}, "spec": spec}, missing_ok=True)
         logger.info(f"member {name} restarts with the current spec")
     for name in p.remove_members:
-        await _call(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, "machines", name)
-        await _call(core.delete_namespaced_service, name, ns)
+        await k.delete(custom_path(ns, "machines", name), missing_ok=True)
+        await k.delete(core_path(ns, "services", name), missing_ok=True)
     for name in p.retire_volumes:
-        await _call(custom.patch_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name,
-                    {"metadata": {"labels": {pgplan.RETIRED_LABEL: "true"}}})
+        await k.patch(custom_path(ns, "volumes", name), {"metadata": {"labels": {pgplan.RETIRED_LABEL: "true"}}},
+                      missing_ok=True)
     for name in p.delete_volumes:
         # The Volume controller holds this until the Machine is gone.
-        await _call(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, "volumes", name)
+        await k.delete(custom_path(ns, "volumes", name), missing_ok=True)
     if p.remove_members:
         logger.info(f"members removed: {', '.join(p.remove_members)}")
     if p.retire_volumes:
@@ -199,9 +185,10 @@ async def _apply(c: pgplan.Cluster, snap: Snapshot, p: pgplan.Plan, logger) -> N
     for svc in p.services:
         have = snap.services.get(svc["metadata"]["name"])
         if have is None:
-            await _create(core.create_namespaced_service, ns, svc)
-        elif (have.spec.selector or {}) != svc["spec"]["selector"]:
-            await _call(core.patch_namespaced_service, svc["metadata"]["name"], ns, {"spec": {"selector": svc["spec"]["selector"]}})
+            await k.create(core_path(ns, "services"), svc, exists_ok=True, parse=False)
+        elif (have.get("spec") or {}).get("selector") != svc["spec"]["selector"]:
+            await k.patch(core_path(ns, "services", svc["metadata"]["name"]), {"spec": {"selector": svc["spec"]["selector"]}},
+                          missing_ok=True)
 
 
 # ---- health ---------------------------------------------------------------------
@@ -219,15 +206,15 @@ async def _health(http: aiohttp.ClientSession, ip: str) -> tuple[dict | None, st
 
 async def _poll(c: pgplan.Cluster, members: list[str], views: dict, http: aiohttp.ClientSession) -> dict[str, tuple]:
     """name -> (pod, lag, error); updates `views` with every answer."""
-    core = kube_api()[0]
-    pods = await _call(core.list_namespaced_pod, c.namespace, label_selector=f"{labels.APP}={c.spec['app']}")
-    by_name = {p.metadata.name: p for p in pods.items if p.metadata.name in members}
+    pods = await kube().list(core_path(c.namespace, "pods"), label_selector=f"{labels.APP}={c.spec['app']}")
+    by_name = {p["metadata"]["name"]: p for p in pods if p["metadata"]["name"] in members}
 
     async def one(name: str):
         pod = by_name.get(name)
-        if pod is None or not pod.status.pod_ip:
+        ip = (pod.get("status") or {}).get("podIP") if pod else None
+        if not ip:
             return name, pod, None, "no pod IP yet"
-        body, error = await _health(http, pod.status.pod_ip)
+        body, error = await _health(http, ip)
         if body is None:
             return name, pod, None, error
         try:
@@ -240,28 +227,28 @@ async def _poll(c: pgplan.Cluster, members: list[str], views: dict, http: aiohtt
 
 
 async def _label_pods(c: pgplan.Cluster, polled: dict, roles: dict) -> None:
-    core = kube_api()[0]
     for name, (pod, _, _) in polled.items():
         if pod is None:
             continue
-        have = pod.metadata.labels or {}
+        have = pod["metadata"].get("labels") or {}
         want = {pgplan.CLUSTER_LABEL: c.name, pgplan.ROLE_LABEL: roles.get(name)}
         if any(have.get(k) != v for k, v in want.items()):
-            await _call(core.patch_namespaced_pod, name, c.namespace, {"metadata": {"labels": want}})
+            await kube().patch(core_path(c.namespace, "pods", name), {"metadata": {"labels": want}}, missing_ok=True)
 
 
 # ---- switchover ---------------------------------------------------------------------
 
 
 async def _switchover(c: pgplan.Cluster, target: str, generation, http: aiohttp.ClientSession) -> None:
-    core = kube_api()[0]
+    k = kube()
     try:
-        pod = await _call(core.read_namespaced_pod, target, c.namespace)
-        if pod is None or not pod.status.pod_ip:
+        pod = await k.get(core_path(c.namespace, "pods", target), missing_ok=True)
+        ip = (pod.get("status") or {}).get("podIP") if pod else None
+        if not ip:
             raise RuntimeError(f"{target} has no running pod")
-        secret = await _call(core.read_namespaced_secret, pgplan.credentials_name(c.name), c.namespace)
-        token = base64.b64decode(secret.data["admin-token"]).decode()
-        async with http.post(f"http://{pod.status.pod_ip}:{pgplan.HEALTH_PORT}/switchover", json={},
+        secret = await k.get(core_path(c.namespace, "secrets", pgplan.credentials_name(c.name)), missing_ok=True)
+        token = base64.b64decode(secret["data"]["admin-token"]).decode()
+        async with http.post(f"http://{ip}:{pgplan.HEALTH_PORT}/switchover", json={},
                              headers={"Authorization": f"Bearer {token}"},
                              timeout=aiohttp.ClientTimeout(total=SWITCHOVER_TIMEOUT_S, sock_connect=2)) as resp:
             if resp.status != 200:
@@ -269,7 +256,7 @@ async def _switchover(c: pgplan.Cluster, target: str, generation, http: aiohttp.
         outcome = (True, "Completed", f"{target} took over as primary")
     except (aiohttp.ClientError, TimeoutError, RuntimeError, ApiException) as exc:
         outcome = (False, "Failed", f"switchover to {target} failed: {type(exc).__name__} {exc}"[:1000])
-    update_status(PLURAL, c.namespace, c.name, lambda b: condition_patch(b, [("Switchover", *outcome)])
+    await update_status(PLURAL, c.namespace, c.name, lambda b: condition_patch(b, [("Switchover", *outcome)])
                   if b["metadata"].get("generation") == generation else None)
 
 
@@ -301,7 +288,7 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                 verdict = acceptance.check(PostgresCluster, cluster)
                 if not verdict.ok:
                     # Nothing is built from a spec the models refuse.
-                    update_status(PLURAL, namespace, name, lambda b: condition_patch(
+                    await update_status(PLURAL, namespace, name, lambda b: condition_patch(
                         b, [("Accepted", False, "InvalidSpec", verdict.message),
                             ("Ready", False, "InvalidSpec", verdict.message)],
                         {"phase": "Invalid", "observedGeneration": b["metadata"].get("generation")}))
@@ -352,7 +339,7 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                              "observedGeneration": c.generation}
                     if j.failover:
                         extra["lastFailover"] = j.failover
-                    update_status(PLURAL, namespace, name, lambda b: condition_patch(b, updates, extra))
+                    await update_status(PLURAL, namespace, name, lambda b: condition_patch(b, updates, extra))
             except ApiException as exc:
                 outcome = "error"
                 log.error("reconcile did not apply", namespace=namespace, name=name, status=exc.status, reason=exc.reason)
@@ -368,27 +355,24 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="postgrescluster")
-def delete(body: kopf.Body, namespace, name, spec, logger, **_) -> None:
+async def delete(body: kopf.Body, namespace, name, spec, logger, **_) -> None:
     """keepVolumes: release the Volumes and the credentials Secret from garbage collection before it runs."""
     if spec.get("deletePolicy", "keepVolumes") != "keepVolumes":
         logger.info("cluster deleted with deletePolicy deleteVolumes: its Volumes go with it")
         return
-    core, custom = kube_api()
+    k = kube()
     uid = body["metadata"]["uid"]
     sel = f"{pgplan.CLUSTER_LABEL}={name}"
     kept = []
-    for v in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "volumes", label_selector=sel)["items"]:
+    for v in await k.list(custom_path(namespace, "volumes"), label_selector=sel):
         refs = v["metadata"].get("ownerReferences") or []
         if any(r.get("uid") == uid for r in refs):
-            custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "volumes", v["metadata"]["name"],
-                                                  {"metadata": {"ownerReferences": [r for r in refs if r.get("uid") != uid]}})
+            await k.patch(custom_path(namespace, "volumes", v["metadata"]["name"]),
+                          {"metadata": {"ownerReferences": [r for r in refs if r.get("uid") != uid]}})
         kept.append(v["metadata"]["name"])
     secret_name = pgplan.credentials_name(name)
-    try:
-        core.patch_namespaced_secret(secret_name, namespace,
-                                     {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
+    # A strategic merge directive: drop only this cluster's reference (merge key uid).
+    await k.patch(core_path(namespace, "secrets", secret_name),
+                  {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}}, missing_ok=True)
     logger.info(f"cluster deleted; kept Volumes {', '.join(sorted(kept)) or '(none)'} and Secret {secret_name} "
                 "(deletePolicy keepVolumes): a new PostgresCluster of the same name adopts them")

@@ -9,42 +9,40 @@ the Machine controller writes `attachedMachine` on the same objects.
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from kubefly import GROUP, VERSION
 from kubefly.api.volume import Volume
 from kubefly.conditions import get_condition
 from kubefly.controllers import acceptance
-from kubefly.controllers.common import condition_patch, kube_api, to_dict, update_status
+from kubefly.controllers.common import condition_patch, update_status
+from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.placement import volumes as placement
 from kubefly.volumes import objects, redundancy
 
 PLURAL = "volumes"
 # Placements are decided one at a time so two Volumes never both take a host's last room.
-_PLACING = threading.Lock()
-def _get(namespace: str, name: str) -> dict | None:
-    try:
-        return kube_api()[1].get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+_PLACING = asyncio.Lock()
+
+
+async def _get(namespace: str, name: str) -> dict | None:
+    return await kube().get(custom_path(namespace, PLURAL, name), missing_ok=True)
 
 
 # ---- snapshot ----------------------------------------------------------------
 
 
-def _snapshot() -> tuple[list[placement.Host], list[placement.PlacedVolume]]:
-    core, custom = kube_api()
-    hosts = [placement.host_of_node(to_dict(n)) for n in core.list_node().items]
+async def _snapshot() -> tuple[list[placement.Host], list[placement.PlacedVolume]]:
+    k = kube()
+    nodes, volumes = await asyncio.gather(k.list(core_path(None, "nodes")), k.list(custom_path(None, PLURAL)))
+    hosts = [placement.host_of_node(n) for n in nodes]
     placed = []
-    for v in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]:
+    for v in volumes:
         host = (v.get("status") or {}).get("host")
         if host:
             meta, spec = v["metadata"], v.get("spec") or {}
@@ -52,76 +50,60 @@ def _snapshot() -> tuple[list[placement.Host], list[placement.PlacedVolume]]:
     return hosts, placed
 
 
-def _read_pv(name: str) -> dict | None:
-    try:
-        return to_dict(kube_api()[0].read_persistent_volume(name))
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+async def _read_pv(name: str) -> dict | None:
+    return await kube().get(core_path(None, "persistentvolumes", name), missing_ok=True)
 
 
-def _read_pvc(namespace: str, name: str) -> dict | None:
-    try:
-        return to_dict(kube_api()[0].read_namespaced_persistent_volume_claim(name, namespace))
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+async def _read_pvc(namespace: str, name: str) -> dict | None:
+    return await kube().get(core_path(namespace, "persistentvolumeclaims", name), missing_ok=True)
 
 
-def _machine_exists(namespace: str, name: str) -> bool:
-    try:
-        kube_api()[1].get_namespaced_custom_object(GROUP, VERSION, namespace, "machines", name)
-        return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
+async def _machine_exists(namespace: str, name: str) -> bool:
+    return await kube().get(custom_path(namespace, "machines", name), missing_ok=True) is not None
 
 
 # ---- reconcile ---------------------------------------------------------------
 
 
-def _place(body: dict, logger) -> str | None:
+async def _place(body: dict, logger) -> str | None:
     """The volume's host: from status, from its PV (status lost), or placed now."""
     meta, spec = body["metadata"], body["spec"]
-    pv = _read_pv(objects.pv_name(meta["namespace"], meta["name"], meta["uid"]))
+    pv = await _read_pv(objects.pv_name(meta["namespace"], meta["name"], meta["uid"]))
     if pv is not None and objects.host_of_pv(pv):
         return objects.host_of_pv(pv)
-    with _PLACING:
-        hosts, placed = _snapshot()
+    async with _PLACING:
+        hosts, placed = await _snapshot()
         request = placement.VolumeRequest(meta["namespace"], meta["name"], spec["app"], spec["region"], spec["sizeGb"])
         decision = placement.place(request, hosts, placed)
         if isinstance(decision, placement.Refused):
-            update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
+            await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
                 b, [("Placed", False, decision.reason, decision.message), ("Ready", False, decision.reason, decision.message)]
             ))
             return None
         # The host is recorded before anything is created on it, so a restart
         # in between finds the decision and never places the volume twice.
         message = f"pinned to host {decision.host} in region {spec['region']}"
-        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
+        await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
             b, [("Placed", True, "Placed", message)], {"host": decision.host}
         ))
     logger.info(f"volume placed on host {decision.host}")
     return decision.host
 
 
-def _ensure_objects(body: dict, host: str) -> tuple[dict, dict]:
-    core = kube_api()[0]
+async def _ensure_objects(body: dict, host: str) -> tuple[dict, dict]:
     meta, spec = body["metadata"], body["spec"]
-    name = objects.pv_name(meta["namespace"], meta["name"], meta["uid"])
-    pv = _read_pv(name)
+    ns = meta["namespace"]
+    name = objects.pv_name(ns, meta["name"], meta["uid"])
+    claim = objects.claim_name(meta["name"])
+    pv = await _read_pv(name)
     if pv is None:
-        wanted = objects.build_pv(namespace=meta["namespace"], volume=meta["name"], uid=meta["uid"], app=spec["app"],
+        wanted = objects.build_pv(namespace=ns, volume=meta["name"], uid=meta["uid"], app=spec["app"],
                                   region=spec["region"], host=host, size_gb=spec["sizeGb"])
-        pv = _create(lambda: core.create_persistent_volume(wanted), lambda: _read_pv(name))
-    pvc = _read_pvc(meta["namespace"], objects.claim_name(meta["name"]))
+        pv = await _create(core_path(None, "persistentvolumes"), wanted, lambda: _read_pv(name))
+    pvc = await _read_pvc(ns, claim)
     if pvc is None:
         wanted = objects.build_pvc(body=body, pv=name, host=host, size_gb=spec["sizeGb"])
-        pvc = _create(lambda: core.create_namespaced_persistent_volume_claim(meta["namespace"], wanted),
-                      lambda: _read_pvc(meta["namespace"], objects.claim_name(meta["name"])))
+        pvc = await _create(core_path(ns, "persistentvolumeclaims"), wanted, lambda: _read_pvc(ns, claim))
     if pvc["spec"].get("volumeName") != name:
         raise kopf.TemporaryError(
             f"claim {pvc['metadata']['name']} belongs to another volume (a predecessor's, still being deleted); waiting", delay=10
@@ -129,65 +111,67 @@ def _ensure_objects(body: dict, host: str) -> tuple[dict, dict]:
     return pv, pvc
 
 
-def _create(create: Callable[[], object], read: Callable[[], dict | None]) -> dict:
-    try:
-        return to_dict(create())
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        found = read()  # created by an earlier run of this handler
-        if found is None:
-            raise kopf.TemporaryError("object conflicts but cannot be read; retrying", delay=2) from exc
-        return found
+async def _create(collection: str, wanted: dict, read: Callable[[], Awaitable[dict | None]]) -> dict:
+    made = await kube().create(collection, wanted, exists_ok=True)
+    if made is not None:
+        return made
+    found = await read()  # created by an earlier run of this handler
+    if found is None:
+        raise kopf.TemporaryError("object conflicts but cannot be read; retrying", delay=2)
+    return found
 
 
-def _grow(body: dict, pv: dict) -> tuple[str, bool, str, str] | None:
+async def _grow(body: dict, pv: dict) -> tuple[str, bool, str, str] | None:
     meta, spec = body["metadata"], body["spec"]
     have = placement.quantity_bytes(pv["spec"]["capacity"]["storage"]) // placement.GIB
     want = spec["sizeGb"]
     if want <= have:
         return None
     host = objects.host_of_pv(pv)
-    with _PLACING:
-        hosts, placed = _snapshot()
+    async with _PLACING:
+        hosts, placed = await _snapshot()
         me = placement.PlacedVolume(meta["namespace"], meta["name"], spec["app"], host, have)
         refused = placement.check_growth(me, want, hosts, placed)
         if refused:
             return ("Resized", False, refused.reason, f"spec.sizeGb {want} GB not applied, still {have} GB: {refused.message}")
         pv_patch, pvc_patch = objects.growth_patch(want)
-        core = kube_api()[0]
-        core.patch_persistent_volume(pv["metadata"]["name"], pv_patch)
-        core.patch_namespaced_persistent_volume_claim(objects.claim_name(meta["name"]), meta["namespace"], pvc_patch)
+        k = kube()
+        await k.patch(core_path(None, "persistentvolumes", pv["metadata"]["name"]), pv_patch)
+        await k.patch(core_path(meta["namespace"], "persistentvolumeclaims", objects.claim_name(meta["name"])), pvc_patch)
     return ("Resized", True, "Extended", f"extended from {have} GB to {want} GB in place on host {host}")
 
 
-def _wait_bound(namespace: str, claim: str, pvc: dict) -> dict:
+async def _wait_bound(namespace: str, claim: str, pvc: dict) -> dict:
     # The pre-bound pair binds within a sync of the PV controller; wait briefly
     # here rather than post a retry event for something this quick.
     deadline = time.monotonic() + 5
     while (pvc.get("status") or {}).get("phase") != "Bound" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        pvc = _read_pvc(namespace, claim) or pvc
+        await asyncio.sleep(0.5)
+        pvc = await _read_pvc(namespace, claim) or pvc
     return pvc
 
 
-def _release_if_gone(body: dict) -> None:
+async def _release_if_gone(body: dict) -> None:
     meta = body["metadata"]
     machine = (body.get("status") or {}).get("attachedMachine")
-    if machine and not _machine_exists(meta["namespace"], machine):
-        _detach_gone(meta["namespace"], meta["name"], machine)
+    if machine and not await _machine_exists(meta["namespace"], machine):
+        await _detach_gone(meta["namespace"], meta["name"], machine)
 
 
-def _detach_gone(namespace: str, name: str, machine: str) -> None:
+async def _detach_gone(namespace: str, name: str, machine: str) -> None:
     """Clear attachedMachine naming a Machine that no longer exists (only if it still names it)."""
-    update_status(PLURAL, namespace, name, lambda b: {"attachedMachine": None}
-                  if (b.get("status") or {}).get("attachedMachine") == machine and not _machine_exists(namespace, machine)
-                  else None)
+    async def detach(b: dict) -> dict | None:
+        # Asked after each read of the volume: a new Machine of the same name may have claimed it since.
+        if (b.get("status") or {}).get("attachedMachine") == machine and not await _machine_exists(namespace, machine):
+            return {"attachedMachine": None}
+        return None
+
+    await update_status(PLURAL, namespace, name, detach)
 
 
-def refresh_redundancy(namespace: str, app: str) -> None:
+async def refresh_redundancy(namespace: str, app: str) -> None:
     """Every Volume of the app re-judged: siblings coming and going change each other's condition."""
-    items = kube_api()[1].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    items = await kube().list(custom_path(namespace, PLURAL))
     siblings = [
         redundancy.Sibling(v["metadata"]["name"], (v.get("spec") or {}).get("app", ""), (v.get("spec") or {}).get("region", ""),
                            deleting=bool(v["metadata"].get("deletionTimestamp")))
@@ -196,7 +180,7 @@ def refresh_redundancy(namespace: str, app: str) -> None:
     for sibling in siblings:
         if sibling.app != app or sibling.deleting:
             continue
-        update_status(PLURAL, namespace, sibling.name, lambda b, s=sibling: _redundancy_patch(b, s, siblings))
+        await update_status(PLURAL, namespace, sibling.name, lambda b, s=sibling: _redundancy_patch(b, s, siblings))
 
 
 def _redundancy_patch(body: dict, sibling: redundancy.Sibling, siblings: list[redundancy.Sibling]) -> dict | None:
@@ -207,29 +191,29 @@ def _redundancy_patch(body: dict, sibling: redundancy.Sibling, siblings: list[re
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="volume")
 @kopf.on.create(GROUP, VERSION, PLURAL, id="volume")
 @kopf.on.update(GROUP, VERSION, PLURAL, id="volume")
-def reconcile(body: kopf.Body, logger, **_) -> None:
+async def reconcile(body: kopf.Body, logger, **_) -> None:
     started = time.monotonic()
     body = dict(body)
     meta = body["metadata"]
     result = acceptance.check(Volume, body)
     if not result.ok:
         # Nothing is created from a spec the models refuse.
-        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: {
+        await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: {
             "conditions": result.conditions(b), "observedGeneration": meta.get("generation")})
         logger.warning(f"Volume refused: {result.message}")
         RECONCILES.labels("Volume", "invalid").inc()
         return
-    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
+    await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
         b, [("Accepted", True, "SpecValid", result.message)]))
-    host = _place(body, logger)
+    host = await _place(body, logger)
     if host is None:
         RECONCILES.labels("Volume", "unplaced").inc()
-        refresh_redundancy(meta["namespace"], body["spec"]["app"])
-        message = get_condition((_get(meta["namespace"], meta["name"]) or {}).get("status", {}).get("conditions"), "Placed")
+        await refresh_redundancy(meta["namespace"], body["spec"]["app"])
+        message = get_condition((await _get(meta["namespace"], meta["name"]) or {}).get("status", {}).get("conditions"), "Placed")
         raise kopf.TemporaryError(f"not placed: {message['message'] if message else 'no host'}; retrying", delay=30)
-    pv, pvc = _ensure_objects(body, host)
-    resized = _grow(body, pv)
-    pvc = _wait_bound(meta["namespace"], pvc["metadata"]["name"], pvc)
+    pv, pvc = await _ensure_objects(body, host)
+    resized = await _grow(body, pv)
+    pvc = await _wait_bound(meta["namespace"], pvc["metadata"]["name"], pvc)
     phase = (pvc.get("status") or {}).get("phase", "Pending")
     updates = [
         ("Placed", True, "Placed", f"pinned to host {host} in region {body['spec']['region']}"),
@@ -238,11 +222,11 @@ def reconcile(body: kopf.Body, logger, **_) -> None:
     ]
     if resized:
         updates.append(resized)
-    _release_if_gone(_get(meta["namespace"], meta["name"]) or body)
+    await _release_if_gone(await _get(meta["namespace"], meta["name"]) or body)
     extra = {"host": host, "persistentVolume": pv["metadata"]["name"], "claim": pvc["metadata"]["name"],
              "observedGeneration": meta.get("generation")}
-    update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(b, updates, extra))
-    refresh_redundancy(meta["namespace"], body["spec"]["app"])
+    await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(b, updates, extra))
+    await refresh_redundancy(meta["namespace"], body["spec"]["app"])
     RECONCILES.labels("Volume", "ready" if phase == "Bound" else "pending").inc()
     RECONCILE_SECONDS.labels("Volume").observe(time.monotonic() - started)
     if resized and not resized[1]:
@@ -252,42 +236,36 @@ def reconcile(body: kopf.Body, logger, **_) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="volume")
-def delete(body: kopf.Body, logger, **_) -> None:
+async def delete(body: kopf.Body, logger, **_) -> None:
     meta, spec = body["metadata"], body.get("spec") or {}
-    fresh = _get(meta["namespace"], meta["name"]) or dict(body)
+    fresh = await _get(meta["namespace"], meta["name"]) or dict(body)
     status = fresh.get("status") or {}
     machine = status.get("attachedMachine")
-    if machine and _machine_exists(meta["namespace"], machine):
+    if machine and await _machine_exists(meta["namespace"], machine):
         message = (f"deletion waits: the volume is attached to machine {machine}. "
                    f"Delete Machine {machine} to detach it; this volume is then deleted")
         blocked = get_condition(status.get("conditions"), "DeletionBlocked")
         if not blocked or blocked.get("status") != "True":
             kopf.warn(body, reason="VolumeAttached", message=message)
-        update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
+        await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
             b, [("DeletionBlocked", True, "AttachedToMachine", message)]))
         raise kopf.TemporaryError(message, delay=5)
-    core = kube_api()[0]
+    k = kube()
     # Claim first, then the volume: the PV's protection finalizer lets it go once unbound.
     # Retain: the directory on the host stays (docs/volumes.md).
-    for remove in (
-        lambda: core.delete_namespaced_persistent_volume_claim(objects.claim_name(meta["name"]), meta["namespace"]),
-        lambda: core.delete_persistent_volume(status.get("persistentVolume") or objects.pv_name(meta["namespace"], meta["name"], meta["uid"])),
-    ):
-        try:
-            remove()
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+    await k.delete(core_path(meta["namespace"], "persistentvolumeclaims", objects.claim_name(meta["name"])), missing_ok=True)
+    pv = status.get("persistentVolume") or objects.pv_name(meta["namespace"], meta["name"], meta["uid"])
+    await k.delete(core_path(None, "persistentvolumes", pv), missing_ok=True)
     logger.info("volume deleted: its claim and PersistentVolume are removed; the host directory is retained")
     if spec.get("app"):
-        refresh_redundancy(meta["namespace"], spec["app"])
+        await refresh_redundancy(meta["namespace"], spec["app"])
 
 
 @kopf.on.event(GROUP, VERSION, "machines", id="volume-detach")
-def machine_event(type: str, namespace: str, name: str, **_) -> None:
+async def machine_event(type: str, namespace: str, name: str, **_) -> None:
     """A Machine gone for good releases any Volume still naming it (the Machine controller's backstop)."""
     if type != "DELETED":
         return
-    for v in kube_api()[1].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+    for v in await kube().list(custom_path(namespace, PLURAL)):
         if (v.get("status") or {}).get("attachedMachine") == name:
-            _detach_gone(namespace, v["metadata"]["name"], name)
+            await _detach_gone(namespace, v["metadata"]["name"], name)

@@ -13,8 +13,8 @@ import base64
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
+from kubefly.controllers.kubeapi import KubeAPI, core_path
 from kubefly.labels import MANAGED_BY, MANAGED_BY_VALUE
 from kubefly.secrets import sealing
 
@@ -25,51 +25,38 @@ KEY_ID = "keyId"
 _LABELS = {MANAGED_BY: MANAGED_BY_VALUE, "app.kubernetes.io/component": "sealing-key"}
 
 
-def ensure(core: client.CoreV1Api, namespace: str) -> X25519PrivateKey:
-    """The cluster's private key: read it, or create it once; then publish its public half."""
-    try:
-        secret = core.read_namespaced_secret(NAME, namespace)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        secret = _create(core, namespace)
-    private = sealing.load_private(base64.b64decode(secret.data[PRIVATE_KEY]))
-    _publish(core, namespace, private.public_key())
+async def ensure(kube: KubeAPI, namespace: str) -> X25519PrivateKey:
+    """The operator's side: the cluster's private key, read or created once; then its public half published."""
+    secret = await kube.get(core_path(namespace, "secrets", NAME), missing_ok=True)
+    if secret is None:
+        secret = await _create(kube, namespace)
+    private = sealing.load_private(base64.b64decode(secret["data"][PRIVATE_KEY]))
+    await _publish(kube, namespace, private.public_key())
     return private
 
 
-def _create(core: client.CoreV1Api, namespace: str):
+async def _create(kube: KubeAPI, namespace: str) -> dict:
     key = sealing.generate()
-    body = client.V1Secret(
-        metadata=client.V1ObjectMeta(name=NAME, namespace=namespace, labels=_LABELS),
-        type="Opaque",
-        data={PRIVATE_KEY: base64.b64encode(sealing.private_bytes(key)).decode()},
-    )
-    try:
-        return core.create_namespaced_secret(namespace, body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        return core.read_namespaced_secret(NAME, namespace)  # another replica was first
+    body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": NAME, "namespace": namespace, "labels": _LABELS},
+            "data": {PRIVATE_KEY: base64.b64encode(sealing.private_bytes(key)).decode()}}
+    created = await kube.create(core_path(namespace, "secrets"), body, exists_ok=True)
+    # None: another replica was first; its key is the cluster's.
+    return created if created is not None else await kube.get(core_path(namespace, "secrets", NAME))
 
 
-def _publish(core: client.CoreV1Api, namespace: str, public: X25519PublicKey) -> None:
+async def _publish(kube: KubeAPI, namespace: str, public: X25519PublicKey) -> None:
     data = {PUBLIC_KEY: sealing.encode_public(public), KEY_ID: sealing.key_id(public)}
-    try:
-        current = core.read_namespaced_config_map(NAME, namespace)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=NAME, namespace=namespace, labels=_LABELS), data=data)
-        try:
-            core.create_namespaced_config_map(namespace, body)
+    path = core_path(namespace, "configmaps", NAME)
+    current = await kube.get(path, missing_ok=True)
+    if current is None:
+        body = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": NAME, "namespace": namespace, "labels": _LABELS}, "data": data}
+        if await kube.create(core_path(namespace, "configmaps"), body, exists_ok=True) is not None:
             return
-        except ApiException as exc2:
-            if exc2.status != 409:
-                raise
-            current = core.read_namespaced_config_map(NAME, namespace)
-    if (current.data or {}) != data:
-        core.patch_namespaced_config_map(NAME, namespace, {"data": data})
+        current = await kube.get(path)
+    if (current.get("data") or {}) != data:
+        await kube.patch(path, {"data": data})
 
 
 def fetch_public(core: client.CoreV1Api, namespace: str) -> X25519PublicKey:
