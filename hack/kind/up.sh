@@ -79,6 +79,7 @@ timed "kind load ${img[*]}" kind load docker-image --name "$name" --nodes "$work
 
 values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never
         --set agent.enabled=true --set proxy.enabled=true --set dns.enabled=true)
+[ -n "${img[postgres]:-}" ] && values+=(--set "postgres.image=${img[postgres]}")
 timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
   --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null
 kubectl -n "$ns" rollout status "deployment/$release-operator" --timeout=120s >/dev/null
