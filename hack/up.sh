@@ -15,7 +15,8 @@ try_next() {
 Try:
   export KUBECONFIG=$kubeconfig PATH=$(dirname "$(command -v kubectl)"):\$PATH
   kubectl create namespace my-org
-  kubectl -n my-org apply -f examples/machine.yaml
+  $apply_machine
+  kubectl -n my-org apply -f examples/postgrescluster.yaml
   kubectl get kubefly -A
 
 Stop everything with: make down
@@ -26,6 +27,9 @@ if [ "$mode" = kind ] || { [ "$mode" = auto ] && bash hack/kind/docker.sh; }; th
   [ "$mode" = auto ] && export KUBEFLY_DOCKER_READY=1  # checked just now
   kubeconfig=$(bash hack/kind/up.sh | tail -n 1)
   export KUBECONFIG=$kubeconfig
+  # The example Machine runs the test app that was just loaded, under the tag that follows the tree.
+  testapp=$(sed -n 's/^testapp=//p' "${kubeconfig%.kubeconfig}.images")
+  apply_machine="sed 's|kubefly-testapp:make-up|$testapp|' examples/machine.yaml | kubectl -n my-org apply -f -"
   kubectl get machines -A
   cat <<MSG
 
@@ -36,6 +40,7 @@ MSG
   exit 0
 fi
 [ "$mode" = auto ] && printf '[up] Docker cannot run here: using the local control plane\n'
+apply_machine="kubectl -n my-org apply -f examples/machine.yaml"  # simulated hosts pull no image
 PY=.venv/bin/python
 state=.cluster
 release=kubefly
