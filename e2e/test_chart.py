@@ -138,3 +138,23 @@ def test_dns_without_the_agent_is_refused_with_the_fix(kube):
     assert proc.returncode != 0 and "dns.enabled needs agent.enabled" in proc.stderr
     out = kube.helm("template", "x", str(kube.chart)).stdout
     assert "KUBEFLY_MACHINE_DNS" not in out and "x-kubefly-dns" not in out
+
+
+def test_every_agent_host_runs_a_proxy_and_only_edges_take_clients(kube):
+    out = kube.helm("template", "x", str(kube.chart), "--set", "agent.enabled=true", "--set", "proxy.enabled=true",
+                    "--set", "agent.nodeSelector.pool=apps", "--set", "postgres.image=registry.example/kubefly-postgres:15").stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    roles = {}
+    for name, operator in (("x-kubefly-proxy", "In"), ("x-kubefly-proxy-host", "NotIn")):
+        pod = docs[("DaemonSet", name)]["spec"]["template"]["spec"]
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        # The agent's hosts, split by the edge label: together every agent host, each once.
+        assert terms == [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["apps"]},
+                                               {"key": "kubefly.dev/edge", "operator": operator, "values": ["true"]}]}]
+        roles[name] = pod["containers"][0]
+    assert "--listen=0.0.0.0:8080" in roles["x-kubefly-proxy"]["args"] and roles["x-kubefly-proxy"]["ports"][0]["hostPort"] == 8080
+    assert "--listen=none" in roles["x-kubefly-proxy-host"]["args"] and "ports" not in roles["x-kubefly-proxy-host"]
+    assert all("--hop-listen=0.0.0.0:4281" in c["args"] for c in roles.values())
+    env = {e["name"]: e.get("value") for e in docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEFLY_POSTGRES_IMAGE"] == "registry.example/kubefly-postgres:15"
+    assert "KUBEFLY_POSTGRES_IMAGE" not in kube.helm("template", "x", str(kube.chart)).stdout

@@ -60,11 +60,17 @@ def test_agents_on_every_worker_see_each_other(kind: KindCluster):
 
 
 def test_the_proxy_answers_on_the_mapped_host_port(kind: KindCluster):
-    """kind-config.yaml's extraPortMappings reach the proxy's hostPort on the edge worker."""
-    proxy = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=proxy",
-                                    "-o", "json").stdout)["items"]
+    """kind-config.yaml's extraPortMappings reach the proxy's hostPort on the edge worker;
+    every other worker runs a proxy that takes only the edges' hops."""
+    def proxies(component):
+        pods = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", f"app.kubernetes.io/component={component}",
+                                       "-o", "json").stdout)["items"]
+        return sorted(f"node/{p['spec']['nodeName']}" for p in pods)
     edge = kind.kubectl("get", "nodes", "-l", "kubefly.dev/edge=true", "-o", "name").stdout.split()
-    assert sorted(f"node/{p['spec']['nodeName']}" for p in proxy) == sorted(edge)
+    others = kind.kubectl("get", "nodes", "-l", "kubefly.dev/edge!=true,!node-role.kubernetes.io/control-plane",
+                          "-o", "name").stdout.split()
+    assert proxies("proxy") == sorted(edge)
+    assert proxies("proxy-host") == sorted(others) and others
     url = f"http://127.0.0.1:{kind.host_port(8080)}/"
     request = urllib.request.Request(url, headers={"Host": "no-such-app.kubefly.localhost"})
 

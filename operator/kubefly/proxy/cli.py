@@ -23,7 +23,8 @@ def _addr(spec: str) -> tuple[str, int]:
 
 
 @click.command("proxy")
-@click.option("--listen", default="0.0.0.0:8080", show_default=True, help="Where clients connect (the edge).")
+@click.option("--listen", default="0.0.0.0:8080", show_default=True,
+              help="Where clients connect (an edge host); `none`: no clients, only hops to this host's instances.")
 @click.option("--hop-listen", default="0.0.0.0:4281", show_default=True, help="Where other hosts' proxies reach instances on this host.")
 @click.option("--metrics-listen", default="0.0.0.0:9091", show_default=True, help="Prometheus /metrics.")
 @click.option("--agent", "agent_url", default="http://127.0.0.1:7947", show_default=True, help="The local host agent's API.")
@@ -50,7 +51,7 @@ def proxy_command(
     maddr, mport = _addr(metrics_listen)
     metrics.serve(mport, maddr)
     uvloop.run(
-        _run(cfg, config_file, overrides, _addr(listen), _addr(hop_listen), agent_url, static_file,
+        _run(cfg, config_file, overrides, None if listen == "none" else _addr(listen), _addr(hop_listen), agent_url, static_file,
              self_host, self_region, starter_spec, drain_timeout)
     )
 
@@ -73,8 +74,10 @@ async def _run(cfg, config_file, overrides, listen, hop_listen, agent_url, stati
     conns: set = set()
     timeouts = server.Timeouts(header=cfg.header_timeout_s, idle=cfg.idle_timeout_s)
     limits = http1.Limits()
-    edge = await server.serve(proxy.edge, *listen, limits=limits, timeouts=timeouts, registry=conns)
-    hop = await server.serve(proxy.host, *hop_listen, limits=limits, timeouts=timeouts, registry=conns)
+    # A host that is not an edge still runs a proxy: edges hop to it for the instances on its host.
+    servers = [await server.serve(proxy.host, *hop_listen, limits=limits, timeouts=timeouts, registry=conns)]
+    if listen is not None:
+        servers.append(await server.serve(proxy.edge, *listen, limits=limits, timeouts=timeouts, registry=conns))
     background = [asyncio.create_task(proxy.report_loads()), asyncio.create_task(proxy.autostop_loop())]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,14 +94,14 @@ async def _run(cfg, config_file, overrides, listen, hop_listen, agent_url, stati
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    log().info("proxy ready", listen=f"{listen[0]}:{listen[1]}", hop=f"{hop_listen[0]}:{hop_listen[1]}",
+    log().info("proxy ready", listen=f"{listen[0]}:{listen[1]}" if listen else "none", hop=f"{hop_listen[0]}:{hop_listen[1]}",
              host=replica.self_host, region=replica.self_region, domain=cfg.domain)
     await stop.wait()
 
     # Graceful: stop accepting, let in-flight requests finish, close idle keep-alives.
     log().info("draining", connections=len(conns))
-    edge.close()
-    hop.close()
+    for srv in servers:
+        srv.close()
     for conn in list(conns):
         conn.drain_idle()
     try:
