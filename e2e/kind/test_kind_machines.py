@@ -49,11 +49,21 @@ def test_machines_run_as_pods_in_their_region_and_answer_through_the_proxy(kind:
     url = f"http://127.0.0.1:{kind.host_port(8080)}/"
     request = urllib.request.Request(url, headers={"Host": f"hello.{namespace}.{DOMAIN}"})
 
-    def answer():
+    def answer(path: str = ""):
         try:
-            return urllib.request.urlopen(request, timeout=5).read().decode().strip()
+            return urllib.request.urlopen(urllib.request.Request(url + path, headers=request.headers), timeout=5).read().decode().strip()
         except (urllib.error.HTTPError, OSError):
             return None
 
     # The agents learn of the instances by gossip; then the proxy routes to one.
     assert kind.wait_for(f"{url} routed to a hello Machine", answer, timeout=120) in regions
+
+    # A machine answering "full" (503 + kubefly-full) is retried on the other one, whichever the edge tried first.
+    for taker in regions:
+        got = {answer(f"full?except={taker}") for _ in range(6)}
+        assert got == {taker}, f"every request for /full?except={taker} answered by {taker}, got {got}"
+
+    # With the ams machine stopped, the edge (an ams worker) must hop to the iad worker's proxy.
+    kind.kubectl("-n", namespace, "patch", "machine", "hello-1", "--type=merge", "-p", '{"spec":{"state":"stopped"}}')
+    assert kind.wait_for(f"{url} routed to hello-2 on another worker, through its host's proxy",
+                         lambda: answer() == "hello-2" and "hello-2", timeout=120) == "hello-2"
