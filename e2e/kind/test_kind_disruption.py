@@ -1,6 +1,7 @@
 """Disruptive cases, run last on the shared cluster (conftest orders them):
-a worker's container stopped and started again (host loss and recovery), and
-the operator's pod killed while it creates 50 Machines."""
+a worker's container stopped and started again (host loss and recovery), the
+same for the active operator replica's own worker, and the active operator's
+pod killed while it creates 50 Machines."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 import subprocess
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
-from .kindlib import RELEASE_NAMESPACE, KindCluster
+from .kindlib import RELEASE, RELEASE_NAMESPACE, KindCluster
 from .test_kind_appsecrets import cond, settled
 from .test_kind_cluster import guard_rules, service_cidr
 from .test_kind_machines import machine
@@ -21,13 +23,32 @@ def get_machine(kind: KindCluster, namespace: str, name: str) -> dict:
     return json.loads(kind.kubectl("-n", namespace, "get", "machine", name, "-o", "json").stdout)
 
 
+def operator_pods(kind: KindCluster) -> dict[str, str]:
+    """Running operator replicas: pod name -> its node."""
+    pods = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator",
+                                   "--field-selector=status.phase=Running", "-o", "json").stdout)["items"]
+    return {p["metadata"]["name"]: p["spec"]["nodeName"] for p in pods}
+
+
+def active_operator(kind: KindCluster) -> str | None:
+    """The replica Kopf peering lets run: the highest priority among live records (the peer id names the pod)."""
+    status = json.loads(kind.kubectl("get", "clusterkopfpeering", RELEASE, "-o", "json").stdout).get("status") or {}
+    now = datetime.now(timezone.utc)
+    live = [(rec["priority"], peer) for peer, rec in status.items()
+            if rec and datetime.fromisoformat(rec["lastseen"]) + timedelta(seconds=rec["lifetime"]) > now]
+    if not live:
+        return None
+    peer = max(live)[1]
+    return next((pod for pod in operator_pods(kind) if f"@{pod}/" in peer), None)
+
+
 def region_away_from_the_operator(kind: KindCluster) -> str:
-    """A worker region whose host does not run the operator. Losing the operator's own host is another
-    case (the operator's pod only leaves a lost node after the 300 s eviction; see docs/kind.md)."""
+    """A worker region none of whose hosts runs an operator replica (losing the operator's own host is
+    the next case)."""
     nodes = json.loads(kind.kubectl("get", "nodes", "-l", "!node-role.kubernetes.io/control-plane", "-o", "json").stdout)["items"]
-    operator = kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator",
-                            "--field-selector=status.phase=Running", "-o", "jsonpath={.items[*].spec.nodeName}").stdout.split()
-    return sorted(n["metadata"]["labels"]["topology.kubernetes.io/region"] for n in nodes if n["metadata"]["name"] not in operator)[0]
+    operators = set(operator_pods(kind).values())
+    region = {n["metadata"]["name"]: n["metadata"]["labels"]["topology.kubernetes.io/region"] for n in nodes}
+    return sorted(set(region.values()) - {region[n] for n in operators})[0]
 
 
 def test_a_stopped_worker_is_reported_as_host_loss_and_its_machine_recovers_when_it_starts(kind: KindCluster, namespace: str):
@@ -56,6 +77,41 @@ def test_a_stopped_worker_is_reported_as_host_loss_and_its_machine_recovers_when
     # The node booted again: its Service CIDR guard is back (the systemd unit), not only applied once.
     cidr = service_cidr(kind)
     assert guard_rules(host, cidr) == [f"32000: from all to {cidr} iif lo lookup main", f"32001: from all to {cidr} unreachable"]
+
+
+def test_losing_the_active_operators_own_host_is_reported_within_60s_by_the_standby(kind: KindCluster, namespace: str):
+    """The chart runs two operator replicas on different hosts (make kind-up). When the active one's host
+    is lost, the standby takes over once the dead one's peering record expires (20 s) and reports the
+    host's Machines lost, instead of nobody doing so until the dead pod is evicted."""
+    operator = kind.wait_for("an active operator replica", lambda: active_operator(kind), timeout=60)
+    replicas = operator_pods(kind)
+    host = replicas[operator]
+    assert len(set(replicas.values())) == 2, f"two replicas on two hosts: {replicas}"
+    region = json.loads(kind.kubectl("get", "node", host, "-o", "json").stdout)["metadata"]["labels"]["topology.kubernetes.io/region"]
+    hosts_in_region = kind.kubectl("get", "nodes", "-l", f"topology.kubernetes.io/region={region}", "-o", "name").stdout.split()
+    # Placement spreads an app's machines over the region's hosts: one machine per host puts one on the operator's.
+    names = [f"near-{i}" for i in range(len(hosts_in_region))]
+    kind.apply([machine(kind, name, region) for name in names], namespace)
+    def all_started():
+        ms = [get_machine(kind, namespace, n) for n in names]
+        return all(map(settled, ms)) and ms
+    ms = kind.wait_for("every near-* machine started", all_started, timeout=180)
+    near = next((m["metadata"]["name"] for m in ms if m["status"]["host"] == host), None)
+    assert near, f"no machine on the operator's host {host}: {[m['status']['host'] for m in ms]}"
+
+    subprocess.run(["docker", "stop", host], check=True, capture_output=True)
+    stopped = time.monotonic()
+    try:
+        kind.wait_for(f"HostNotReady on {near} within {HOST_LOSS_WITHIN_S}s of `docker stop {host}` (the operator's host)",
+                      lambda: (cond(get_machine(kind, namespace, near), "HostReady") or {}).get("reason") == "HostNotReady",
+                      timeout=HOST_LOSS_WITHIN_S)
+        print(f"[kind] HostNotReady {time.monotonic() - stopped:.0f}s after `docker stop {host}` of the active operator's host")
+        assert active_operator(kind) not in (None, operator), "the standby replica is the active one now"
+    finally:
+        subprocess.run(["docker", "start", host], check=True, capture_output=True)
+    kind.wait_for(f"{near} back on {host}", lambda: settled(m := get_machine(kind, namespace, near))
+                  and (cond(m, "HostReady") or {}).get("status") == "True" and m["status"]["host"] == host, timeout=240)
+    kind.wait_for("two operator replicas running again", lambda: len(operator_pods(kind)) == 2, timeout=240)
 
 
 def pause_image(kind: KindCluster) -> str:
@@ -91,8 +147,8 @@ def test_operator_killed_while_creating_50_machines_creates_each_pod_once_and_al
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        operator = kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator",
-                                "-o", "jsonpath={.items[0].metadata.name}").stdout
+        # The active replica: killing the standby would leave the creation uninterrupted.
+        operator = kind.wait_for("an active operator replica", lambda: active_operator(kind), timeout=60)
         kind.apply(specs, namespace)
         created = kind.wait_for("the operator to be creating pods", lambda: len(seen) >= 3 and len(seen), interval=0.2, timeout=120)
         kind.kubectl("-n", RELEASE_NAMESPACE, "delete", "pod", operator, "--grace-period=0", "--force")

@@ -78,7 +78,7 @@ workers=$(kind get nodes --name "$name" | grep -v control-plane | paste -sd, -)
 timed "kind load ${img[*]}" kind load docker-image --name "$name" --nodes "$workers" "${img[@]}" >/dev/null
 
 values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never
-        --set agent.enabled=true --set proxy.enabled=true --set dns.enabled=true)
+        --set agent.enabled=true --set proxy.enabled=true --set dns.enabled=true --set operator.replicas=2)
 [ -n "${img[postgres]:-}" ] && values+=(--set "postgres.image=${img[postgres]}")
 timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
   --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null
