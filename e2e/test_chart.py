@@ -158,3 +158,14 @@ def test_every_agent_host_runs_a_proxy_and_only_edges_take_clients(kube):
     env = {e["name"]: e.get("value") for e in docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBEFLY_POSTGRES_IMAGE"] == "registry.example/kubefly-postgres:15"
     assert "KUBEFLY_POSTGRES_IMAGE" not in kube.helm("template", "x", str(kube.chart)).stdout
+
+
+def test_operator_replicas_prefer_distinct_hosts(kube):
+    def pod(*sets):
+        out = kube.helm("template", "x", str(kube.chart), *[a for s in sets for a in ("--set", s)]).stdout
+        docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+        return docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]
+    assert "affinity" not in pod()
+    term = pod("operator.replicas=2")["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "x", "app.kubernetes.io/component": "operator"}
