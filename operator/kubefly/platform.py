@@ -60,7 +60,7 @@ def parse(data: dict[str, str] | None) -> PlatformSettings:
         if until.tzinfo is None:
             raise ValueError(f"{CONFIGMAP}: maintenanceUntil must carry a time zone (e.g. Z), not {raw!r}")
     regions = frozenset(r.strip() for r in (data.get("closedRegions") or "").replace("\n", ",").split(",") if r.strip())
-    bad = sorted(r for r in regions if not re.match(DNS_LABEL_PATTERN, r))
+    bad = sorted(r for r in regions if not re.fullmatch(DNS_LABEL_PATTERN, r))
     if bad:
         raise ValueError(f"{CONFIGMAP}: closedRegions must be region names (DNS labels), not {', '.join(bad)}")
     maintenance = Maintenance(data.get("maintenanceReason", "").strip(), until) if switch == "true" else None

@@ -48,7 +48,7 @@ class AppSecretSpec(ApiModel):
     @field_validator("data")
     @classmethod
     def _env_var_keys(cls, data: dict[str, str]) -> dict[str, str]:
-        if any(len(key) > 255 or not re.match(KEY_PATTERN, key) for key in data):
+        if any(len(key) > 255 or not re.fullmatch(KEY_PATTERN, key) for key in data):
             raise ValueError(KEYS_RULE["message"])
         return data
 

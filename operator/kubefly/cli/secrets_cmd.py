@@ -46,7 +46,7 @@ def _pairs(assignments: tuple[str, ...], env_file: Path | None) -> dict[str, str
         key, value = item.split("=", 1)
         values[key] = value
     for key in values:
-        if not re.match(KEY_PATTERN, key) or len(key) > 255:
+        if not re.fullmatch(KEY_PATTERN, key) or len(key) > 255:
             raise click.BadParameter(f"{key!r} is not an environment variable name ({KEY_PATTERN})", param_hint="KEY")
     if not values:
         raise click.UsageError("nothing to seal: give KEY=VALUE arguments or --from-env-file")
