@@ -92,6 +92,12 @@ class KubeAPI:
         """POST to the collection `path`: the created object (if parsed); with exists_ok, None on 409."""
         return await self.request("POST", path, body, parse=parse, tolerate=(409,) if exists_ok else ())
 
+    async def create_or_get(self, collection: str, body: dict) -> dict | None:
+        """POST to `collection`, or, if it exists already (409: an earlier pass, another replica),
+        the existing object; None if that one was gone again before it could be read."""
+        made = await self.create(collection, body, exists_ok=True)
+        return made if made is not None else await self.get(f"{collection}/{body['metadata']['name']}", missing_ok=True)
+
     async def patch(self, path: str, body: dict, *, missing_ok: bool = False) -> dict | None:
         # As the official client did: built-in kinds take a strategic merge patch (merge keys,
         # `$patch: delete`); custom resources have none and take a JSON merge patch.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import kopf
 
@@ -99,11 +98,11 @@ async def _ensure_objects(body: dict, host: str) -> tuple[dict, dict]:
     if pv is None:
         wanted = objects.build_pv(namespace=ns, volume=meta["name"], uid=meta["uid"], app=spec["app"],
                                   region=spec["region"], host=host, size_gb=spec["sizeGb"])
-        pv = await _create(core_path(None, "persistentvolumes"), wanted, lambda: _read_pv(name))
+        pv = await _create(core_path(None, "persistentvolumes"), wanted)
     pvc = await _read_pvc(ns, claim)
     if pvc is None:
         wanted = objects.build_pvc(body=body, pv=name, host=host, size_gb=spec["sizeGb"])
-        pvc = await _create(core_path(ns, "persistentvolumeclaims"), wanted, lambda: _read_pvc(ns, claim))
+        pvc = await _create(core_path(ns, "persistentvolumeclaims"), wanted)
     if pvc["spec"].get("volumeName") != name:
         raise kopf.TemporaryError(
             f"claim {pvc['metadata']['name']} belongs to another volume (a predecessor's, still being deleted); waiting", delay=10
@@ -111,11 +110,8 @@ async def _ensure_objects(body: dict, host: str) -> tuple[dict, dict]:
     return pv, pvc
 
 
-async def _create(collection: str, wanted: dict, read: Callable[[], Awaitable[dict | None]]) -> dict:
-    made = await kube().create(collection, wanted, exists_ok=True)
-    if made is not None:
-        return made
-    found = await read()  # created by an earlier run of this handler
+async def _create(collection: str, wanted: dict) -> dict:
+    found = await kube().create_or_get(collection, wanted)  # an earlier run of this handler may have made it
     if found is None:
         raise kopf.TemporaryError("object conflicts but cannot be read; retrying", delay=2)
     return found

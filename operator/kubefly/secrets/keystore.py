@@ -40,21 +40,16 @@ async def _create(kube: KubeAPI, namespace: str) -> dict:
     body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": NAME, "namespace": namespace, "labels": _LABELS},
             "data": {PRIVATE_KEY: base64.b64encode(sealing.private_bytes(key)).decode()}}
-    created = await kube.create(core_path(namespace, "secrets"), body, exists_ok=True)
-    # None: another replica was first; its key is the cluster's.
-    return created if created is not None else await kube.get(core_path(namespace, "secrets", NAME))
+    # If another replica was first, its key is the cluster's.
+    return await kube.create_or_get(core_path(namespace, "secrets"), body)
 
 
 async def _publish(kube: KubeAPI, namespace: str, public: X25519PublicKey) -> None:
     data = {PUBLIC_KEY: sealing.encode_public(public), KEY_ID: sealing.key_id(public)}
     path = core_path(namespace, "configmaps", NAME)
-    current = await kube.get(path, missing_ok=True)
-    if current is None:
-        body = {"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": NAME, "namespace": namespace, "labels": _LABELS}, "data": data}
-        if await kube.create(core_path(namespace, "configmaps"), body, exists_ok=True) is not None:
-            return
-        current = await kube.get(path)
+    body = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": NAME, "namespace": namespace, "labels": _LABELS}, "data": data}
+    current = await kube.get(path, missing_ok=True) or await kube.create_or_get(core_path(namespace, "configmaps"), body)
     if (current.get("data") or {}) != data:
         await kube.patch(path, {"data": data})
 

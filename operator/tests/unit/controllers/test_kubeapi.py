@@ -94,6 +94,17 @@ async def test_missing_and_existing_objects(apiserver):
     assert err.value.status == 409
 
 
+async def test_create_or_get_hands_back_the_existing_object_on_conflict(apiserver):
+    server, api = apiserver
+    collection, body = core_path("org-a", "secrets"), {"metadata": {"name": "s"}, "data": {"k": "mine"}}
+    server.answer("POST", collection, (201, {}, body), (409, {}, {}), (409, {}, {}))
+    server.answer("GET", f"{collection}/s", (200, {}, {"metadata": {"name": "s"}, "data": {"k": "theirs"}}))
+    assert (await api.create_or_get(collection, body))["data"] == {"k": "mine"}
+    assert (await api.create_or_get(collection, body))["data"] == {"k": "theirs"}
+    assert await api.create_or_get(collection, body) is None  # conflicted, then gone before the read
+    assert [s["method"] for s in server.seen] == ["POST", "POST", "GET", "POST", "GET"]
+
+
 async def test_patch_kinds_and_query(apiserver):
     server, api = apiserver
     pod, machine = core_path("org-a", "pods", "p"), custom_path("org-a", "machines", "m")
