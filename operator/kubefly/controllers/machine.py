@@ -25,7 +25,7 @@ from kubefly import GROUP, VERSION, platform
 from kubefly import labels as kflabels
 from kubefly.api.machine import Machine
 from kubefly.controllers import acceptance
-from kubefly.controllers.common import wait_woken
+from kubefly.controllers.common import update_status, wait_woken
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.machines import lifecycle
@@ -405,9 +405,6 @@ async def destroy_machine(body, namespace, name, spec, status, patch, machine_po
 
 
 async def _release_volume(namespace: str, volume: str, machine: str) -> None:
-    k = kube()
-    v = await k.get(custom_path(namespace, "volumes", volume), missing_ok=True)
-    if v is None or (v.get("status") or {}).get("attachedMachine") != machine:
-        return  # only ever clear our own claim
-    await k.patch_status(custom_path(namespace, "volumes", volume),
-                         {"metadata": {"resourceVersion": v["metadata"]["resourceVersion"]}, "status": {"attachedMachine": None}})
+    # Only ever clear our own claim, judged on each fresh read.
+    await update_status("volumes", namespace, volume, lambda v: {"attachedMachine": None}
+                        if (v.get("status") or {}).get("attachedMachine") == machine else None)
