@@ -71,9 +71,7 @@ async def _write_secret(body: dict, values: dict[str, str], set_digest: str) -> 
                          "annotations": {DIGEST_ANNOTATION: set_digest}, "ownerReferences": [owner]},
             "data": data,
         }
-        if await api.create(core_path(meta["namespace"], "secrets"), secret, exists_ok=True) is not None:
-            return name
-        current = await api.get(path)
+        current = await api.create_or_get(core_path(meta["namespace"], "secrets"), secret)
     if (current["metadata"].get("annotations") or {}).get(DIGEST_ANNOTATION) == set_digest and (current.get("data") or {}) == data:
         return name
     # Keys removed from the AppSecret are removed from the Secret (null in a merge patch).

@@ -122,9 +122,8 @@ async def _ensure_credentials(c: pgplan.Cluster, memo) -> None:
     if secret is None:
         values = {"username": pgplan.SUPERUSER, "password": pysecrets.token_urlsafe(24),
                   "repmgr-password": pysecrets.token_urlsafe(24), "admin-token": pysecrets.token_urlsafe(32)}
-        # 409: made by an earlier pass.
-        await k.create(core_path(c.namespace, "secrets"), pgplan.build_credentials(c, values), exists_ok=True, parse=False)
-        secret = await k.get(path, missing_ok=True)
+        # An earlier pass may have made it: then its passwords stand.
+        secret = await k.create_or_get(core_path(c.namespace, "secrets"), pgplan.build_credentials(c, values))
     elif not any(ref.get("uid") == c.uid for ref in secret["metadata"].get("ownerReferences") or []):
         # Kept from a deleted cluster of the same name (keepVolumes): its passwords open the kept data.
         # A strategic merge adds to ownerReferences (merge key uid).
