@@ -155,7 +155,7 @@ class Soak:
         ips: list[str] = []
         probe = ("import sys,urllib.request\nfor ip in sys.argv[1:]:\n try:\n"
                  "  b=urllib.request.urlopen(f'http://{ip}:8080/metrics',timeout=1).read().decode()\n"
-                 "  print(ip, any(l.startswith('kubefly_operator_active ') and float(l.split()[1])==1 for l in b.splitlines()))\n"
+                 "  print(ip, any(l.startswith('kubefly_operator_leader ') and float(l.split()[1])==1 for l in b.splitlines()))\n"
                  " except Exception: print(ip, 'down')")
         n = 0
         while not self.stop.is_set():
