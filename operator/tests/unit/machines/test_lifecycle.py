@@ -1,5 +1,6 @@
 """The machine state machine and pod builder, as pure functions."""
 
+import json
 from datetime import datetime, timedelta, timezone
 
 from kubefly import labels
@@ -230,6 +231,14 @@ def test_pod_shape():
     assert '"internal_port":8080' in md["annotations"][labels.SERVICES]
     assert md["ownerReferences"][0]["controller"] is True
     assert spec_digest(m["spec"]) == spec_digest({**m["spec"], "state": "stopped"})
+
+
+def test_pod_annotation_names_the_http_ports_the_edge_may_serve():
+    services = [{"internalPort": 5432}, {"internalPort": 6000, "ports": [{"port": 6000}]},
+                {"internalPort": 8080, "ports": [{"port": 80, "handlers": ["http"]}, {"port": 443, "handlers": ["tls", "http"]}]}]
+    pod = build_pod(machine(services=services), host="a1", region="ams", instance="abc", secrets=[])
+    rows = json.loads(pod["metadata"]["annotations"][labels.SERVICES])
+    assert [(r["ports"], r["http_ports"]) for r in rows] == [([], []), ([6000], []), ([80, 443], [80, 443])]
 
 
 def test_pod_view_reads_exit_and_oom():
