@@ -61,14 +61,46 @@ def test_a_machine_sees_its_own_orgs_app_only():
     server = DnsServer(REPLICA, None)
     assert sorted(str(rr.rdata) for rr in resolve(server, "web.internal", "10.244.1.5").rr) == ["10.244.1.5", "10.244.2.5"]
     assert sorted(str(rr.rdata) for rr in resolve(server, "web.internal", "10.244.1.6").rr) == ["10.244.1.6", "10.244.2.6"]
-    # An unknown source (a host process) gets every org's, as a resolver without --org always did.
+    # An unknown source (not a machine of this host, not allowed) learns nothing, not even NXDOMAIN.
+    for source in ("172.18.0.3", "10.244.2.5", "", "not-an-ip"):
+        for name in ("web.internal", "nope.internal", "_apps.internal", "example.com"):
+            reply = resolve(server, name, source)
+            assert reply.header.rcode == RCODE.REFUSED and not reply.rr, (source, name)
+
+
+def test_an_allowed_host_process_gets_every_org_and_a_machine_stays_a_machine():
+    server = DnsServer(REPLICA, None, allow=["172.18.0.0/16", "10.244.1.0/24"])
     assert len(resolve(server, "web.internal", "172.18.0.3").rr) == 4
+    # Inside an allowed network a machine's address is still answered as that machine.
+    assert sorted(str(rr.rdata) for rr in resolve(server, "web.internal", "10.244.1.6").rr) == ["10.244.1.6", "10.244.2.6"]
+    assert resolve(server, "web.internal", "172.19.0.3").header.rcode == RCODE.REFUSED
 
 
-def test_a_fixed_org_wins_over_the_source():
-    server = DnsServer(REPLICA, "acme")
-    assert sorted(str(rr.rdata) for rr in resolve(server, "web.internal", "10.244.1.6").rr) == ["10.244.1.5", "10.244.2.5"]
-    assert resolve(server, "nope.internal", "10.244.1.6").header.rcode == RCODE.NXDOMAIN
+def test_a_fixed_org_answers_only_its_machines_and_allowed_sources():
+    server = DnsServer(REPLICA, "acme", allow=["172.18.0.3"])
+    assert sorted(str(rr.rdata) for rr in resolve(server, "web.internal", "10.244.1.5").rr) == ["10.244.1.5", "10.244.2.5"]
+    assert sorted(str(rr.rdata) for rr in resolve(server, "web.internal", "172.18.0.3").rr) == ["10.244.1.5", "10.244.2.5"]
+    assert resolve(server, "nope.internal", "10.244.1.5").header.rcode == RCODE.NXDOMAIN
+    # Another org's machine on this host gets nothing from an acme resolver.
+    assert resolve(server, "web.internal", "10.244.1.6").header.rcode == RCODE.REFUSED
+
+
+def test_a_bad_label_under_internal_is_formerr():
+    server = DnsServer(REPLICA, None)
+    for name in ("we b.internal", "web\\000x.internal", "w@b.internal", "a.b\\.c.internal"):
+        assert resolve(server, name, "10.244.1.5").header.rcode == RCODE.FORMERR, name
+    assert resolve(server, "web.internal", "10.244.1.5").header.rcode == RCODE.NOERROR
+
+
+def test_an_undecodable_query_gets_formerr_with_its_id():
+    server = DnsServer(REPLICA, None)
+    query = DNSRecord.question("web.internal", "A").pack()
+    broken = query[:12] + b"\x3fweb"  # a label longer than what follows
+    out = asyncio.run(server.resolve(broken, "udp", "10.244.1.5"))
+    assert out[:2] == query[:2] and out[3] & 0x0F == RCODE.FORMERR and out[2] & 0x80
+    assert asyncio.run(server.resolve(b"\x00\x01", "udp", "10.244.1.5")) is None
+    # A response (QR set) is never answered: no reflection between two resolvers.
+    assert asyncio.run(server.resolve(bytes([query[0], query[1], 0x80]) + query[3:12] + b"\x3f", "udp", "")) is None
 
 
 def test_forward_resolv_conf_takes_its_first_nameserver(tmp_path):
