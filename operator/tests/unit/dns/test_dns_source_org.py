@@ -7,6 +7,8 @@ import asyncio
 import click
 import pytest
 from dnslib import RCODE, DNSRecord
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from kubefly.dns.cli import _resolv_conf_nameserver
 from kubefly.dns.server import DnsServer, org_of_source
@@ -114,3 +116,19 @@ def test_forward_resolv_conf_takes_its_first_nameserver(tmp_path):
         _resolv_conf_nameserver(conf)
     with pytest.raises(click.BadParameter, match="--forward HOST:PORT"):
         _resolv_conf_nameserver(tmp_path / "missing")
+
+
+def test_forwarding_beyond_its_limit_is_servfail_not_a_new_socket():
+    server = DnsServer(REPLICA, None, forward=("127.0.0.1", 9))
+    server._forwarder.inflight = server._forwarder.limit  # every relay slot taken
+    assert resolve(server, "example.com", "10.244.1.5").header.rcode == RCODE.SERVFAIL
+    # A stranger never reaches the forwarder at all.
+    assert resolve(server, "example.com", "172.18.0.3").header.rcode == RCODE.REFUSED
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600), st.sampled_from(["10.244.1.5", "172.18.0.3"]))
+@example(b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01", "10.244.1.5")  # a pointer loop
+def test_any_bytes_get_an_answer_or_nothing_never_an_exception(data, source):
+    out = asyncio.run(DnsServer(REPLICA, None).resolve(data, "udp", source))
+    assert out is None or len(out) >= 12
