@@ -12,7 +12,8 @@ Only routable instances (started, checks passing, with an address) are
 answered. Who may ask: a machine on this host (its pod address is the query's
 source; with `--org`, only that org's machines), or a source in the allowed
 list (`--allow-source`, host processes). Anyone else gets REFUSED for every
-name, so the resolver neither tells other orgs' names nor forwards for strangers.
+name (after UNKNOWN_GRACE_S, in case it is a machine whose row is on its way),
+so the resolver neither tells other orgs' names nor forwards for strangers.
 The org a name is looked up in is the asking machine's; for an allowed source,
 `--org` when set, else every org. Unknown names under .internal are NXDOMAIN; a
 known name with no record of the asked type is NOERROR with no answer; a label
@@ -28,6 +29,7 @@ import ipaddress
 import re
 import secrets
 import struct
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,6 +55,11 @@ TCP_IDLE_S = 10.0
 TCP_READ_S = 5.0
 MAX_FORWARDS = 512
 FORWARD_TIMEOUT_S = 3.0
+# A machine's first queries can come before its row (with its address) reaches this host's
+# replica: an unknown source is looked up again for up to UNKNOWN_GRACE_S before REFUSED,
+# at most MAX_WAITING queries at once (beyond that, REFUSED at once).
+UNKNOWN_GRACE_S = 1.0
+MAX_WAITING = 128
 _TOP = re.compile(r"^top(\d{1,3})$")
 _RESERVED = {"vms", "regions", "global", "_apps"}
 
@@ -303,14 +310,15 @@ class _Forwarder(asyncio.DatagramProtocol):
 
 class DnsServer:
     def __init__(self, replica: Replica, org: str | None, ttl: int = 5,
-                 forward: tuple[str, int] | None = None, allow: Iterable[str] = ()):
-        self.replica, self.org, self.ttl, self.forward = replica, org, ttl, forward
+                 forward: tuple[str, int] | None = None, allow: Iterable[str] = (), grace: float = UNKNOWN_GRACE_S):
+        self.replica, self.org, self.ttl, self.forward, self.grace = replica, org, ttl, forward, grace
         # Sources that are not machines but may ask (host processes), as networks.
         self.allow = tuple(ipaddress.ip_network(a, strict=False) for a in allow)
         self._forwarder = _Forwarder(forward, MAX_FORWARDS) if forward is not None else None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
         self._tcp_open: Tally[str] = Tally()
+        self._waiting = 0  # queries from unknown sources waiting out UNKNOWN_GRACE_S
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -334,17 +342,31 @@ class DnsServer:
         if self._forwarder is not None:
             self._forwarder.close()
 
-    def asker(self, source: str) -> tuple[bool, str | None]:
-        """(may ask, the org to answer in) for a query from `source`."""
+    def asker(self, source: str) -> tuple[bool, str | None, bool]:
+        """(may ask, the org to answer in, whether `source` is a machine of this host)."""
         machine_org = org_of_source(self.replica, source)
         if machine_org is not None:
             # A machine is judged as a machine, never by the allowed list its address may fall in.
-            return self.org is None or machine_org == self.org, machine_org
+            return self.org is None or machine_org == self.org, machine_org, True
         try:
             ip = ipaddress.ip_address(source)
         except ValueError:
-            return False, None
-        return any(ip in net for net in self.allow), self.org
+            return False, None, False
+        return any(ip in net for net in self.allow), self.org, False
+
+    async def _asker_with_grace(self, source: str) -> tuple[bool, str | None]:
+        allowed, org, machine = self.asker(source)
+        if allowed or machine or self.grace <= 0 or self._waiting >= MAX_WAITING:
+            return allowed, org
+        self._waiting += 1
+        try:
+            deadline = time.monotonic() + self.grace
+            while not (allowed or machine) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                allowed, org, machine = self.asker(source)
+        finally:
+            self._waiting -= 1
+        return allowed, org
 
     async def resolve(self, data: bytes, transport: str, source: str = "") -> bytes | None:
         try:
@@ -354,7 +376,7 @@ class DnsServer:
             return formerr(data)
         if request.header.qr or not request.questions:
             return None
-        allowed, org = self.asker(source)
+        allowed, org = await self._asker_with_grace(source)
         if not allowed:
             reply = request.reply()
             reply.header.ra = 0
