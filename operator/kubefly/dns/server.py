@@ -136,22 +136,27 @@ def select(replica: Replica, org: str | None, name: Name) -> list[Instance] | No
     return sorted(live, key=lambda i: i.machine_id) if name.kind != "nearest" else live
 
 
-def org_of_source(replica: Replica, source: str) -> str | None:
+def machine_orgs(replica: Replica) -> dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]:
+    """Pod address -> org, for the machines on this host."""
+    out = {}
+    for inst in replica.instances():
+        if inst.host != replica.self_host or not inst.address:
+            continue
+        try:
+            out[ipaddress.ip_address(inst.address.strip("[]"))] = inst.org
+        except ValueError:
+            continue
+    return out
+
+
+def org_of_source(replica: Replica, source: str, index: dict | None = None) -> str | None:
     """The org of the machine on this host whose pod address sent a query; None when
     no machine here has that address (a host process, or a pod not yet in the replica)."""
     try:
         ip = ipaddress.ip_address(source)
     except ValueError:
         return None
-    for inst in replica.instances():
-        if inst.host != replica.self_host or not inst.address:
-            continue
-        try:
-            if ipaddress.ip_address(inst.address.strip("[]")) == ip:
-                return inst.org
-        except ValueError:
-            continue
-    return None
+    return (machine_orgs(replica) if index is None else index).get(ip)
 
 
 def _txt(value: str) -> TXT:
@@ -319,6 +324,8 @@ class DnsServer:
         self._tcp: asyncio.base_events.Server | None = None
         self._tcp_open: Tally[str] = Tally()
         self._waiting = 0  # queries from unknown sources waiting out UNKNOWN_GRACE_S
+        self._machines_index: dict = {}
+        self._machines_at = -1.0
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -342,9 +349,16 @@ class DnsServer:
         if self._forwarder is not None:
             self._forwarder.close()
 
+    def _machines(self) -> dict:
+        # Rebuilt at most every 100 ms: a query costs a dict lookup, not a scan of every row.
+        now = time.monotonic()
+        if now - self._machines_at > 0.1:
+            self._machines_index, self._machines_at = machine_orgs(self.replica), now
+        return self._machines_index
+
     def asker(self, source: str) -> tuple[bool, str | None, bool]:
         """(may ask, the org to answer in, whether `source` is a machine of this host)."""
-        machine_org = org_of_source(self.replica, source)
+        machine_org = org_of_source(self.replica, source, self._machines())
         if machine_org is not None:
             # A machine is judged as a machine, never by the allowed list its address may fall in.
             return self.org is None or machine_org == self.org, machine_org, True
