@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from kubefly.proxy import http1
 from kubefly.proxy.proxy import parse_replay, resolve_app
@@ -117,3 +119,16 @@ def test_host_header_with_a_bad_port_or_name_is_refused(host):
     with pytest.raises(http1.BadRequest) as err:
         http1.check_host(host)
     assert err.value.status == 400
+
+
+@given(st.binary(max_size=40))
+@example(b"a:" + b"9" * 30)
+def test_check_host_accepts_only_a_name_and_a_port_in_range(host):
+    try:
+        http1.check_host(host)
+    except http1.BadRequest as exc:
+        assert exc.status == 400
+    else:
+        name, colon, port = host.strip(b" \t").rpartition(b":") if b"]" not in host else (b"", b"", b"")
+        if colon and port and b"[" not in name:
+            assert port.isdigit() and 1 <= int(port) <= 65535
