@@ -316,7 +316,7 @@ class _Forwarder(asyncio.DatagramProtocol):
 class DnsServer:
     def __init__(self, replica: Replica, org: str | None, ttl: int = 5,
                  forward: tuple[str, int] | None = None, allow: Iterable[str] = (), grace: float = UNKNOWN_GRACE_S):
-        self.replica, self.org, self.ttl, self.forward, self.grace = replica, org, ttl, forward, grace
+        self.replica, self.org, self.ttl, self.grace = replica, org, ttl, grace
         # Sources that are not machines but may ask (host processes), as networks.
         self.allow = tuple(ipaddress.ip_network(a, strict=False) for a in allow)
         self._forwarder = _Forwarder(forward, MAX_FORWARDS) if forward is not None else None
