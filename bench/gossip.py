@@ -158,7 +158,7 @@ def paced_writes(targets: list[tuple[str, int, str]], rate: float, seconds: floa
         path, index, region = targets[k % len(targets)]
         doc = {"org": "acme", "app": "web", "machine_id": f"load-{index}", "instance_id": f"load-{k}",
                "address": "127.0.0.1", "state": "started", "region": region,
-               "services": [{"internal_port": 8080, "ports": [80]}]}
+               "services": [{"internal_port": 8080, "ports": [80], "http_ports": [80]}]}
         tmp = Path(path) / f".load-{index}.tmp"
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, Path(path) / f"load-{index}.json")

@@ -276,7 +276,7 @@ def replica_file(path: Path, ports, soft, hard):
     rows = [
         {"org": "bench", "app": "web", "machine_id": f"m{i}", "instance_id": f"m{i}-1", "region": "local",
          "host": "local", "address": "127.0.0.1", "state": "started", "check_status": "passing",
-         "services": [{"internal_port": p, "ports": [80], "concurrency_type": "requests",
+         "services": [{"internal_port": p, "ports": [80], "http_ports": [80], "concurrency_type": "requests",
                        "soft_limit": soft, "hard_limit": hard}]}
         for i, p in enumerate(ports)
     ]

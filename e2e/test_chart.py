@@ -128,6 +128,11 @@ def test_dns_runs_beside_the_agent_behind_a_node_local_service_that_machines_are
     pod = docs[("DaemonSet", "x-kubefly-dns")]["spec"]["template"]["spec"]
     assert pod["hostNetwork"] and pod["containers"][0]["args"][:2] == ["dns", "--agent=http://127.0.0.1:7947"]
     assert "--listen=$(KUBEFLY_HOST_IP):7953" in pod["containers"][0]["args"]
+    # No host process may ask unless named: only the host's Machines are answered.
+    assert not any(a.startswith("--allow-source") for a in pod["containers"][0]["args"])
+    allowed = kube.helm("template", "x", str(kube.chart), "--set", "agent.enabled=true", "--set", "dns.enabled=true",
+                        "--set", "dns.allowSources={10.0.0.5/32}").stdout
+    assert "- --allow-source=10.0.0.5/32" in allowed
     env = {e["name"]: e.get("value") for e in docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]}
     # Kubernetes expands the Service link of the operator's own namespace into the ClusterIP.
     assert env["KUBEFLY_MACHINE_DNS"] == "$(X_KUBEFLY_DNS_SERVICE_HOST)" and env["KUBEFLY_CLUSTER_DOMAIN"] == "corp.example"

@@ -73,6 +73,30 @@ INVALID = {
         machine(services=[{"internalPort": 8080, "autostop": False}]),
         "spec.services[0].autostop",
     ),
+    "machine-env-name-empty": (machine(env={"": "x"}), "spec.env names must be"),
+    "machine-env-name-with-equals": (machine(env={"A=B": "x"}), "spec.env names must be"),
+    "machine-env-name-with-newline": (machine(env={"A\nB": "x"}), "spec.env names must be"),
+    "machine-image-with-whitespace": (machine(image="nginx:1.27 --privileged"), "spec.image"),
+    "machine-image-with-newline": (machine(image="nginx:1.27\n"), "spec.image"),
+    "machine-mount-over-proc": (machine(mounts=[{"volume": "a", "path": "/proc"}]), "spec.mounts[].path must not"),
+    "machine-mount-under-sys": (machine(mounts=[{"volume": "a", "path": "/sys/fs/cgroup"}]), "spec.mounts[].path must not"),
+    "machine-mount-over-the-token": (
+        machine(mounts=[{"volume": "a", "path": "/var/run/secrets/kubernetes.io/serviceaccount"}]),
+        "spec.mounts[].path must not",
+    ),
+    "machine-mount-with-dotdot": (machine(mounts=[{"volume": "a", "path": "/data/../proc"}]), "spec.mounts[].path must not"),
+    "machine-mount-double-slash": (machine(mounts=[{"volume": "a", "path": "//proc"}]), "spec.mounts[0].path"),
+    "machine-check-path-crlf": (
+        machine(checks=[{"name": "h", "type": "http", "port": 80, "path": "/x\r\nHost: evil"}]), "spec.checks[0].path",
+    ),
+    "machine-check-header-value-crlf": (
+        machine(checks=[{"name": "h", "type": "http", "port": 80, "headers": {"X": "a\r\nB: c"}}]),
+        "spec.checks[0].headers.X",
+    ),
+    "machine-check-header-name-not-a-token": (
+        machine(checks=[{"name": "h", "type": "http", "port": 80, "headers": {"X: y": "a"}}]),
+        "spec.checks[].headers names must be HTTP tokens",
+    ),
     "machine-missing-image": (obj("Machine", "no-image", {"app": "web", "region": "ams"}), "spec.image"),
     "volume-too-small": (volume(sizeGb=0), "spec.sizeGb"),
     "volume-too-big": (volume(sizeGb=501), "spec.sizeGb"),
@@ -145,7 +169,10 @@ def test_allowed_updates(kube, namespace):
     apply(kube, namespace, _update(volume(), sizeGb=20))
     assert get(kube, namespace, volume())["spec"]["sizeGb"] == 20
     apply(kube, namespace, machine(mounts=[{"volume": "data", "path": "/data"}]))
-    apply(kube, namespace, machine(mounts=[{"volume": "data", "path": "/data"}], state="stopped", env={"A": "1"}))
+    apply(kube, namespace, machine(mounts=[{"volume": "data", "path": "/data"}], state="stopped",
+                                   env={"A": "1", "my-var.x": "multi\nline"},
+                                   checks=[{"name": "h", "type": "http", "port": 80, "path": "/health?x=1",
+                                            "headers": {"Authorization": "Bearer a.b"}}]))
     assert get(kube, namespace, machine())["spec"]["state"] == "stopped"
 
 

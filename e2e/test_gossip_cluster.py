@@ -47,7 +47,9 @@ def agents(kube, tmp_path):
     dns_port = free_port()
     dns_log = (tmp_path / "dns.log").open("w")
     procs.append(subprocess.Popen(
-        [str(KUBEFLY), "dns", "--agent", apis[0], "--listen", f"127.0.0.1:{dns_port}"], stdout=dns_log, stderr=dns_log))
+        # The test asks from 127.0.0.1, no machine's address: a host process, allowed explicitly.
+        [str(KUBEFLY), "dns", "--agent", apis[0], "--listen", f"127.0.0.1:{dns_port}", "--allow-source", "127.0.0.1"],
+        stdout=dns_log, stderr=dns_log))
 
     def healthy():
         for p in procs:

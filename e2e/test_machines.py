@@ -105,6 +105,21 @@ def test_no_host_fits_fails_fast_with_the_shortage_and_creates_nothing(kube, nam
     assert cond(m, "Placed")["reason"] == "NoHostsInRegion" and "nrt" in cond(m, "Placed")["message"]
 
 
+def test_a_pod_the_api_server_refuses_fails_the_machine_with_the_reason(kube, namespace):
+    kube.kubectl("-n", namespace, "create", "quota", "no-pods", "--hard=pods=0")
+    apply(kube, namespace, "refused")
+    m = wait_machine(kube, namespace, "refused", "failed", state_is("failed"), timeout=30)
+    c = cond(m, "Ready")
+    assert c["status"] == "False" and c["reason"] == "PodRefused", c
+    assert "(403)" in c["message"] and "quota" in c["message"], c["message"]
+    assert "PodRefused" in events(kube, namespace, "refused")
+    assert get(kube, namespace, "pod", "refused") is None
+    # Without the quota, a changed spec tries again and starts.
+    kube.kubectl("-n", namespace, "delete", "quota", "no-pods")
+    apply(kube, namespace, "refused", env={"AGAIN": "1"})
+    wait_machine(kube, namespace, "refused", "started and Ready", ready)
+
+
 def test_stopped_at_create_only_places_then_start_and_stop_keep_the_host(kube, namespace):
     apply(kube, namespace, "lazy", state="stopped", region="iad")
     m = wait_machine(kube, namespace, "lazy", "created", state_is("created"))

@@ -43,7 +43,10 @@ class Service(BaseModel):
 
     internal_port: int = Field(ge=1, le=65535)
     protocol: str = "tcp"
-    ports: list[int] = Field(default_factory=list)
+    ports: list[int] = Field(default_factory=list)  # public ports, whatever their handlers
+    # The public ports with an `http` handler: only a service with one is served by the
+    # HTTP proxy. A service without public ports is private (`.internal` only).
+    http_ports: list[int] = Field(default_factory=list)
     concurrency_type: ConcurrencyType = ConcurrencyType.connections
     soft_limit: int = Field(default=20, ge=1)
     hard_limit: int | None = Field(default=None, ge=1)

@@ -6,7 +6,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+import re
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from kubefly.api.common import (
     AGE,
@@ -25,6 +27,37 @@ from kubefly.api.common import (
 )
 
 TcpPort = Annotated[int, Field(ge=1, le=65535)]
+
+# Input the pod, the kubelet or an HTTP check would read differently from what the user
+# meant is refused at the API server (schema pattern or CEL), and by the model the same way.
+# An image reference: printable ASCII, no whitespace.
+IMAGE_PATTERN = r"^[!-~]+$"
+# An environment variable name: printable ASCII except "=" and space (what Kubernetes'
+# relaxed env validation accepts), so no empty name, no "=", no newline.
+ENV_NAME_PATTERN = r"^[!-<>-~]+$"
+ENV_NAMES_RULE = cel(
+    f"self.all(k, size(k) <= 255 && k.matches('{ENV_NAME_PATTERN}'))",
+    "spec.env names must be 1 to 255 printable ASCII characters without '=' or whitespace: rename the variable",
+)
+# An HTTP check's request target and header lines: no CR, LF or other control characters.
+CHECK_PATH_PATTERN = r"^/[!-~]*$"
+HEADER_NAME_PATTERN = r"^[!#-'*+.0-9A-Z^-z|~-]+$"  # an RFC 9110 token
+HEADER_VALUE_PATTERN = r"^[ -~]*$"
+HEADER_NAMES_RULE = cel(
+    f'self.all(k, size(k) <= 255 && k.matches("{HEADER_NAME_PATTERN}"))',
+    "spec.checks[].headers names must be HTTP tokens (letters, digits, !#$%&'*+-.^_`|~; at most 255): rename the header",
+)
+HeaderValue = Annotated[str, StringConstraints(max_length=4096, pattern=HEADER_VALUE_PATTERN)]
+# A mount path is clean (no empty, "." or ".." segment, no trailing "/") and does not cover
+# what the runtime or Kubernetes put in the container.
+MOUNT_PATH_PATTERN = r"^(/[^/\x00-\x1f\x7f]+)+$"
+MOUNT_DOTS = r"(^|/)[.][.]?(/|$)"
+MOUNT_RESERVED = r"^/(proc|sys|dev|run/secrets|var/run/secrets)(/|$)"
+MOUNT_PATH_RULE = cel(
+    f"!self.matches('{MOUNT_DOTS}') && !self.matches('{MOUNT_RESERVED}')",
+    "spec.mounts[].path must not contain '.' or '..' segments nor be or be under /proc, /sys, /dev,"
+    " /run/secrets or /var/run/secrets: mount the volume elsewhere, e.g. /data",
+)
 Signal = Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL"]
 
 
@@ -77,19 +110,40 @@ class Check(ApiModel):
     name: DnsLabel
     type: Literal["tcp", "http"]
     port: TcpPort
-    path: str | None = Field(default=None, max_length=1024, pattern=r"^/", description="HTTP checks: the request path.")
+    path: str | None = Field(
+        default=None, max_length=1024, pattern=CHECK_PATH_PATTERN,
+        description="HTTP checks: the request path (printable ASCII, no spaces).",
+    )
     method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] | None = Field(
         default=None, description="HTTP checks: the request method (GET when unset)."
     )
     interval_seconds: int = Field(default=15, ge=1, le=3600)
     timeout_seconds: int = Field(default=2, ge=1, le=600)
     grace_period_seconds: int = Field(default=0, ge=0, le=3600)
-    headers: dict[str, str] = Field(default_factory=dict, max_length=16)
+    headers: dict[str, HeaderValue] = Field(
+        default_factory=dict, max_length=16, json_schema_extra=validations(HEADER_NAMES_RULE)
+    )
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        if any(len(k) > 255 or not re.fullmatch(HEADER_NAME_PATTERN, k) for k in headers):
+            raise ValueError(HEADER_NAMES_RULE["message"])
+        return headers
 
 
 class Mount(ApiModel):
     volume: DnsLabel = Field(description="Name of a Volume of the same app, on the machine's host.")
-    path: str = Field(min_length=2, max_length=255, pattern=r"^/")
+    path: str = Field(
+        min_length=2, max_length=255, pattern=MOUNT_PATH_PATTERN, json_schema_extra=validations(MOUNT_PATH_RULE)
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, path: str) -> str:
+        if re.search(MOUNT_DOTS, path) or re.search(MOUNT_RESERVED, path):
+            raise ValueError(MOUNT_PATH_RULE["message"])
+        return path
 
 
 class Restart(ApiModel):
@@ -122,9 +176,9 @@ class MachineSpec(ApiModel):
     region: RegionName = Field(
         json_schema_extra=immutable("spec.region", "create a new Machine in the other region")
     )
-    image: str = Field(min_length=1, max_length=1024)
+    image: str = Field(min_length=1, max_length=1024, pattern=IMAGE_PATTERN, description="An image reference (no whitespace).")
     guest: Guest = Field(default_factory=Guest)
-    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    env: dict[str, str] = Field(default_factory=dict, max_length=256, json_schema_extra=validations(ENV_NAMES_RULE))
     secrets: list[DnsLabel] | None = Field(
         default=None, max_length=32, description="AppSecret names to inject; unset: every AppSecret of the app."
     )
@@ -135,6 +189,13 @@ class MachineSpec(ApiModel):
     stop: Stop = Field(default_factory=Stop)
     state: Literal["started", "stopped"] = Field(default="started", description="Desired state.")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        if any(len(k) > 255 or not re.fullmatch(ENV_NAME_PATTERN, k) for k in env):
+            raise ValueError(ENV_NAMES_RULE["message"])
+        return env
 
     @field_validator("checks")
     @classmethod

@@ -111,7 +111,7 @@ async def materialise(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
         return
     app = body["spec"]["app"]
     key = digest.digest_key(sealing.private_bytes(memo.sealing_key))
-    key_digests = {k: digest.value_digest(key, app=app, name=k, value=v) for k, v in values.items()}
+    key_digests = {k: digest.value_digest(key, org=ns, app=app, name=k, value=v) for k, v in values.items()}
     set_digest = digest.set_digest(key_digests)
     secret = await _write_secret(body, values, set_digest)
     staged = bool(body["spec"].get("stage"))

@@ -13,6 +13,7 @@ await, so two machines placed at the same moment never count the same room.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import datetime, timezone
 
@@ -24,6 +25,7 @@ from prometheus_client import Counter, Gauge
 from kubefly import GROUP, VERSION, platform
 from kubefly import labels as kflabels
 from kubefly.api.machine import Machine
+from kubefly.conditions import set_condition
 from kubefly.controllers import acceptance
 from kubefly.controllers.common import update_status, wait_woken
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
@@ -334,8 +336,29 @@ async def _apply(machine: dict, plan: lifecycle.Plan, logger) -> dict | None:
         await k.delete(core_path(ns, "pods", name), grace_period_seconds=plan.delete_pod_grace, missing_ok=True)
     if plan.create_pod is not None:
         # Already there (409): a restarted operator finds what it made. The answer is not needed.
-        await k.create(core_path(ns, "pods"), plan.create_pod, exists_ok=True, parse=False)
+        try:
+            await k.create(core_path(ns, "pods"), plan.create_pod, exists_ok=True, parse=False)
+        except ApiException as exc:
+            if exc.status not in lifecycle.POD_REFUSED_STATUSES:
+                raise
+            return await _pod_refused(updated or machine, exc)
     return updated
+
+
+async def _pod_refused(machine: dict, exc: ApiException) -> dict | None:
+    """The API server refused the pod (invalid, admission, quota): the user sees why on the
+    Machine, and this spec is not tried again (lifecycle.reconcile) until it changes."""
+    meta = machine["metadata"]
+    try:
+        why = json.loads(exc.body or "{}").get("message") or exc.reason
+    except ValueError:
+        why = exc.reason
+    message = lifecycle.pod_refused_message(exc.status, str(why))
+    conds = set_condition((machine.get("status") or {}).get("conditions"), "Ready", False, lifecycle.POD_REFUSED,
+                          message, meta.get("generation"))
+    kopf.event(machine, type="Warning", reason=lifecycle.POD_REFUSED, message=message)
+    return await kube().patch_status(custom_path(meta["namespace"], "machines", meta["name"]),
+                                     {"status": {"state": "failed", "conditions": conds}})
 
 
 @kopf.daemon(GROUP, VERSION, "machines", id="machine", cancellation_timeout=5.0)

@@ -9,11 +9,17 @@ Names (per app; the org is fixed by configuration, see docs/gossip.md):
   regions.<app>.internal  TXT "<region>,..."
   _apps.internal          TXT "<app>,..."
 Only routable instances (started, checks passing, with an address) are
-answered. The org a name is looked up in is the resolver's `--org` when set,
-else the org of the machine on this host that asked (its pod address is the
-query's source), else every org. Unknown names under .internal are NXDOMAIN; a known name with no
-record of the asked type is NOERROR with no answer. Other names are REFUSED,
-or forwarded when a resolver is configured.
+answered. Who may ask: a machine on this host (its pod address is the query's
+source; with `--org`, only that org's machines), or a source in the allowed
+list (`--allow-source`, host processes). Anyone else gets REFUSED for every
+name (after UNKNOWN_GRACE_S, in case it is a machine whose row is on its way),
+so the resolver neither tells other orgs' names nor forwards for strangers.
+The org a name is looked up in is the asking machine's; for an allowed source,
+`--org` when set, else every org. Unknown names under .internal are NXDOMAIN; a
+known name with no record of the asked type is NOERROR with no answer; a label
+under .internal that is not letters, digits, `-` or `_` is FORMERR. Other names
+are REFUSED, or forwarded when a resolver is configured (one shared socket,
+at most MAX_FORWARDS in flight).
 """
 
 from __future__ import annotations
@@ -21,7 +27,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import secrets
 import struct
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +46,20 @@ log = logs.get("kubefly.dns")
 QUERIES = Counter("kubefly_dns_queries_total", "DNS queries answered", ["transport", "rcode"])
 
 ZONE = "internal"
+_LABEL = re.compile(rb"[A-Za-z0-9_-]{1,63}")
+# Resource bounds: a client may hold this many TCP connections (all clients: MAX_TCP), and
+# must send a query's bytes within TCP_READ_S; at most MAX_FORWARDS relayed queries at once.
+MAX_TCP = 256
+MAX_TCP_PER_SOURCE = 16
+TCP_IDLE_S = 10.0
+TCP_READ_S = 5.0
+MAX_FORWARDS = 512
+FORWARD_TIMEOUT_S = 3.0
+# A machine's first queries can come before its row (with its address) reaches this host's
+# replica: an unknown source is looked up again for up to UNKNOWN_GRACE_S before REFUSED,
+# at most MAX_WAITING queries at once (beyond that, REFUSED at once).
+UNKNOWN_GRACE_S = 1.0
+MAX_WAITING = 128
 _TOP = re.compile(r"^top(\d{1,3})$")
 _RESERVED = {"vms", "regions", "global", "_apps"}
 
@@ -112,22 +136,27 @@ def select(replica: Replica, org: str | None, name: Name) -> list[Instance] | No
     return sorted(live, key=lambda i: i.machine_id) if name.kind != "nearest" else live
 
 
-def org_of_source(replica: Replica, source: str) -> str | None:
+def machine_orgs(replica: Replica) -> dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]:
+    """Pod address -> org, for the machines on this host."""
+    out = {}
+    for inst in replica.instances():
+        if inst.host != replica.self_host or not inst.address:
+            continue
+        try:
+            out[ipaddress.ip_address(inst.address.strip("[]"))] = inst.org
+        except ValueError:
+            continue
+    return out
+
+
+def org_of_source(replica: Replica, source: str, index: dict | None = None) -> str | None:
     """The org of the machine on this host whose pod address sent a query; None when
     no machine here has that address (a host process, or a pod not yet in the replica)."""
     try:
         ip = ipaddress.ip_address(source)
     except ValueError:
         return None
-    for inst in replica.instances():
-        if inst.host != replica.self_host or not inst.address:
-            continue
-        try:
-            if ipaddress.ip_address(inst.address.strip("[]")) == ip:
-                return inst.org
-        except ValueError:
-            continue
-    return None
+    return (machine_orgs(replica) if index is None else index).get(ip)
 
 
 def _txt(value: str) -> TXT:
@@ -203,12 +232,100 @@ def udp_limit(query: bytes) -> int:
     return 512
 
 
+def formerr(data: bytes) -> bytes | None:
+    """A FORMERR answer to a query too broken to parse: its id and opcode, no question.
+    Nothing for fewer than 12 bytes (no header to answer) or a response (no reflection)."""
+    if len(data) < 12 or data[2] & 0x80:
+        return None
+    flags = 0x8000 | (data[2] & 0x78) << 8 | RCODE.FORMERR  # QR, the query's opcode
+    return data[:2] + struct.pack(">HHHHH", flags, 0, 0, 0, 0)
+
+
+def labels_ok(request: DNSRecord) -> bool:
+    """Names under .internal are made of letters, digits, `-` and `_` (what kubefly names are)."""
+    labels = request.q.qname.label
+    if not labels or labels[-1].lower() != ZONE.encode():
+        return True  # not ours to judge: REFUSED or relayed as asked
+    return all(_LABEL.fullmatch(x) for x in labels)
+
+
+class _Forwarder(asyncio.DatagramProtocol):
+    """Names outside .internal relayed over one connected UDP socket (only the upstream's
+    datagrams reach it), each query under a fresh random id that maps back to the client's."""
+
+    def __init__(self, target: tuple[str, int], limit: int):
+        self.target, self.limit = target, limit
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, tuple[asyncio.Future, bytes]] = {}
+        self.inflight = 0  # UDP and TCP relays together
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: self, remote_addr=self.target)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        entry = self.pending.pop(int.from_bytes(data[:2], "big"), None) if len(data) >= 12 else None
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(entry[1] + data[2:])
+
+    def error_received(self, exc: Exception) -> None:
+        log.warning("forward failed", error=str(exc) or type(exc).__name__)
+
+    async def relay(self, data: bytes, transport: str) -> bytes | None:
+        if self.inflight >= self.limit:
+            return None
+        self.inflight += 1
+        try:
+            return await (self._tcp(data) if transport == "tcp" else self._udp(data))
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.warning("forward failed", error=str(exc) or type(exc).__name__)
+            return None
+        finally:
+            self.inflight -= 1
+
+    async def _udp(self, data: bytes) -> bytes | None:
+        if self.transport is None:
+            return None
+        qid = secrets.randbelow(65536)
+        while qid in self.pending:
+            qid = secrets.randbelow(65536)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[qid] = (fut, data[:2])
+        try:
+            self.transport.sendto(qid.to_bytes(2, "big") + data[2:])
+            return await asyncio.wait_for(fut, FORWARD_TIMEOUT_S)
+        finally:
+            if self.pending.get(qid, (None,))[0] is fut:
+                del self.pending[qid]
+
+    async def _tcp(self, data: bytes) -> bytes:
+        r, w = await asyncio.wait_for(asyncio.open_connection(*self.target), 2.0)
+        try:
+            w.write(struct.pack(">H", len(data)) + data)
+            await w.drain()
+            (n,) = struct.unpack(">H", await asyncio.wait_for(r.readexactly(2), FORWARD_TIMEOUT_S))
+            return await asyncio.wait_for(r.readexactly(n), FORWARD_TIMEOUT_S)
+        finally:
+            w.close()
+
+
 class DnsServer:
     def __init__(self, replica: Replica, org: str | None, ttl: int = 5,
-                 forward: tuple[str, int] | None = None):
-        self.replica, self.org, self.ttl, self.forward = replica, org, ttl, forward
+                 forward: tuple[str, int] | None = None, allow: Iterable[str] = (), grace: float = UNKNOWN_GRACE_S):
+        self.replica, self.org, self.ttl, self.grace = replica, org, ttl, grace
+        # Sources that are not machines but may ask (host processes), as networks.
+        self.allow = tuple(ipaddress.ip_network(a, strict=False) for a in allow)
+        self._forwarder = _Forwarder(forward, MAX_FORWARDS) if forward is not None else None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
+        self._tcp_open: Tally[str] = Tally()
+        self._waiting = 0  # queries from unknown sources waiting out UNKNOWN_GRACE_S
+        self._machines_index: dict = {}
+        self._machines_at = -1.0
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -218,6 +335,8 @@ class DnsServer:
             def datagram_received(self, data: bytes, addr) -> None:
                 asyncio.ensure_future(server._udp_query(data, addr))
 
+        if self._forwarder is not None:
+            await self._forwarder.start()
         self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(host, port))
         self._tcp = await asyncio.start_server(self._tcp_conn, host, port)
 
@@ -227,20 +346,64 @@ class DnsServer:
         if self._tcp is not None:
             self._tcp.close()
             await self._tcp.wait_closed()
+        if self._forwarder is not None:
+            self._forwarder.close()
+
+    def _machines(self) -> dict:
+        # Rebuilt at most every 100 ms: a query costs a dict lookup, not a scan of every row.
+        now = time.monotonic()
+        if now - self._machines_at > 0.1:
+            self._machines_index, self._machines_at = machine_orgs(self.replica), now
+        return self._machines_index
+
+    def asker(self, source: str) -> tuple[bool, str | None, bool]:
+        """(may ask, the org to answer in, whether `source` is a machine of this host)."""
+        machine_org = org_of_source(self.replica, source, self._machines())
+        if machine_org is not None:
+            # A machine is judged as a machine, never by the allowed list its address may fall in.
+            return self.org is None or machine_org == self.org, machine_org, True
+        try:
+            ip = ipaddress.ip_address(source)
+        except ValueError:
+            return False, None, False
+        return any(ip in net for net in self.allow), self.org, False
+
+    async def _asker_with_grace(self, source: str) -> tuple[bool, str | None]:
+        allowed, org, machine = self.asker(source)
+        if allowed or machine or self.grace <= 0 or self._waiting >= MAX_WAITING:
+            return allowed, org
+        self._waiting += 1
+        try:
+            deadline = time.monotonic() + self.grace
+            while not (allowed or machine) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                allowed, org, machine = self.asker(source)
+        finally:
+            self._waiting -= 1
+        return allowed, org
 
     async def resolve(self, data: bytes, transport: str, source: str = "") -> bytes | None:
         try:
             request = DNSRecord.parse(data)
-        except (DNSError, struct.error, IndexError, ValueError):
+        except (DNSError, struct.error, IndexError, ValueError, UnicodeError):
             QUERIES.labels(transport, "FORMERR").inc()
-            return None
+            return formerr(data)
         if request.header.qr or not request.questions:
             return None
-        org = self.org if self.org is not None else org_of_source(self.replica, source)
-        reply = answer(self.replica, org, request, self.ttl)
+        allowed, org = await self._asker_with_grace(source)
+        if not allowed:
+            reply = request.reply()
+            reply.header.ra = 0
+            reply.header.rcode = RCODE.REFUSED
+        elif not labels_ok(request):
+            reply = request.reply()
+            reply.header.ra = 0
+            reply.header.rcode = RCODE.FORMERR
+        else:
+            reply = answer(self.replica, org, request, self.ttl)
         if reply is None:
-            if self.forward is not None:
-                out = await self._forward(data, transport)
+            if self._forwarder is not None:
+                out = await self._forwarder.relay(data, transport)
                 if out is not None:
                     QUERIES.labels(transport, "FORWARDED").inc()
                     return out
@@ -252,36 +415,6 @@ class DnsServer:
                 reply.header.rcode = RCODE.REFUSED
         QUERIES.labels(transport, RCODE[reply.header.rcode]).inc()
         return reply.pack()
-
-    async def _forward(self, data: bytes, transport: str) -> bytes | None:
-        assert self.forward is not None
-        loop = asyncio.get_running_loop()
-        try:
-            if transport == "tcp":
-                r, w = await asyncio.wait_for(asyncio.open_connection(*self.forward), 2.0)
-                try:
-                    w.write(struct.pack(">H", len(data)) + data)
-                    await w.drain()
-                    (n,) = struct.unpack(">H", await asyncio.wait_for(r.readexactly(2), 3.0))
-                    return await asyncio.wait_for(r.readexactly(n), 3.0)
-                finally:
-                    w.close()
-            fut: asyncio.Future = loop.create_future()
-
-            class Fwd(asyncio.DatagramProtocol):
-                def datagram_received(self, resp: bytes, addr) -> None:
-                    if not fut.done():
-                        fut.set_result(resp)
-
-            t, _ = await loop.create_datagram_endpoint(Fwd, remote_addr=self.forward)
-            try:
-                t.sendto(data)
-                return await asyncio.wait_for(fut, 3.0)
-            finally:
-                t.close()
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
-            log.warning("forward failed", error=str(exc) or type(exc).__name__)
-            return None
 
     async def _udp_query(self, data: bytes, addr) -> None:
         out = await self.resolve(data, "udp", addr[0])
@@ -295,16 +428,25 @@ class DnsServer:
             self._udp.sendto(out, addr)
 
     async def _tcp_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername") or ("",)
+        source = (writer.get_extra_info("peername") or ("",))[0]
+        if sum(self._tcp_open.values()) >= MAX_TCP or self._tcp_open[source] >= MAX_TCP_PER_SOURCE:
+            QUERIES.labels("tcp", "CONN_REFUSED").inc()
+            writer.close()
+            return
+        self._tcp_open[source] += 1
         try:
             while True:
-                (n,) = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), 10.0))
-                out = await self.resolve(await reader.readexactly(n), "tcp", peer[0])
+                (n,) = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S))
+                # The body within a bound too: a sender trickling bytes holds no connection for long.
+                out = await self.resolve(await asyncio.wait_for(reader.readexactly(n), TCP_READ_S), "tcp", source)
                 if out is None:
                     break
                 writer.write(struct.pack(">H", len(out)) + out)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), TCP_READ_S)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
             pass
         finally:
+            self._tcp_open[source] -= 1
+            if self._tcp_open[source] <= 0:
+                del self._tcp_open[source]
             writer.close()

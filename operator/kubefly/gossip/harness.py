@@ -145,7 +145,7 @@ class AgentCluster:
                       address: str = "127.0.0.1", state: str = "started", **extra) -> dict:
         doc = {"org": org, "app": app, "machine_id": machine_id, "instance_id": extra.pop("instance_id", machine_id),
                "address": address, "state": state, "region": a.region,
-               "services": extra.pop("services", [{"internal_port": 8080, "ports": [80]}]), **extra}
+               "services": extra.pop("services", [{"internal_port": 8080, "ports": [80], "http_ports": [80]}]), **extra}
         tmp = a.machines / f".{machine_id}.tmp"
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, a.machines / f"{machine_id}.json")  # atomic: the agent never reads half a file

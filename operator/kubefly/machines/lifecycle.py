@@ -26,7 +26,16 @@ from kubefly.platform import PlatformSettings
 MAX_EVENTS = 20
 RETRY_WINDOW = timedelta(minutes=5)
 # Ready reasons that mean "this machine exited and stays stopped until its spec changes".
-EXIT_REASONS = ("Exited", "RestartLimitExceeded")
+# The API server refused the machine's pod (400 bad request, 403 admission or quota, 422 invalid).
+POD_REFUSED = "PodRefused"
+POD_REFUSED_STATUSES = (400, 403, 422)
+# Ready reasons that end the machine's run under its current spec: nothing is retried until it changes.
+EXIT_REASONS = ("Exited", "RestartLimitExceeded", POD_REFUSED)
+
+
+def pod_refused_message(status: int, why: str) -> str:
+    return (f"the API server refused the machine's pod ({status}): {why[:800]}; change the spec"
+            " (or set spec.state stopped, then started) to try again")
 PLACEMENT_FAILURES = ("InsufficientCapacity", "RegionClosed", "NoHostsInRegion", "HostUnavailable",
                       "VolumeHostGone", "VolumeAttached", "VolumeMismatch", "InvalidSpec")
 

@@ -59,6 +59,7 @@ def services_annotation(services: list[dict]) -> str:
                 internal_port=svc["internalPort"],
                 protocol=svc.get("protocol", "tcp"),
                 ports=[p["port"] for p in svc.get("ports") or []],
+                http_ports=[p["port"] for p in svc.get("ports") or [] if "http" in (p.get("handlers") or [])],
                 concurrency_type=conc.get("type", "connections"),
                 soft_limit=conc.get("softLimit", 20),
                 hard_limit=conc.get("hardLimit"),

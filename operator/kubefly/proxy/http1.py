@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
@@ -90,6 +91,25 @@ def check_framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]
             raise BadRequest(501, "unsupported Transfer-Encoding")
         return None, True
     return length, False
+
+
+# Host = uri-host [":" port] (RFC 9110 §7.2, RFC 3986 §3.2.2): a bracketed IP literal or a
+# reg-name (which covers IPv4), then an optional port of digits.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(?::([0-9]*))?")
+
+
+def check_host(value: bytes) -> None:
+    """Refuse a Host header that is not a host and an optional port in 1..65535.
+
+    `app.org.domain:abc` must not be read as the app's name by one reader and
+    as something else by another (a cache, the app behind the proxy).
+    """
+    m = _HOST.fullmatch(value.strip(b" \t"))
+    if m is None:
+        raise BadRequest(400, "invalid Host header")
+    port = m.group(2)
+    if port and not (len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise BadRequest(400, "invalid port in the Host header")
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:

@@ -211,6 +211,7 @@ class Proxy:
         self._region_src: str | None = None
         self._region_bytes = b""
         self._cands: dict[AppKey, tuple[list[Instance], list[routing.Candidate]]] = {}
+        self._public_apps: dict[AppKey, tuple[list[Instance], bool]] = {}
 
     @property
     def _region(self) -> bytes:
@@ -259,8 +260,13 @@ class Proxy:
         now = time.monotonic()
         if now - self._apps_stamp > 0.1 or domain != self._apps_domain:
             index: dict[str, set[str]] = {}
-            for org, app in self.replica.apps():
-                index.setdefault(app, set()).add(org)
+            public: dict[AppKey, tuple[list[Instance], bool]] = {}
+            for key in self.replica.apps():
+                # An app whose machines have only private services (no public http port)
+                # has no name at the edge: it is "no app", not a 503 that confirms it exists.
+                if self._public(key, public):
+                    index.setdefault(key[1], set()).add(key[0])
+            self._public_apps = public
             if index != self._apps or domain != self._apps_domain:
                 self._apps, self._apps_domain = index, domain
                 self._resolved = {}
@@ -272,6 +278,16 @@ class Proxy:
                 self._resolved = {}
             self._resolved[host] = hit
         return hit
+
+    def _public(self, key: AppKey, out: dict[AppKey, tuple[list[Instance], bool]]) -> bool:
+        """Whether any machine of the app has a service the edge serves; recomputed only when its rows change."""
+        rows = self.replica.instances(*key)
+        hit = self._public_apps.get(key)
+        if hit is not None and len(hit[0]) == len(rows) and all(map(operator.is_, hit[0], rows)):
+            out[key] = hit
+            return hit[1]
+        out[key] = (rows, any(routing.http_service(i) is not None for i in rows))
+        return out[key][1]
 
     # -- local slots -------------------------------------------------------------
     def acquire(self, inst: Instance, hard: int | None) -> bool:

@@ -49,11 +49,19 @@ def band(load: int, service: Service) -> Band:
 
 
 def http_service(instance: Instance) -> Service | None:
-    """The service the HTTP proxy routes to: the one exposed on port 80, else the first."""
+    """The service the HTTP proxy routes to: the one with an http handler on port 80, else
+    the first with an http handler on any public port, else none.
+
+    Never a service without public ports: those are private (a Postgres member's
+    5432), and must not answer at `<app>.<org>.<domain>`.
+    """
+    found = None
     for service in instance.services:
-        if 80 in service.ports:
+        if 80 in service.http_ports:
             return service
-    return instance.services[0] if instance.services else None
+        if found is None and service.http_ports:
+            found = service
+    return found
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses are slow to build, and this runs per request

@@ -251,6 +251,8 @@ class Connection(asyncio.Protocol):
             version = p.get_http_version()
             if len(hosts) > 1 or (version == "1.1" and not hosts):
                 raise http1.BadRequest(400, "exactly one Host header is required")
+            if hosts:
+                http1.check_host(hosts[0])
         except http1.BadRequest as exc:
             self._error = exc
             raise

@@ -3,7 +3,9 @@
 A plain sha256 of a short password is a dictionary lookup away from the
 password, and status is readable by anyone who can read the AppSecret. So each
 value's digest is an HMAC-SHA256 under a key derived from the cluster's
-private key, over (app, key, value), shown as 16 hex characters.
+private key, over (organisation, app, key, value), shown as 16 hex characters.
+The organisation is bound in so that equal digests in two organisations never
+tell either that they hold the same value.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ def digest_key(private_raw: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"kubefly.dev/secret-digest/v1").derive(private_raw)
 
 
-def value_digest(key: bytes, *, app: str, name: str, value: str) -> str:
-    message = b"\0".join((app.encode(), name.encode(), value.encode()))
+def value_digest(key: bytes, *, org: str, app: str, name: str, value: str) -> str:
+    # NUL cannot occur in a namespace, app or key name, so the fields cannot run into each other.
+    message = b"\0".join((org.encode(), app.encode(), name.encode(), value.encode()))
     return hmac.new(key, message, hashlib.sha256).hexdigest()[:LENGTH]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dns.exception
 import dns.message
+import dns.name
 import dns.query
 import dns.rcode
 import dns.flags
@@ -56,15 +57,18 @@ class Upstream:
         self.sock.close()
 
 
-def start_dns(agent_api: str, *extra: str) -> tuple[subprocess.Popen, int]:
+def start_dns(agent_api: str, *extra: str, ready_source: str = "127.0.0.1") -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen([KUBEFLY, "dns", "--agent", agent_api, "--listen", f"127.0.0.1:{port}", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60  # generous: the machine is shared
     while time.monotonic() < deadline:
         try:
-            dns.query.udp(dns.message.make_query("_apps.internal", "TXT"), "127.0.0.1", port=port, timeout=0.5)
-            return proc, port
+            q = dns.message.make_query("_apps.internal", "TXT")
+            if dns.query.udp(q, "127.0.0.1", port=port, timeout=0.5, source=ready_source).rcode() == dns.rcode.NOERROR:
+                return proc, port
+        except (dns.exception.Timeout, ConnectionRefusedError):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         except (dns.exception.Timeout, ConnectionRefusedError):
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.kill()
@@ -90,11 +94,16 @@ async def env():
         keys = [("acme", m) for m in ("m-local", "m-v6", "m-far", "m-stopped", "db-1")]
         assert await c.converge(c.agents, lambda v: all(k in v for k in keys)
                                 and v.get(("acme", "m-sick"), {}).get("check_status") == "failing")
-        p, port = start_dns(a0.api, "--org", "acme")
+        # The tests ask from 127.0.0.1, a host process: allowed explicitly.
+        p, port = start_dns(a0.api, "--org", "acme", "--allow-source", "127.0.0.1")
         procs.append(p)
-        pf, fport = start_dns(a0.api, "--org", "acme", "--forward", f"127.0.0.1:{upstream.port}")
+        pf, fport = start_dns(a0.api, "--org", "acme", "--forward", f"127.0.0.1:{upstream.port}",
+                              "--allow-source", "127.0.0.1/32")
         procs.append(pf)
-        yield {"port": port, "fport": fport, "cluster": c}
+        # As the chart runs it: no --org, no allowed sources; only machines of host a0 may ask.
+        ps, sport = start_dns(a0.api, "--forward", f"127.0.0.1:{upstream.port}", ready_source="127.0.0.10")
+        procs.append(ps)
+        yield {"port": port, "fport": fport, "sport": sport, "cluster": c, "upstream": upstream}
     finally:
         for p in procs:
             p.terminate()
@@ -103,10 +112,10 @@ async def env():
         await c.close()
 
 
-def ask(port: int, name: str, rdtype: str, tcp: bool = False):
+def ask(port: int, name: str, rdtype: str, tcp: bool = False, source: str | None = None):
     q = dns.message.make_query(name, rdtype)
     fn = dns.query.tcp if tcp else dns.query.udp
-    return fn(q, "127.0.0.1", port=port, timeout=3)
+    return fn(q, "127.0.0.1", port=port, timeout=3, source=source)
 
 
 def addrs(resp) -> set[str]:
@@ -201,3 +210,61 @@ async def test_large_answers_truncate_over_udp_and_complete_over_tcp(env):
     q = dns.message.make_query("bulk.internal", "A", use_edns=0, payload=4096)
     assert len(addrs(dns.query.udp(q, "127.0.0.1", port=env["port"], timeout=3))) == 40
     assert len(addrs(ask(env["port"], "bulk.internal", "A", tcp=True))) == 40
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+async def test_only_this_hosts_machines_may_ask(env, tcp):
+    """No --org, no allowed sources (as the chart runs it): a stranger is REFUSED everything,
+    .internal and forwarding alike; a machine of this host is answered in its own org."""
+    port = env["sport"]
+    local = "127.0.0.10"  # m-local (acme) on host a0, the resolver's own host
+    assert addrs(ask(port, "web.internal", "A", tcp, source=local)) == {"127.0.0.10", "127.0.0.12"}
+    apps = set(txt(ask(port, "_apps.internal", "TXT", tcp, source=local)).split(","))
+    assert {"db", "web"} <= apps and "secret" not in apps  # globex's app is not acme's to see
+    if not tcp:  # the upstream serves UDP only
+        assert addrs(ask(port, "example.com", "A", source=local)) == {"192.0.2.7"}
+    # 127.0.0.30 is globex's machine, on another host; 127.0.0.1 is no machine. Each waits out
+    # the 1 s grace (a machine whose row is on its way), then gets REFUSED.
+    for stranger in ("127.0.0.1", "127.0.0.30"):
+        for name in ("secret.internal", "_apps.internal", "example.com"):
+            resp = ask(port, name, "A" if "apps" not in name else "TXT", tcp, source=stranger)
+            assert resp.rcode() == dns.rcode.REFUSED and not resp.answer, (stranger, name)
+
+
+async def test_bad_labels_and_undecodable_queries_get_formerr(env):
+    port = env["port"]
+    q = dns.message.make_query("web.internal", "A")
+    q.question[0].name = dns.name.Name([b"we b", b"internal", b""])
+    assert dns.query.udp(q, "127.0.0.1", port=port, timeout=3).rcode() == dns.rcode.FORMERR
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3fweb", ("127.0.0.1", port))
+        out = s.recv(512)
+    assert out[:2] == b"\x12\x34" and out[3] & 0x0F == dns.rcode.FORMERR
+
+
+async def test_tcp_slow_bodies_time_out_and_connections_are_capped(env):
+    port = env["port"]
+    # A client that sends a length and never the body is cut off (TCP_READ_S), not kept.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\x00\x40web")
+    await writer.drain()
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 30) == b""
+    print(f"slow body cut after {time.monotonic() - started:.1f}s")
+    writer.close()
+    # One source holds at most 16 connections: the next is closed at once, the held ones still answer.
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+    try:
+        await asyncio.sleep(0.2)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+        wire = dns.message.make_query("web.internal", "A").to_wire()
+        r0, w0 = held[0]
+        w0.write(len(wire).to_bytes(2, "big") + wire)
+        n = int.from_bytes(await asyncio.wait_for(r0.readexactly(2), 10), "big")
+        assert dns.message.from_wire(await r0.readexactly(n)).rcode() == dns.rcode.NOERROR
+    finally:
+        for _, w in held:
+            w.close()

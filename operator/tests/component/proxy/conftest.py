@@ -141,9 +141,11 @@ class Platform:
 
     def machine(self, host: int, machine_id: str, app: str, port: int, *, org: str = "acme", soft: int = 20,
                 hard: int | None = None, state: str = "started", autostop: str = "off",
-                concurrency: str = "requests") -> None:
-        service = {"internal_port": port, "ports": [80], "concurrency_type": concurrency, "soft_limit": soft,
-                   "hard_limit": hard, "autostart": True, "autostop": autostop}
+                concurrency: str = "requests", public: bool = True) -> None:
+        """public=False: the service has no public port (private, as a Postgres member's)."""
+        ports = [80] if public else []
+        service = {"internal_port": port, "ports": ports, "http_ports": ports, "concurrency_type": concurrency,
+                   "soft_limit": soft, "hard_limit": hard, "autostart": True, "autostop": autostop}
         self.cluster.write_machine(self.agents[host], machine_id, org=org, app=app, state=state, services=[service])
 
     def stoppable(self, host: int, machine_id: str, app: str) -> Path:

@@ -77,6 +77,49 @@ async def test_routes_by_host_and_never_proxies_elsewhere(apps, session):
     assert answer.startswith(b"HTTP/1.1 404 ")
 
 
+async def test_a_machine_with_only_private_services_is_not_served_at_the_edge(platform, session):
+    """Like a PostgresCluster member: its service has no public port, so its app has no name at the edge."""
+    p = platform
+    p.machine(0, "vault-0", "vault", p.backend("vault-0"), public=False)
+    p.machine(0, "ledger-0", "ledger", p.backend("ledger-0"), public=False)
+    # Written after the private rows on the same agent: once routable, the private rows reached both proxies too.
+    p.machine(0, "open-0", "open", p.backend("open-0"))
+    p.wait_routable("open", {"open-0"})
+    for proxy in p.proxies:
+        for host in ("vault", "vault.acme"):
+            status, headers, body = await get(session, proxy, host)
+            assert status == 404 and headers["kubefly-error"] == "unknown-app", (proxy.host, host, status, body)
+            assert b"vault-0" not in body
+        status, _, body = await get(session, proxy, "ledger", **{"fly-force-instance-id": "ledger-0"})
+        assert status == 404 and b"ledger-0" not in body
+    # Its host's hop listener does not serve it either, to a caller that names the instance.
+    p0 = p.proxies[0]
+    async with session.get(f"http://{p0.hop_ip}:{p0.hop_port}/",
+                           headers={"Host": "vault.test", "kubefly-instance": "acme/vault/vault-0"}) as r:
+        assert r.status in (403, 503) and await r.read() != b"vault-0\n"
+    # The same machine with a public http port routes: the 404 was the privacy rule, not a missing row.
+    p.machine(0, "vault-0", "vault", p.backend("vault-0"))
+    p.wait_routable("vault", {"vault-0"})
+    status, _, body = await get(session, p.proxies[1], "vault")
+    assert status == 200 and body == b"vault-0\n"
+
+
+async def test_host_header_port_is_validated(apps):
+    p0 = apps.proxies[0]
+
+    async def status(host: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p0.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        return answer.split(b"\r\n", 1)[0]
+
+    web = f"web.acme.{p0.domain}".encode()
+    assert await status(web + b":abc") == b"HTTP/1.1 400 Bad Request"
+    assert await status(web + b":99999") == b"HTTP/1.1 400 Bad Request"
+    assert await status(web + b":8080") == b"HTTP/1.1 200 OK"
+
+
 async def test_same_app_name_in_two_orgs(apps, session):
     p0 = apps.proxies[0]
     apps.wait_routable("twin.acme", {"twin-a"})

@@ -66,6 +66,32 @@ INVALID_SPECS = {
     "stop-timeout": (MachineSpec, {**BASE, "stop": {"timeoutSeconds": 301}}, "timeoutSeconds"),
     "app-not-a-label": (MachineSpec, {**BASE, "app": "My_App"}, "app"),
     "unknown-field": (MachineSpec, {**BASE, "imagee": "typo"}, "imagee"),
+    "env-name-empty": (MachineSpec, {**BASE, "env": {"": "x"}}, "spec.env names"),
+    "env-name-with-equals": (MachineSpec, {**BASE, "env": {"A=B": "x"}}, "spec.env names"),
+    "env-name-with-newline": (MachineSpec, {**BASE, "env": {"A\nB": "x"}}, "spec.env names"),
+    "env-name-trailing-newline": (MachineSpec, {**BASE, "env": {"A\n": "x"}}, "spec.env names"),
+    "image-with-space": (MachineSpec, {**BASE, "image": "nginx:1.27 --privileged"}, "image"),
+    "image-with-newline": (MachineSpec, {**BASE, "image": "nginx:1.27\n"}, "image"),
+    "mount-over-proc": (MachineSpec, {**BASE, "mounts": [{"volume": "a", "path": "/proc"}]}, "spec.mounts[].path"),
+    "mount-under-sys": (MachineSpec, {**BASE, "mounts": [{"volume": "a", "path": "/sys/fs/cgroup"}]}, "spec.mounts[].path"),
+    "mount-over-token": (
+        MachineSpec, {**BASE, "mounts": [{"volume": "a", "path": "/var/run/secrets/kubernetes.io/serviceaccount"}]},
+        "spec.mounts[].path",
+    ),
+    "mount-dotdot": (MachineSpec, {**BASE, "mounts": [{"volume": "a", "path": "/data/../proc"}]}, "spec.mounts[].path"),
+    "mount-double-slash": (MachineSpec, {**BASE, "mounts": [{"volume": "a", "path": "//proc"}]}, "path"),
+    "mount-trailing-slash": (MachineSpec, {**BASE, "mounts": [{"volume": "a", "path": "/data/"}]}, "path"),
+    "check-path-crlf": (
+        MachineSpec, {**BASE, "checks": [{"name": "h", "type": "http", "port": 80, "path": "/x\r\nHost: evil"}]}, "path",
+    ),
+    "check-header-value-crlf": (
+        MachineSpec, {**BASE, "checks": [{"name": "h", "type": "http", "port": 80, "headers": {"X": "a\r\nB: c"}}]},
+        "headers.X",
+    ),
+    "check-header-name-colon": (
+        MachineSpec, {**BASE, "checks": [{"name": "h", "type": "http", "port": 80, "headers": {"X: y": "a"}}]},
+        "spec.checks[].headers names",
+    ),
     "volume-too-big": (VolumeSpec, {"app": "web", "region": "ams", "sizeGb": 501}, "sizeGb"),
     "retention": (VolumeSpec, {"app": "web", "region": "ams", "snapshotRetention": 0}, "snapshotRetention"),
     "secret-key": (AppSecretSpec, {"app": "web", "data": {"1BAD": "c2VhbGVk"}}, "environment variable names"),
@@ -136,3 +162,43 @@ def test_any_env_var_key_with_base64_value_is_accepted(raw):
 def test_non_identifier_keys_are_refused(key):
     with pytest.raises(ValidationError):
         AppSecretSpec.model_validate({"app": "web", "data": {key: "c2VhbGVk"}})
+
+
+def test_sane_machine_input_is_accepted():
+    spec = MachineSpec.model_validate({
+        **BASE, "image": "registry.example.com:5000/team/app@sha256:" + "a" * 64,
+        "env": {"A": "1", "my-var.x": "multi\nline value", "_": ""},
+        "mounts": [{"volume": "data", "path": "/data/pg.15"}],
+        "checks": [{"name": "h", "type": "http", "port": 80, "path": "/health?full=1&x=%20",
+                    "headers": {"Authorization": "Bearer a.b.c", "X-Empty": ""}}],
+    })
+    assert spec.mounts[0].path == "/data/pg.15" and spec.checks[0].headers["X-Empty"] == ""
+    for path in ("/process", "/system", "/devices", "/var/run", "/run", "/data/..x", "/a/.b"):
+        MachineSpec.model_validate({**BASE, "mounts": [{"volume": "data", "path": path}]})
+
+
+@given(st.text(max_size=12))
+@example("A=B")
+@example("A\n")
+@example(" A")
+def test_env_names_accepted_iff_printable_without_equals_or_space(name):
+    ok = 0 < len(name) and all("!" <= ch <= "~" and ch != "=" for ch in name)
+    try:
+        MachineSpec.model_validate({**BASE, "env": {name: "v"}})
+    except ValidationError:
+        assert not ok
+    else:
+        assert ok
+
+
+@given(st.lists(st.sampled_from(["a", "..", ".", "proc", "sys", "dev", "run", "var", "secrets", ""]), min_size=1, max_size=4))
+def test_mount_paths_accepted_iff_clean_and_outside_the_runtimes_own(segments):
+    path = "/" + "/".join(segments)
+    reserved = segments[0] in ("proc", "sys", "dev") or segments[:2] == ["run", "secrets"] or segments[:3] == ["var", "run", "secrets"]
+    ok = len(path) >= 2 and "" not in segments and "." not in segments and ".." not in segments and not reserved
+    try:
+        MachineSpec.model_validate({**BASE, "mounts": [{"volume": "data", "path": path}]})
+    except ValidationError:
+        assert not ok, path
+    else:
+        assert ok, path

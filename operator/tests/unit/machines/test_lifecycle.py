@@ -1,10 +1,21 @@
 """The machine state machine and pod builder, as pure functions."""
 
+import json
 from datetime import datetime, timedelta, timezone
 
 from kubefly import labels
-from kubefly.conditions import get_condition
-from kubefly.machines.lifecycle import Exit, HostHealth, PodView, VolumeView, World, pod_view, reconcile
+from kubefly.conditions import get_condition, set_condition
+from kubefly.machines.lifecycle import (
+    POD_REFUSED,
+    Exit,
+    HostHealth,
+    PodView,
+    VolumeView,
+    World,
+    pod_refused_message,
+    pod_view,
+    reconcile,
+)
 from kubefly.machines.pod import CHECKS_GATE, SECRETS_DIGEST, SecretRef, build_pod, spec_digest
 from kubefly.placement.machines import Decision
 from kubefly.platform import Maintenance, PlatformSettings
@@ -73,6 +84,21 @@ def test_no_room_fails_with_the_reason_and_creates_nothing_then_stays_failed():
     assert again.create_pod is None and again.placement is None  # final until the spec changes
     m["metadata"]["generation"] = 2
     assert reconcile(world(m, decision=Decision("a1", "Placed", "ok"))).create_pod is not None
+
+
+def test_a_refused_pod_is_final_for_the_spec_then_a_changed_spec_tries_again():
+    m = machine()
+    plan = run(m, decision=Decision("a1", "Placed", "placed on a1"))
+    assert plan.create_pod is not None
+    # What the controller writes when the API server answers the create with 403/422.
+    message = pod_refused_message(403, 'pods "m1" is forbidden: exceeded quota: pods')
+    m["status"]["state"] = "failed"
+    m["status"]["conditions"] = set_condition(m["status"]["conditions"], "Ready", False, POD_REFUSED, message, 1)
+    again = run(m)
+    assert again.create_pod is None and m["status"]["state"] == "failed"
+    assert cond(again, "Ready")["reason"] == POD_REFUSED and "exceeded quota" in cond(again, "Ready")["message"]
+    m["metadata"]["generation"] = 2
+    assert run(m).create_pod is not None
 
 
 def test_desired_stopped_only_creates_then_start_is_immediate():
@@ -230,6 +256,14 @@ def test_pod_shape():
     assert '"internal_port":8080' in md["annotations"][labels.SERVICES]
     assert md["ownerReferences"][0]["controller"] is True
     assert spec_digest(m["spec"]) == spec_digest({**m["spec"], "state": "stopped"})
+
+
+def test_pod_annotation_names_the_http_ports_the_edge_may_serve():
+    services = [{"internalPort": 5432}, {"internalPort": 6000, "ports": [{"port": 6000}]},
+                {"internalPort": 8080, "ports": [{"port": 80, "handlers": ["http"]}, {"port": 443, "handlers": ["tls", "http"]}]}]
+    pod = build_pod(machine(services=services), host="a1", region="ams", instance="abc", secrets=[])
+    rows = json.loads(pod["metadata"]["annotations"][labels.SERVICES])
+    assert [(r["ports"], r["http_ports"]) for r in rows] == [([], []), ([6000], []), ([80, 443], [80, 443])]
 
 
 def test_pod_view_reads_exit_and_oom():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from kubefly.proxy import http1
 from kubefly.proxy.proxy import parse_replay, resolve_app
@@ -103,3 +105,30 @@ def test_simple_response_is_well_framed():
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert b"content-length: 5" in head and b"connection: close" in head and b"kubefly-full: 1" in head
     assert body == b"full\n"
+
+
+@pytest.mark.parametrize("host", [b"app.org.kubefly.localhost", b"app.org.kubefly.localhost:8080", b"x:1", b"x:65535",
+                                  b"x:", b"10.0.0.1:80", b"[::1]:8080", b"[fe80::1]", b""])
+def test_host_header_accepted(host):
+    http1.check_host(host)
+
+
+@pytest.mark.parametrize("host", [b"app.org.kubefly.localhost:abc", b"x:0", b"x:65536", b"x:000080000", b"x:8080:1",
+                                  b"[::1]:x", b"[::1", b"a b", b"a/b", b"a@b", b"::1"])
+def test_host_header_with_a_bad_port_or_name_is_refused(host):
+    with pytest.raises(http1.BadRequest) as err:
+        http1.check_host(host)
+    assert err.value.status == 400
+
+
+@given(st.binary(max_size=40))
+@example(b"a:" + b"9" * 30)
+def test_check_host_accepts_only_a_name_and_a_port_in_range(host):
+    try:
+        http1.check_host(host)
+    except http1.BadRequest as exc:
+        assert exc.status == 400
+    else:
+        name, colon, port = host.strip(b" \t").rpartition(b":") if b"]" not in host else (b"", b"", b"")
+        if colon and port and b"[" not in name:
+            assert port.isdigit() and 1 <= int(port) <= 65535

@@ -16,7 +16,7 @@ from kubefly.proxy.replica import StaticReplica
 def row(mid, host, load=0, hard=4):
     return {"org": "o", "app": "web", "machine_id": mid, "instance_id": mid, "region": "ams", "host": host,
             "address": "127.0.0.1", "state": "started", "check_status": "passing", "load": load,
-            "services": [{"internal_port": 9000, "ports": [80], "soft_limit": 2, "hard_limit": hard}]}
+            "services": [{"internal_port": 9000, "ports": [80], "http_ports": [80], "soft_limit": 2, "hard_limit": hard}]}
 
 
 @pytest.fixture

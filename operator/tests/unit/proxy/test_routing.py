@@ -15,7 +15,7 @@ def inst(mid, *, region="ams", host="h1", soft=4, hard=8, state="started", check
     return Instance(
         org="o", app="web", machine_id=mid, instance_id=mid + "-i", region=region, host=host, address=address,
         state=InstanceState(state), check_status=CheckStatus(check),
-        services=[Service(internal_port=8080, ports=[80], soft_limit=soft, hard_limit=hard, autostart=autostart,
+        services=[Service(internal_port=8080, ports=[80], http_ports=[80], soft_limit=soft, hard_limit=hard, autostart=autostart,
                           autostop=autostop, min_machines_running=minimum)],
     )
 
@@ -34,6 +34,27 @@ def test_bands():
     svc = Service(internal_port=1, soft_limit=2, hard_limit=4)
     assert [routing.band(n, svc) for n in range(6)] == [0, 0, 1, 1, 2, 2]
     assert routing.band(10**6, Service(internal_port=1, soft_limit=2)) is routing.Band.soft  # no hard limit: never full
+
+
+def with_services(mid, *services, state="started"):
+    return Instance(org="o", app="db", machine_id=mid, instance_id=mid + "-i", region="ams", host="h1",
+                    address="10.0.0.1", state=InstanceState(state), check_status=CheckStatus.passing,
+                    services=list(services))
+
+
+def test_only_a_service_with_a_public_http_port_is_routable():
+    private = Service(internal_port=5432)  # a Postgres member: no public port
+    tls_only = Service(internal_port=6000, ports=[6000])  # public, but not for the HTTP proxy
+    http = Service(internal_port=8080, ports=[443], http_ports=[443])
+    web = Service(internal_port=8081, ports=[80], http_ports=[80])
+    assert routing.http_service(with_services("m", private)) is None
+    assert routing.http_service(with_services("m", private, tls_only)) is None
+    assert routing.http_service(with_services("m", private, http)) is http  # never the first one by default
+    assert routing.http_service(with_services("m", http, web)) is web  # port 80 first
+    assert routing.candidates([with_services("pg", private), with_services("app", private, http)])[0].key == ("o", "app")
+    assert len(routing.candidates([with_services("pg", private)])) == 0
+    # A stopped private machine is never autostarted by a request either.
+    assert routing.autostart_candidate([with_services("pg", private, state="stopped")], region="ams", rtt=RTT.get) is None
 
 
 def test_least_loaded_first_then_closest():

@@ -70,6 +70,10 @@ async def test_pipelined_requests_answered_in_order(echo):
         (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(20)) + b"\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: app.org.kubefly.localhost:abc\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: app.org.kubefly.localhost:99999\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: app.org.kubefly.localhost:80:80\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: app/../org\r\n\r\n", 400),
     ],
 )
 async def test_malformed_requests_refused_and_closed(echo, raw, status):

@@ -62,12 +62,14 @@ def test_private_key_round_trip():
 
 def test_digests_change_with_the_value_and_need_the_cluster_key():
     k = digest_key(sealing.private_bytes(KEY))
-    d1 = value_digest(k, app="web", name="A", value="one")
-    assert d1 == value_digest(k, app="web", name="A", value="one")
-    assert d1 != value_digest(k, app="web", name="A", value="two")
-    assert d1 != value_digest(k, app="api", name="A", value="one")
+    d1 = value_digest(k, org="acme", app="web", name="A", value="one")
+    assert d1 == value_digest(k, org="acme", app="web", name="A", value="one")
+    assert d1 != value_digest(k, org="acme", app="web", name="A", value="two")
+    assert d1 != value_digest(k, org="acme", app="api", name="A", value="one")
+    # Another organisation's app of the same name with the same value: a different digest.
+    assert d1 != value_digest(k, org="globex", app="web", name="A", value="one")
     other = digest_key(sealing.private_bytes(sealing.generate()))
-    assert d1 != value_digest(other, app="web", name="A", value="one")
+    assert d1 != value_digest(other, org="acme", app="web", name="A", value="one")
     assert len(d1) == 16
 
 
