@@ -174,4 +174,4 @@ def test_printer_columns_and_category(kube, namespace):
     out = kube.kubectl("get", "-n", namespace, "kubefly").stdout
     assert "volume.kubefly.dev/data" in out
     header = kube.kubectl("get", "-n", namespace, "vol").stdout.splitlines()[0].split()
-    assert header == ["NAME", "APP", "REGION", "SIZE", "HOST", "ATTACHED", "AGE"]
+    assert header == ["NAME", "APP", "REGION", "SIZE", "LIMIT", "HOST", "ATTACHED", "AGE"]
