@@ -276,3 +276,37 @@ def test_a_volume_whose_host_is_gone_is_deleted_and_says_where_its_data_stayed(k
         assert not [p for p in wipe_pods(kube) if p["spec"]["nodeName"] == host and not p["metadata"].get("deletionTimestamp")]
     finally:
         kube.kubectl("delete", "node", host, "--ignore-not-found", "--wait=false")
+
+
+def test_a_volume_on_a_notready_host_is_deleted_and_its_data_wiped_when_the_host_returns(kube, namespace, imaged_operator):
+    region = f"v{uuid.uuid4().hex[:6]}"
+    host = f"{region}-h1"
+    kube.cluster.add_host(host, region, volume_capacity_gb=10)
+    try:
+        apply_volume(kube, namespace, "away", region=region)
+        v = wait_volume(kube, namespace, "away", "Ready", is_ready)
+        kube.cluster.stop_host(host)
+        # The controller-manager would say so after its 40 s grace; say it now, as it would.
+        unknown = {"status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+                                              "message": "Kubelet stopped posting node status."}]}}
+        kube.kubectl("patch", "node", host, "--subresource=status", "--type=strategic", "-p", json.dumps(unknown))
+        kube.kubectl("-n", namespace, "delete", "volume", "away", "--wait=false")
+        held = wait_volume(kube, namespace, "away", "waiting for the wipe", cond_is("DeletionBlocked", "True", "WipingData"))
+        assert "NotReady" in cond(held, "DeletionBlocked")["message"]
+        # Bounded: after the wait the Volume goes, saying where the data is and that it is wiped on return.
+        kube.wait_for("the volume deleted although its host is NotReady", gone(kube, namespace, "away"), timeout=120)
+        ev = kube.wait_for("a DataLeftOnHost event", lambda: events(kube, namespace, "away", "DataLeftOnHost"))[0]
+        assert ev["type"] == "Warning" and "until it returns" in ev["message"] and v["status"]["path"] in ev["message"]
+        (pod,) = [p for p in wipe_pods(kube) if p["metadata"]["annotations"].get("kubefly.dev/volume-uid") == v["metadata"]["uid"]]
+        assert pod["spec"]["nodeName"] == host and pod["spec"]["tolerations"] == [{"operator": "Exists"}]
+
+        kube.cluster.start_host(host)
+        name = pod["metadata"]["name"]
+        kube.wait_for("the wipe pod running on the returned host",
+                      lambda: (kube.get("kubefly-system", "pod", name) or {}).get("status", {}).get("podIP"), timeout=60)
+        kube.kubectl("-n", "kubefly-system", "patch", "pod", name, "--subresource=status", "--type=merge",
+                     "-p", json.dumps({"status": {"phase": "Succeeded"}}))
+        kube.wait_for("the finished wipe pod removed by the operator",
+                      lambda: (p := kube.get("kubefly-system", "pod", name)) is None or p["metadata"].get("deletionTimestamp"))
+    finally:
+        kube.kubectl("delete", "node", host, "--ignore-not-found", "--wait=false")
