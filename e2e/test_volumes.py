@@ -1,9 +1,12 @@
 """Volumes on the real control plane: placement, the pinned PV and its claim, growth,
-the lone-volume warning, deletion held while attached, and an operator restart.
+the lone-volume warning, deletion held while attached, the wipe of a deleted
+Volume's directory, and an operator restart.
 
 A Volume's attachment is written by the Machine controller; where a test needs
 an attached Volume without depending on mounting, it writes `attachedMachine`
 itself, exactly as that controller does (a status patch with a resourceVersion).
+kwok runs no containers: where the wipe pod's script must have finished, the
+test writes the pod's phase as the kubelet would.
 """
 
 from __future__ import annotations
@@ -193,3 +196,117 @@ def test_restart_adopts_what_exists_and_releases_a_machine_that_is_gone(kube, na
     pvcs = get(kube, "-n", namespace, "get", "pvc")["items"]
     assert sorted(p["metadata"]["labels"]["kubefly.dev/volume"] for p in pvs) == [f"d{i}" for i in range(5)]
     assert sorted(p["metadata"]["name"] for p in pvcs) == [f"vol-d{i}" for i in range(5)]
+
+
+@pytest.fixture
+def imaged_operator(operator, monkeypatch):
+    """The operator as the chart runs it, knowing its own image (KUBEFLY_IMAGE), so deleted Volumes are wiped."""
+    monkeypatch.setenv("KUBEFLY_IMAGE", "kubefly:e2e")
+    operator.restart()
+    yield operator
+    monkeypatch.delenv("KUBEFLY_IMAGE")
+    operator.restart()
+
+
+def wipe_pods(kube):
+    return get(kube, "-n", "kubefly-system", "get", "pods", "-l", "kubefly.dev/role=volume-wipe")["items"]
+
+
+def events(kube, namespace, name, reason):
+    out = get(kube, "-n", namespace, "get", "events", "--field-selector", f"involvedObject.name={name},reason={reason}")
+    return out["items"] if out else []
+
+
+def gone(kube, namespace, name):
+    return lambda: kube.kubectl("-n", namespace, "get", "volume", name, check=False).returncode != 0
+
+
+def test_a_deleted_volume_is_wiped_by_a_pod_on_its_host_before_the_finalizer_goes(kube, namespace, region, imaged_operator):
+    name, _ = region
+    apply_volume(kube, namespace, "data", region=name)
+    v = wait_volume(kube, namespace, "data", "Ready", is_ready)
+    host, uid, path = v["status"]["host"], v["metadata"]["uid"], v["status"]["path"]
+    # The directory is this object's own, and the PV records it.
+    assert path == f"/var/lib/kubefly/volumes/{namespace}/data.{uid}"
+    assert get(kube, "get", "pv", v["status"]["persistentVolume"])["spec"]["hostPath"]["path"] == path
+    assert v["status"]["sizeLimit"] == "not enforced"
+    row = kube.kubectl("-n", namespace, "get", "volumes", "data").stdout.splitlines()
+    assert "LIMIT" in row[0] and "not enforced" in row[1]
+
+    kube.kubectl("-n", namespace, "delete", "volume", "data", "--wait=false")
+
+    def running_wipe_pod():
+        # kwok plays the kubelet up to Running (it sets an IP); it never runs the script.
+        pods = [p for p in wipe_pods(kube) if p["metadata"]["annotations"].get("kubefly.dev/volume-uid") == uid]
+        return pods[0] if pods and (pods[0].get("status") or {}).get("podIP") else None
+    pod = kube.wait_for("the wipe pod running on the volume's host", running_wipe_pod)
+    assert pod["spec"]["nodeName"] == host
+    assert pod["spec"]["volumes"][0]["hostPath"]["path"] == "/var/lib/kubefly/volumes"
+    assert pod["spec"]["containers"][0]["image"] == "kubefly:e2e"
+    assert pod["spec"]["containers"][0]["command"][-1] == f"{namespace}/data.{uid}"
+    held = wait_volume(kube, namespace, "data", "deletion waits for the wipe", cond_is("DeletionBlocked", "True", "WipingData"))
+    assert host in cond(held, "DeletionBlocked")["message"]
+
+    # The kubelet's part: the script exited 0.
+    done = {"status": {"phase": "Succeeded"}}
+    kube.kubectl("-n", "kubefly-system", "patch", "pod", pod["metadata"]["name"], "--subresource=status",
+                 "--type=merge", "-p", json.dumps(done))
+    kube.wait_for("the volume deleted once wiped", gone(kube, namespace, "data"), timeout=60)
+    kube.wait_for("the finished wipe pod removed",
+                  lambda: not [p for p in wipe_pods(kube) if p["metadata"]["name"] == pod["metadata"]["name"]
+                               and not p["metadata"].get("deletionTimestamp")])
+    ev = kube.wait_for("a DataWiped event", lambda: events(kube, namespace, "data", "DataWiped"))[0]
+    assert ev["type"] == "Normal" and path in ev["message"]
+
+
+def test_a_volume_whose_host_is_gone_is_deleted_and_says_where_its_data_stayed(kube, namespace, imaged_operator):
+    region = f"v{uuid.uuid4().hex[:6]}"
+    host = f"{region}-h1"
+    kube.cluster.add_host(host, region, volume_capacity_gb=10)
+    try:
+        apply_volume(kube, namespace, "lost", region=region)
+        v = wait_volume(kube, namespace, "lost", "Ready", is_ready)
+        kube.cluster.delete_host(host)
+        kube.wait_for("the host gone", lambda: get(kube, "get", "node", host) is None)
+        kube.kubectl("-n", namespace, "delete", "volume", "lost", "--wait=false")
+        kube.wait_for("the volume deleted although its host is gone", gone(kube, namespace, "lost"), timeout=60)
+        ev = kube.wait_for("a DataLeftOnHost event", lambda: events(kube, namespace, "lost", "DataLeftOnHost"))[0]
+        assert ev["type"] == "Warning" and host in ev["message"] and v["status"]["path"] in ev["message"]
+        assert "gone from the cluster" in ev["message"]
+        assert not [p for p in wipe_pods(kube) if p["spec"]["nodeName"] == host and not p["metadata"].get("deletionTimestamp")]
+    finally:
+        kube.kubectl("delete", "node", host, "--ignore-not-found", "--wait=false")
+
+
+def test_a_volume_on_a_notready_host_is_deleted_and_its_data_wiped_when_the_host_returns(kube, namespace, imaged_operator):
+    region = f"v{uuid.uuid4().hex[:6]}"
+    host = f"{region}-h1"
+    kube.cluster.add_host(host, region, volume_capacity_gb=10)
+    try:
+        apply_volume(kube, namespace, "away", region=region)
+        v = wait_volume(kube, namespace, "away", "Ready", is_ready)
+        kube.cluster.stop_host(host)
+        # The controller-manager would say so after its 40 s grace; say it now, as it would.
+        unknown = {"status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+                                              "message": "Kubelet stopped posting node status."}]}}
+        kube.kubectl("patch", "node", host, "--subresource=status", "--type=strategic", "-p", json.dumps(unknown))
+        kube.kubectl("-n", namespace, "delete", "volume", "away", "--wait=false")
+        held = wait_volume(kube, namespace, "away", "waiting for the wipe", cond_is("DeletionBlocked", "True", "WipingData"))
+        assert "NotReady" in cond(held, "DeletionBlocked")["message"]
+        # Bounded: after the wait the Volume goes, saying where the data is and that it is wiped on return.
+        kube.wait_for("the volume deleted although its host is NotReady", gone(kube, namespace, "away"), timeout=120)
+        ev = kube.wait_for("a DataLeftOnHost event", lambda: events(kube, namespace, "away", "DataLeftOnHost"))[0]
+        assert ev["type"] == "Warning" and "until it returns" in ev["message"] and v["status"]["path"] in ev["message"]
+        (pod,) = [p for p in wipe_pods(kube) if p["metadata"]["annotations"].get("kubefly.dev/volume-uid") == v["metadata"]["uid"]]
+        assert pod["spec"]["nodeName"] == host and pod["spec"]["tolerations"] == [{"operator": "Exists"}]
+
+        kube.cluster.start_host(host)
+        name = pod["metadata"]["name"]
+        kube.wait_for("the wipe pod running on the returned host",
+                      lambda: (kube.get("kubefly-system", "pod", name) or {}).get("status", {}).get("podIP"), timeout=60)
+        kube.kubectl("-n", "kubefly-system", "patch", "pod", name, "--subresource=status", "--type=merge",
+                     "-p", json.dumps({"status": {"phase": "Succeeded"}}))
+        kube.wait_for("the finished wipe pod removed by the operator",
+                      lambda: (p := kube.get("kubefly-system", "pod", name)) is None or p["metadata"].get("deletionTimestamp"))
+    finally:
+        kube.kubectl("delete", "node", host, "--ignore-not-found", "--wait=false")

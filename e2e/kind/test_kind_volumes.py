@@ -84,3 +84,52 @@ def test_volume_data_outlives_stop_start_and_a_replace_on_the_pinned_workers_dis
     assert m["status"]["host"] == host
     assert in_machine(kind, namespace, "vol-1", "import os; print(os.environ['GENERATION'])") == "2"
     assert in_machine(kind, namespace, "vol-1", read) == token
+
+
+def volume_events(kind: KindCluster, namespace: str, name: str, reason: str) -> list[dict]:
+    out = kind.kubectl("-n", namespace, "get", "events", "--field-selector",
+                       f"involvedObject.kind=Volume,involvedObject.name={name},reason={reason}", "-o", "json").stdout
+    return json.loads(out)["items"]
+
+
+# The leak: a re-created Volume (another app, or a re-created namespace) mounted the old data.
+def test_a_deleted_volumes_data_is_wiped_from_its_host_and_a_new_volume_of_that_name_starts_empty(kind: KindCluster, namespace: str):
+    volume = {"apiVersion": "kubefly.dev/v1alpha1", "kind": "Volume", "metadata": {"name": "data"},
+              "spec": {"app": "leak", "region": "syd", "sizeGb": 1}}
+
+    def with_volume(name: str) -> dict:
+        spec = machine(kind, name, "syd")
+        spec["spec"]["app"] = "leak"
+        spec["spec"]["mounts"] = [{"volume": "data", "path": "/data"}]
+        return spec
+
+    kind.apply(volume, namespace)
+    kind.apply(with_volume("leak-1"), namespace)
+    m = kind.wait_for("leak-1 started with its volume", lambda: started_or_mount_failure(kind, namespace, "leak-1", 1), timeout=180)
+    host = m["status"]["host"]
+    first = get(kind, namespace, "volume", "data")
+    path = first["status"]["path"]
+    assert path.endswith(f"/data.{first['metadata']['uid']}"), path
+    token = uuid.uuid4().hex
+    in_machine(kind, namespace, "leak-1", f"import os; os.makedirs('/data/db'); open('/data/db/secret', 'w').write({token!r})")
+    on_disk = subprocess.run(["docker", "exec", host, "cat", f"{path}/db/secret"], capture_output=True, text=True)
+    assert on_disk.stdout == token, on_disk.stderr
+
+    kind.kubectl("-n", namespace, "delete", "machine", "leak-1", "--wait=true", "--timeout=120s", timeout=150)
+    kind.kubectl("-n", namespace, "delete", "volume", "data", "--wait=true", "--timeout=120s", timeout=150)
+    # Gone from the worker's disk, not just from the API.
+    parent, leaf = path.rsplit("/", 1)
+    listing = subprocess.run(["docker", "exec", host, "ls", "-A", parent], capture_output=True, text=True)
+    assert listing.returncode == 0 and leaf not in listing.stdout.split(), listing.stdout + listing.stderr
+    assert volume_events(kind, namespace, "data", "DataWiped"), "no DataWiped event"
+    assert not volume_events(kind, namespace, "data", "DataLeftOnHost")
+    wipe_pods = json.loads(kind.kubectl("get", "pods", "-A", "-l", "kubefly.dev/role=volume-wipe", "-o", "json").stdout)["items"]
+    assert [p["metadata"]["name"] for p in wipe_pods if p["metadata"]["annotations"].get("kubefly.dev/path") == path] == []
+
+    kind.apply(volume, namespace)
+    kind.apply(with_volume("leak-2"), namespace)
+    m = kind.wait_for("leak-2 started with the new volume", lambda: started_or_mount_failure(kind, namespace, "leak-2", 1), timeout=180)
+    second = get(kind, namespace, "volume", "data")
+    assert m["status"]["host"] == host, "syd has one host: the new volume is on the same disk"
+    assert second["status"]["path"] != path
+    assert in_machine(kind, namespace, "leak-2", "import os; print(sorted(os.listdir('/data')))") == "[]"

@@ -21,23 +21,37 @@ from kubefly.api.common import (
     validations,
 )
 
-SIZE_GROWS_RULE = cel("self >= oldSelf", "spec.sizeGb may only grow: set it to at least its current value, or fork to a new Volume")
-# A fork happens once, at create; changing or adding it later would mean nothing.
-FORK_FROM_RULE = cel(
-    "has(self.forkFrom) == has(oldSelf.forkFrom) && (!has(self.forkFrom) || self.forkFrom == oldSelf.forkFrom)",
-    "spec.forkFrom is immutable: create a new Volume to fork another one",
-    ".forkFrom",
+SIZE_GROWS_RULE = cel("self >= oldSelf", "spec.sizeGb may only grow: set it to at least its current value")
+# Snapshots and forks are not built yet (issue 13): a field nothing acts on is
+# refused, never silently accepted. The rule sits on the field itself, so the API
+# server's validation ratcheting still lets Volumes stored before this rule (when
+# snapshotRetention defaulted to 5) be updated as long as the value is unchanged;
+# for the same reason it is not a pydantic validator: the operator must keep
+# reconciling those Volumes.
+SNAPSHOT_RETENTION_RULE = cel(
+    "false", "spec.snapshotRetention is not implemented yet: kubefly takes no snapshots; remove the field"
 )
+FORK_FROM_RULE = cel(
+    "false",
+    "spec.forkFrom is not implemented yet: kubefly cannot copy a Volume, and a fork would start empty; remove the field",
+)
+SIZE_NOT_ENFORCED = "not enforced"
 
 
 class VolumeSpec(ApiModel):
-    model_config = {"json_schema_extra": validations(FORK_FROM_RULE)}
-
     app: AppName = Field(json_schema_extra=immutable("spec.app", "create a new Volume in the other app"))
-    region: RegionName = Field(json_schema_extra=immutable("spec.region", "fork the Volume into the other region"))
-    size_gb: int = Field(default=1, ge=1, le=500, json_schema_extra=validations(SIZE_GROWS_RULE))
-    snapshot_retention: int = Field(default=5, ge=1, le=60, description="Days to keep daily snapshots.")
-    fork_from: DnsLabel | None = Field(default=None, description="Name of a Volume of the same app to copy at create.")
+    region: RegionName = Field(json_schema_extra=immutable("spec.region", "create a new Volume in the other region"))
+    size_gb: int = Field(
+        default=1, ge=1, le=500, json_schema_extra=validations(SIZE_GROWS_RULE),
+        description="Size in GB, reserved on the host at placement. Not a limit: the data may grow past it (status.sizeLimit).",
+    )
+    snapshot_retention: int | None = Field(
+        default=None, description="Not implemented yet: refused by the API server.",
+        json_schema_extra=validations(SNAPSHOT_RETENTION_RULE),
+    )
+    fork_from: DnsLabel | None = Field(
+        default=None, description="Not implemented yet: refused by the API server.", json_schema_extra=validations(FORK_FROM_RULE),
+    )
 
 
 class VolumeStatus(StatusModel):
@@ -45,6 +59,11 @@ class VolumeStatus(StatusModel):
     attached_machine: str | None = None
     persistent_volume: str | None = None
     claim: str | None = None
+    path: str | None = Field(default=None, description="The directory on the host that holds the data; wiped when the Volume is deleted.")
+    size_limit: Literal["not enforced"] | None = Field(
+        default=None,
+        description="Whether spec.sizeGb bounds the data: 'not enforced', the directory can grow until the host's disk is full.",
+    )
 
 
 class Volume(Resource):
@@ -54,7 +73,8 @@ class Volume(Resource):
         columns=(
             PrinterColumn("App", ".spec.app"),
             PrinterColumn("Region", ".spec.region"),
-            PrinterColumn("Size", ".spec.sizeGb", "integer", "Size in GB"),
+            PrinterColumn("Size", ".spec.sizeGb", "integer", "Size in GB, reserved on the host"),
+            PrinterColumn("Limit", ".status.sizeLimit", description="Whether the size bounds the data (not enforced yet)"),
             PrinterColumn("Host", ".status.host"),
             PrinterColumn("Attached", ".status.attachedMachine", description="The machine that mounts it"),
             AGE,

@@ -1,8 +1,10 @@
-"""Volume handlers: place on a host, create the pinned PV and its claim, guard deletion.
+"""Volume handlers: place on a host, create the pinned PV and its claim, guard deletion, wipe the data.
 
 Thin: read the Volume and a snapshot (nodes, placed volumes), ask
 kubefly.placement.volumes for a host, apply kubefly.volumes.objects' PV/PVC
-with create-if-absent under deterministic names, then write status. Status is
+with create-if-absent under deterministic names, then write status. Deletion
+waits for the Machine to detach, deletes claim and PV and wipes the host
+directory with kubefly.volumes.wipe's pod before the finalizer goes. Status is
 written with a resourceVersion precondition (and retried on conflict) because
 the Machine controller writes `attachedMachine` on the same objects.
 """
@@ -10,19 +12,23 @@ the Machine controller writes `attachedMachine` on the same objects.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from datetime import datetime, timezone
 
 import kopf
 
-from kubefly import GROUP, VERSION
-from kubefly.api.volume import Volume
+from kubefly import GROUP, VERSION, platform
+from kubefly.api.volume import SIZE_NOT_ENFORCED, Volume
 from kubefly.conditions import get_condition
 from kubefly.controllers import acceptance
 from kubefly.controllers.common import condition_patch, update_status
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
+from kubefly.labels import VOLUME as VOLUME_LABEL
+from kubefly.machines.volume_prep import IMAGE_ENV
 from kubefly.placement import volumes as placement
-from kubefly.volumes import objects, redundancy
+from kubefly.volumes import objects, redundancy, wipe
 
 PLURAL = "volumes"
 # Placements are decided one at a time so two Volumes never both take a host's last room.
@@ -199,8 +205,9 @@ async def reconcile(body: kopf.Body, logger, **_) -> None:
         logger.warning(f"Volume refused: {result.message}")
         RECONCILES.labels("Volume", "invalid").inc()
         return
+    # sizeGb reserves room at placement; nothing stops the data growing past it (docs/volumes.md).
     await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
-        b, [("Accepted", True, "SpecValid", result.message)]))
+        b, [("Accepted", True, "SpecValid", result.message)], {"sizeLimit": SIZE_NOT_ENFORCED}))
     host = await _place(body, logger)
     if host is None:
         RECONCILES.labels("Volume", "unplaced").inc()
@@ -220,7 +227,7 @@ async def reconcile(body: kopf.Body, logger, **_) -> None:
         updates.append(resized)
     await _release_if_gone(await _get(meta["namespace"], meta["name"]) or body)
     extra = {"host": host, "persistentVolume": pv["metadata"]["name"], "claim": pvc["metadata"]["name"],
-             "observedGeneration": meta.get("generation")}
+             "path": objects.path_of_pv(pv), "observedGeneration": meta.get("generation")}
     await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(b, updates, extra))
     await refresh_redundancy(meta["namespace"], body["spec"]["app"])
     RECONCILES.labels("Volume", "ready" if phase == "Bound" else "pending").inc()
@@ -232,7 +239,7 @@ async def reconcile(body: kopf.Body, logger, **_) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="volume")
-async def delete(body: kopf.Body, logger, **_) -> None:
+async def delete(body: kopf.Body, logger, memo: kopf.Memo, **_) -> None:
     meta, spec = body["metadata"], body.get("spec") or {}
     fresh = await _get(meta["namespace"], meta["name"]) or dict(body)
     status = fresh.get("status") or {}
@@ -247,14 +254,84 @@ async def delete(body: kopf.Body, logger, **_) -> None:
             b, [("DeletionBlocked", True, "AttachedToMachine", message)]))
         raise kopf.TemporaryError(message, delay=5)
     k = kube()
-    # Claim first, then the volume: the PV's protection finalizer lets it go once unbound.
-    # Retain: the directory on the host stays (docs/volumes.md).
-    await k.delete(core_path(meta["namespace"], "persistentvolumeclaims", objects.claim_name(meta["name"])), missing_ok=True)
     pv = status.get("persistentVolume") or objects.pv_name(meta["namespace"], meta["name"], meta["uid"])
+    host, path = status.get("host"), status.get("path")
+    if path is None and (found := await _read_pv(pv)) is not None:
+        # A Volume whose status predates `path`: the PV is the record, read before it goes.
+        host, path = objects.host_of_pv(found) or host, objects.path_of_pv(found)
+        await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: {"path": path, "host": host})
+    # Claim first, then the volume: the PV's protection finalizer lets it go once unbound.
+    # A claim being deleted is never mounted again, so the directory can be wiped from here on.
+    await k.delete(core_path(meta["namespace"], "persistentvolumeclaims", objects.claim_name(meta["name"])), missing_ok=True)
     await k.delete(core_path(None, "persistentvolumes", pv), missing_ok=True)
-    logger.info("volume deleted: its claim and PersistentVolume are removed; the host directory is retained")
+    if host and path:
+        await _wipe(body, host, path, memo, logger)
+    else:
+        logger.info("volume deleted: it was never placed, so nothing was on a host")
     if spec.get("app"):
         await refresh_redundancy(meta["namespace"], spec["app"])
+
+
+async def _wipe(body: kopf.Body, host: str, path: str, memo: kopf.Memo, logger) -> None:
+    """Run the wipe pod on the host and wait for it (bounded); returns once the finalizer may go."""
+    meta = body["metadata"]
+    image = os.environ.get(IMAGE_ENV, "")
+    left = None
+    if wipe.relative_dir(path) is None:
+        left = f"the directory {path} on host {host} is outside {objects.HOST_ROOT}: kubefly does not remove it"
+    elif not image:
+        left = (f"the directory {path} stays on host {host}: the operator has no image to wipe it with "
+                f"({IMAGE_ENV} is unset; the chart sets it)")
+    if left:
+        kopf.warn(body, reason="DataLeftOnHost", message=left)
+        logger.warning(left)
+        return
+    home = getattr(memo, "home_namespace", None) or platform.home_namespace()
+    k = kube()
+    wanted = wipe.build_pod(home_namespace=home, namespace=meta["namespace"], volume=meta["name"], uid=meta["uid"],
+                            host=host, path=path, image=image)
+    pod_path = core_path(home, "pods", wanted["metadata"]["name"])
+    pod = await _create(core_path(home, "pods"), wanted)
+    node = await k.get(core_path(None, "nodes", host), missing_ok=True)
+    v = wipe.verdict(pod=pod, node=node, path=path, now=datetime.now(timezone.utc))
+    if v.outcome == "waiting":
+        await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
+            b, [("DeletionBlocked", True, v.reason, v.message)]))
+        raise kopf.TemporaryError(v.message, delay=3)
+    if v.outcome == "failed":
+        blocked = get_condition(((await _get(meta["namespace"], meta["name"])) or {}).get("status", {}).get("conditions"),
+                                "DeletionBlocked")
+        if not blocked or blocked.get("reason") != v.reason:
+            kopf.warn(body, reason=v.reason, message=v.message)
+        await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
+            b, [("DeletionBlocked", True, v.reason, v.message)]))
+        # The failed pod goes, so the next attempt runs a fresh one.
+        await k.delete(pod_path, missing_ok=True)
+        raise kopf.TemporaryError(v.message, delay=30)
+    if v.outcome == "wiped":
+        await k.delete(pod_path, missing_ok=True)
+        kopf.info(body, reason=v.reason, message=v.message)
+        logger.info(f"volume deleted: {v.message}")
+        return
+    if node is None:
+        await k.delete(pod_path, missing_ok=True)  # it can never run: its host is gone
+    kopf.warn(body, reason=v.reason, message=v.message)
+    logger.warning(f"volume deleted: {v.message}")
+
+
+@kopf.on.event("pods", labels={wipe.ROLE: wipe.ROLE_VALUE})
+async def wipe_pod_changed(type: str, body: kopf.Body, logger, **_) -> None:
+    """A wipe pod left waiting on a NotReady host finishes when the host returns: it is removed then."""
+    meta, status = body["metadata"], body.get("status") or {}
+    if type == "DELETED" or status.get("phase") != "Succeeded" or meta.get("deletionTimestamp"):
+        return
+    labels, uid = meta.get("labels") or {}, (meta.get("annotations") or {}).get(wipe.UID_ANNOTATION)
+    volume = await _get(labels.get(objects.NAMESPACE_LABEL, ""), labels.get(VOLUME_LABEL, ""))
+    if volume is not None and volume["metadata"]["uid"] == uid:
+        return  # its Volume's delete handler is waiting for it, and removes it
+    await kube().delete(core_path(meta["namespace"], "pods", meta["name"]), missing_ok=True)
+    logger.info(f"the directory {(meta.get('annotations') or {}).get(wipe.PATH_ANNOTATION)} of a deleted volume "
+                f"was wiped on host {body['spec'].get('nodeName')}")
 
 
 @kopf.on.event(GROUP, VERSION, "machines", id="volume-detach")

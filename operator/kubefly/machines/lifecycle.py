@@ -300,8 +300,9 @@ def _host_health(b: _Builder) -> None:
     w, host, spec = b.w, b.st["host"], b.spec
     mounts = spec.get("mounts") or []
     stays = (
-        f"its volume {mounts[0]['volume']} is on that host, so the machine is not moved; to run elsewhere, "
-        f"fork the volume (a new Volume with spec.forkFrom) and create a new Machine that mounts the fork"
+        f"its volume {mounts[0]['volume']} is on that host and its data exists only there (kubefly keeps no "
+        f"copies yet), so the machine is not moved: it runs again, with its data, when the host is back; "
+        f"a Machine on a new Volume elsewhere would start with an empty volume"
         if mounts
         else "the machine stays bound to it; to run elsewhere now, delete this Machine and create a new one"
     )

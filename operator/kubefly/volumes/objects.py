@@ -7,7 +7,8 @@ affinity to the one host placement chose. PV and PVC name each other
 (`claimRef` and `volumeName`), so the persistent-volume controller binds them
 at once and exactly, whatever the StorageClass's WaitForFirstConsumer says;
 the scheduler then sends any pod using the claim to that host. Reclaim policy
-is Retain: deleting the PV never wipes the directory (see docs/volumes.md).
+is Retain: deleting the PV leaves the directory; the Volume's delete handler
+wipes it with a pod on the host (kubefly.volumes.wipe, docs/volumes.md).
 """
 
 from __future__ import annotations
@@ -31,8 +32,18 @@ def pv_name(namespace: str, volume: str, uid: str) -> str:
     return f"kubefly-{namespace}-{volume}-{uid.replace('-', '')[:10]}"
 
 
-def host_path(namespace: str, volume: str) -> str:
-    return f"{HOST_ROOT}/{namespace}/{volume}"
+def host_path(namespace: str, volume: str, uid: str) -> str:
+    # Each Volume object has a directory of its own: a Volume re-created under an
+    # old name (another app, or a re-created namespace: another organisation) never
+    # finds a predecessor's data. Namespace and Volume names have no dots, so no
+    # path of the layout before the uid (`<ns>/<volume>`, still in use on the PVs
+    # of Volumes made then) can equal one of these.
+    return f"{HOST_ROOT}/{namespace}/{volume}.{uid}"
+
+
+def path_of_pv(pv: dict) -> str | None:
+    """The host directory a PV is, as recorded on it (the one truth for Volumes of any age)."""
+    return (((pv.get("spec") or {}).get("hostPath") or {}).get("path")) or None
 
 
 def quantity(size_gb: int) -> str:
@@ -72,7 +83,7 @@ def build_pv(*, namespace: str, volume: str, uid: str, app: str, region: str, ho
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": STORAGE_CLASS,
             "volumeMode": "Filesystem",
-            "hostPath": {"path": host_path(namespace, volume), "type": "DirectoryOrCreate"},
+            "hostPath": {"path": host_path(namespace, volume, uid), "type": "DirectoryOrCreate"},
             "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim_name(volume)},
             "nodeAffinity": {
                 "required": {

@@ -29,7 +29,7 @@ def test_machine_defaults():
 
 def test_other_defaults():
     volume = VolumeSpec.model_validate({"app": "web", "region": "ams"})
-    assert (volume.size_gb, volume.snapshot_retention, volume.fork_from) == (1, 5, None)
+    assert (volume.size_gb, volume.snapshot_retention, volume.fork_from) == (1, None, None)
     assert AppSecretSpec.model_validate({"app": "web", "data": {}}).stage is False
     pg = PostgresClusterSpec.model_validate({"app": "db", "region": "ams"})
     assert (pg.members, pg.version, pg.synchronous, pg.delete_policy, pg.switchover_to) == (3, 15, False, "keepVolumes", None)
@@ -93,7 +93,6 @@ INVALID_SPECS = {
         "spec.checks[].headers names",
     ),
     "volume-too-big": (VolumeSpec, {"app": "web", "region": "ams", "sizeGb": 501}, "sizeGb"),
-    "retention": (VolumeSpec, {"app": "web", "region": "ams", "snapshotRetention": 0}, "snapshotRetention"),
     "secret-key": (AppSecretSpec, {"app": "web", "data": {"1BAD": "c2VhbGVk"}}, "environment variable names"),
     "secret-not-base64": (AppSecretSpec, {"app": "web", "data": {"TOKEN": "plain text!"}}, "TOKEN"),
     "pg-members": (PostgresClusterSpec, {"app": "db", "region": "ams", "members": 8}, "members"),

@@ -5,6 +5,8 @@ from kubefly.volumes.objects import (
     claim_name,
     growth_patch,
     host_of_pv,
+    host_path,
+    path_of_pv,
     pv_name,
 )
 from kubefly.volumes.redundancy import Sibling, verdict
@@ -21,7 +23,10 @@ def test_pv_is_a_host_directory_pinned_prebound_and_retained():
     assert pv["metadata"]["name"] == pv_name("org", "data", BODY["metadata"]["uid"])
     spec = pv["spec"]
     # The kubelet creates the directory at the first mount; nobody has to beforehand.
-    assert spec["hostPath"] == {"path": "/var/lib/kubefly/volumes/org/data", "type": "DirectoryOrCreate"}
+    # The directory is this object's own: its uid is in the path.
+    path = f"/var/lib/kubefly/volumes/org/data.{BODY['metadata']['uid']}"
+    assert spec["hostPath"] == {"path": path, "type": "DirectoryOrCreate"}
+    assert path_of_pv(pv) == path
     assert spec["storageClassName"] == STORAGE_CLASS == "kubefly-local"
     assert spec["persistentVolumeReclaimPolicy"] == "Retain"
     assert spec["capacity"] == {"storage": "3Gi"}
@@ -43,8 +48,15 @@ def test_pv_names_are_distinct_where_namespace_and_name_concatenate_alike():
     assert pv_name("org", "data", "u1") == pv_name("org", "data", "u1")
 
 
+def test_a_volume_recreated_under_an_old_name_gets_a_directory_no_earlier_volume_had():
+    first, second = host_path("org", "data", "uid-1"), host_path("org", "data", "uid-2")
+    assert first != second
+    # Volumes made before the uid was in the path use <root>/<ns>/<volume>; names have no dots, so never equal.
+    assert "/var/lib/kubefly/volumes/org/data" not in (first, second)
+
+
 def test_host_of_foreign_pv_is_unknown():
-    assert host_of_pv({"spec": {}}) is None
+    assert host_of_pv({"spec": {}}) is None and path_of_pv({"spec": {"local": {"path": "/x"}}}) is None
 
 
 def test_growth_patches_both_objects():
