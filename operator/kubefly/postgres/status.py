@@ -29,6 +29,7 @@ class Observed:
     view: decide.View = decide.View()
     lag_bytes: int | None = None
     error: str | None = None  # why the last poll got no answer
+    terminating: bool = False  # its pod is being deleted (drain, eviction, kubectl delete)
 
 
 @dataclass
@@ -64,7 +65,11 @@ def judge(
         role = rep.role if fresh else "unknown"
         if role not in ("primary", "standby", "fenced", "starting", "empty"):
             role = "unknown"
-        if o.name == primary:
+        if o.terminating:
+            # A pod being deleted takes no new clients, whatever it says: its address goes away
+            # soon, and a connection to an address that is gone hangs instead of failing.
+            roles[o.name] = None
+        elif o.name == primary:
             roles[o.name] = "primary"
         elif fresh and role == decide.STANDBY:
             roles[o.name] = "standby"
