@@ -38,9 +38,16 @@ def primary_pods(kind: KindCluster, namespace: str) -> list[str]:
 
 
 def sql(kind: KindCluster, namespace: str, pod: str, uri: str, statement: str, timeout: float = 15) -> subprocess.CompletedProcess:
-    """`statement` through the primary Service, by psql inside member `pod` (the image has the client)."""
-    return kind.kubectl("-n", namespace, "exec", pod, "-c", "machine", "--", "psql", uri, "-XAtq",
-                        "-v", "ON_ERROR_STOP=1", "-c", statement, check=False, timeout=timeout)
+    """`statement` through the primary Service, by psql inside member `pod` (the image has the client).
+
+    A refusal is an answer (the caller retries); a psql still waiting after `timeout` is a client left
+    hanging on a connect or a commit, which a failover or a stop must never do."""
+    try:
+        return kind.kubectl("-n", namespace, "exec", pod, "-c", "machine", "--", "psql", uri, "-XAtq",
+                            "-v", "ON_ERROR_STOP=1", "-c", statement, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"psql through pg-primary hung for {timeout:.0f}s (a hang, not a refusal): {statement}",
+                    pytrace=False)
 
 
 def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCluster, namespace: str):
@@ -119,9 +126,9 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
     assert pod["spec"]["nodeName"] == hosts[old]
     assert next(c for c in pod["status"]["containerStatuses"] if c["name"] == "machine")["restartCount"] >= 1
 
-    # Delete the new primary's pod (a drain or an eviction): the operator makes a new pod for the
-    # member on the same host and volume. Whether a standby is promoted first or the member is back
-    # as primary before that is a race of seconds; either way writes resume and nothing is lost.
+    # Delete the new primary's pod (a drain or an eviction): on SIGTERM the member says it is not
+    # writable (clients are refused, never held), hands over to its most advanced standby, stops, and
+    # its next pod (same host and volume) rejoins as a standby. Writes resume within seconds.
     uid = get(kind, namespace, "pod", new)["metadata"]["uid"]
     deleted = time.monotonic()
     kind.kubectl("-n", namespace, "delete", "pod", new, "--wait=false")
@@ -130,7 +137,10 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
                   lambda: sql(kind, namespace, client, uri, "INSERT INTO ledger VALUES (3) ON CONFLICT DO NOTHING").returncode == 0,
                   timeout=120, interval=0.5)
     print(f"[kind] writes through pg-primary again {time.monotonic() - deleted:.1f}s after {new}'s pod was deleted")
-    s = kind.wait_for("all three members ready again", lambda: healthy(kind, namespace), timeout=240, interval=2)
+    s = kind.wait_for(f"all three members ready again, {new} a standby", lambda: healthy(kind, namespace, not_primary=new),
+                      timeout=240, interval=2)
+    assert s["lastFailover"]["from"] == new, s["lastFailover"]
+    print(f"[kind] {s['lastFailover']['reason']}")
     pod = get(kind, namespace, "pod", new)
     assert pod["metadata"]["uid"] != uid and pod["spec"]["nodeName"] == hosts[new], "a new pod on the member's own host"
     rows = sql(kind, namespace, client, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")

@@ -47,8 +47,9 @@ BOOTS = Counter("kubefly_postgres_boot_actions_total", "Boot actions taken", ["a
 
 _PR_SET_PDEATHSIG = 1
 # How long a primary that was stopped keeps its address answering (refusing) after it said it is not
-# writable: the operator polls every 2 s and then drops the pod from the primary Service.
-DRAIN_S = 3.0
+# writable: the operator polls every 2 s and drops the pod from the primary Service, which every
+# kube-proxy then applies within a second or two.
+DRAIN_S = 5.0
 _LSN = re.compile(r"^([0-9A-Fa-f]+)/([0-9A-Fa-f]+)$")
 
 

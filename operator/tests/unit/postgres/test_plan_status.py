@@ -49,6 +49,9 @@ def test_a_member_whose_pod_is_being_deleted_loses_its_role_label_at_once():
              member("c", "standby")])
     assert j.primary == "a"  # still the primary until it hands over or stops
     assert j.roles == {"a": None, "b": None, "c": "standby"}
+    j = run([S.Observed(**{**member("a", "fenced").__dict__, "terminating": True}),
+             member("b", "primary", writable=True), member("c", "standby")], previous="a")
+    assert j.failover["reason"] == "a's pod was being deleted; b took over"
 
 
 def test_two_writable_primaries_label_nobody_primary():
