@@ -146,3 +146,23 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
     rows = sql(kind, namespace, client, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")
     assert rows.returncode == 0 and rows.stdout.strip() == "1,2,3", rows.stdout + rows.stderr
     assert primary_pods(kind, namespace) == [s["primary"]]
+
+    # spec.switchoverTo: the operator asks the named standby to take over (the members' switchover:
+    # the primary is demoted cleanly, the target replays its last WAL and is promoted, the others follow).
+    old, target = s["primary"], next(m for m in MEMBERS if m != s["primary"])
+    asked = time.monotonic()
+    kind.kubectl("-n", namespace, "patch", "postgrescluster", "pg", "--type=merge",
+                 "-p", json.dumps({"spec": {"switchoverTo": target}}))
+    kind.wait_for(f"a write through pg-primary after the switchover to {target}",
+                  lambda: cluster_status(kind, namespace).get("primary") == target and sql(
+                      kind, namespace, client, uri, "INSERT INTO ledger VALUES (4) ON CONFLICT DO NOTHING").returncode == 0,
+                  timeout=120, interval=0.5)
+    print(f"[kind] writes through pg-primary on {target} {time.monotonic() - asked:.1f}s after spec.switchoverTo")
+    s = kind.wait_for(f"all three members ready again, {target} primary",
+                      lambda: (h := healthy(kind, namespace, not_primary=old)) and h["primary"] == target and h,
+                      timeout=240, interval=2)
+    switchover = next(c for c in s["conditions"] if c["type"] == "Switchover")
+    assert switchover["status"] == "True", switchover
+    assert primary_pods(kind, namespace) == [target]
+    rows = sql(kind, namespace, client, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")
+    assert rows.returncode == 0 and rows.stdout.strip() == "1,2,3,4", rows.stdout + rows.stderr
