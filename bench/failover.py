@@ -10,6 +10,11 @@ end every acknowledged id is looked up on the primary. Throughout, every
 member's /health is sampled every 0.1 s and any sample with two writable
 primaries is counted (it must stay 0).
 
+KUBEFLY_BENCH_STOP=graceful stops the primary as the kubelet stops a pod
+(SIGTERM to the member, which hands over to a standby before it stops; SIGKILL
+after the grace period) instead of killing it, and writes
+bench/results/failover-graceful.json.
+
 Writes bench/results/failover.json and prints a summary.
 """
 
@@ -30,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from kubefly.postgres.localcluster import LocalCluster, remove  # noqa: E402
 
 KILLS = int(os.environ.get("KUBEFLY_BENCH_KILLS", "10"))
-RESULTS = Path(__file__).resolve().parent / "results" / "failover.json"
+GRACEFUL = os.environ.get("KUBEFLY_BENCH_STOP", "kill") == "graceful"
+RESULTS = Path(__file__).resolve().parent / "results" / ("failover-graceful.json" if GRACEFUL else "failover.json")
 
 
 class Writer(threading.Thread):
@@ -117,10 +123,12 @@ def main() -> int:
             time.sleep(2)  # steady load before the kill
             port = cluster.member(primary).pg_port
             killed_at = time.monotonic()
-            cluster.kill(primary)
+            stopping = threading.Thread(target=cluster.terminate if GRACEFUL else cluster.kill, args=(primary,))
+            stopping.start()
             deadline = killed_at + 120
             while writer.first_elsewhere(port, killed_at) is None and time.monotonic() < deadline:
                 time.sleep(0.05)
+            stopping.join()
             # Acknowledgements racing the kill count as before it: they were committed on the old primary.
             before, after = writer.last_on(port), writer.first_elsewhere(port, killed_at)
             gap = None if before is None or after is None else after - before
@@ -134,7 +142,7 @@ def main() -> int:
                           "standby_again_s": round(rejoin, 3),
                           "rejoin": "re-cloned" if reclones(root, primary) > clones_before else "rewound"})
             gap_text = "none (no write came back)" if gap is None else f"{gap:.2f}s"
-            print(f"kill {i + 1}/{KILLS}: {primary} -> {new}, write gap {gap_text}, "
+            print(f"{'stop' if GRACEFUL else 'kill'} {i + 1}/{KILLS}: {primary} -> {new}, write gap {gap_text}, "
                   f"old primary streaming again after {rejoin:.1f}s ({kills[-1]['rejoin']})", flush=True)
         writer.stop.set()
         writer.join(10)
@@ -158,6 +166,7 @@ def main() -> int:
     gaps = [k["write_gap_s"] for k in kills if k["write_gap_s"] is not None]
     result = {
         "kills": len(kills),
+        "stop": "graceful (SIGTERM: hand-over, then stop)" if GRACEFUL else "SIGKILL",
         "synchronous": True,
         "write_gap_p50_s": round(statistics.median(gaps), 3),
         "write_gap_max_s": round(max(gaps), 3),
@@ -175,7 +184,7 @@ def main() -> int:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nfailover: {len(kills)} primary kills, synchronous replication, {len(acked)} acknowledged writes")
+    print(f"\nfailover: {len(kills)} primary {'graceful stops' if GRACEFUL else 'kills'}, synchronous replication, {len(acked)} acknowledged writes")
     print(f"  write gap p50 {result['write_gap_p50_s']}s (target <= 5s), max {result['write_gap_max_s']}s (target <= 10s)")
     print(f"  acknowledged writes lost: {result['acknowledged_writes_lost']} (target 0)")
     print(f"  old primary a standby again within {result['standby_again_max_s']}s (target <= 60s)")

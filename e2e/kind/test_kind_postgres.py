@@ -38,9 +38,16 @@ def primary_pods(kind: KindCluster, namespace: str) -> list[str]:
 
 
 def sql(kind: KindCluster, namespace: str, pod: str, uri: str, statement: str, timeout: float = 15) -> subprocess.CompletedProcess:
-    """`statement` through the primary Service, by psql inside member `pod` (the image has the client)."""
-    return kind.kubectl("-n", namespace, "exec", pod, "-c", "machine", "--", "psql", uri, "-XAtq",
-                        "-v", "ON_ERROR_STOP=1", "-c", statement, check=False, timeout=timeout)
+    """`statement` through the primary Service, by psql inside member `pod` (the image has the client).
+
+    A refusal is an answer (the caller retries); a psql still waiting after `timeout` is a client left
+    hanging on a connect or a commit, which a failover or a stop must never do."""
+    try:
+        return kind.kubectl("-n", namespace, "exec", pod, "-c", "machine", "--", "psql", uri, "-XAtq",
+                            "-v", "ON_ERROR_STOP=1", "-c", statement, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"psql through pg-primary hung for {timeout:.0f}s (a hang, not a refusal): {statement}",
+                    pytrace=False)
 
 
 def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCluster, namespace: str):
@@ -119,20 +126,54 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
     assert pod["spec"]["nodeName"] == hosts[old]
     assert next(c for c in pod["status"]["containerStatuses"] if c["name"] == "machine")["restartCount"] >= 1
 
-    # Delete the new primary's pod (a drain or an eviction): the operator makes a new pod for the
-    # member on the same host and volume. Whether a standby is promoted first or the member is back
-    # as primary before that is a race of seconds; either way writes resume and nothing is lost.
+    # Delete the new primary's pod (a drain or an eviction): on SIGTERM the member says it is not
+    # writable (clients are refused, never held), hands over to its most advanced standby, stops, and
+    # its next pod (same host and volume) rejoins as a standby. Writes resume within seconds.
     uid = get(kind, namespace, "pod", new)["metadata"]["uid"]
-    deleted = time.monotonic()
-    kind.kubectl("-n", namespace, "delete", "pod", new, "--wait=false")
+    old_ip = get(kind, namespace, "pod", new)["status"]["podIP"]
     client = next(m for m in MEMBERS if m != new)
-    kind.wait_for("a write through pg-primary after the pod's deletion",
-                  lambda: sql(kind, namespace, client, uri, "INSERT INTO ledger VALUES (3) ON CONFLICT DO NOTHING").returncode == 0,
-                  timeout=120, interval=0.5)
-    print(f"[kind] writes through pg-primary again {time.monotonic() - deleted:.1f}s after {new}'s pod was deleted")
-    s = kind.wait_for("all three members ready again", lambda: healthy(kind, namespace), timeout=240, interval=2)
+    last_on_old = deleted = time.monotonic()
+    kind.kubectl("-n", namespace, "delete", "pod", new, "--wait=false")
+
+    def written_elsewhere():
+        """A write through pg-primary taken by another member than the one whose pod is going."""
+        nonlocal last_on_old
+        p = sql(kind, namespace, client, uri, "INSERT INTO ledger VALUES (3) ON CONFLICT DO NOTHING; "
+                                              "SELECT host(inet_server_addr())")
+        if p.returncode == 0 and p.stdout.strip() == old_ip:
+            last_on_old = time.monotonic()
+            return False
+        return p.returncode == 0
+    kind.wait_for("a write through pg-primary on another member after the pod's deletion", written_elsewhere,
+                  timeout=120, interval=0.2)
+    print(f"[kind] write gap {time.monotonic() - last_on_old:.1f}s when {new}'s pod was deleted (last write on it "
+          f"{last_on_old - deleted:.1f}s after the delete, next on another member {time.monotonic() - deleted:.1f}s after)")
+    s = kind.wait_for(f"all three members ready again, {new} a standby", lambda: healthy(kind, namespace, not_primary=new),
+                      timeout=240, interval=2)
+    assert s["lastFailover"]["from"] == new, s["lastFailover"]
+    print(f"[kind] {s['lastFailover']['reason']}")
     pod = get(kind, namespace, "pod", new)
     assert pod["metadata"]["uid"] != uid and pod["spec"]["nodeName"] == hosts[new], "a new pod on the member's own host"
     rows = sql(kind, namespace, client, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")
     assert rows.returncode == 0 and rows.stdout.strip() == "1,2,3", rows.stdout + rows.stderr
     assert primary_pods(kind, namespace) == [s["primary"]]
+
+    # spec.switchoverTo: the operator asks the named standby to take over (the members' switchover:
+    # the primary is demoted cleanly, the target replays its last WAL and is promoted, the others follow).
+    old, target = s["primary"], next(m for m in MEMBERS if m != s["primary"])
+    asked = time.monotonic()
+    kind.kubectl("-n", namespace, "patch", "postgrescluster", "pg", "--type=merge",
+                 "-p", json.dumps({"spec": {"switchoverTo": target}}))
+    kind.wait_for(f"a write through pg-primary after the switchover to {target}",
+                  lambda: cluster_status(kind, namespace).get("primary") == target and sql(
+                      kind, namespace, client, uri, "INSERT INTO ledger VALUES (4) ON CONFLICT DO NOTHING").returncode == 0,
+                  timeout=120, interval=0.5)
+    print(f"[kind] writes through pg-primary on {target} {time.monotonic() - asked:.1f}s after spec.switchoverTo")
+    s = kind.wait_for(f"all three members ready again, {target} primary",
+                      lambda: (h := healthy(kind, namespace, not_primary=old)) and h["primary"] == target and h,
+                      timeout=240, interval=2)
+    switchover = next(c for c in s["conditions"] if c["type"] == "Switchover")
+    assert switchover["status"] == "True", switchover
+    assert primary_pods(kind, namespace) == [target]
+    rows = sql(kind, namespace, client, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")
+    assert rows.returncode == 0 and rows.stdout.strip() == "1,2,3,4", rows.stdout + rows.stderr

@@ -312,7 +312,9 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                     observed = [pgstatus.Observed(
                         n, host=by_name[n].host if n in by_name else None,
                         started=n in by_name and by_name[n].state == "started",
-                        view=views.get(n, decide.View()), lag_bytes=polled[n][1], error=polled[n][2]) for n in members]
+                        view=views.get(n, decide.View()), lag_bytes=polled[n][1], error=polled[n][2],
+                        terminating=bool(((polled[n][0] or {}).get("metadata") or {}).get("deletionTimestamp")))
+                        for n in members]
                     initialized = (get_condition((cluster.get("status") or {}).get("conditions"), "Initialized") or {}
                                    ).get("status") == "True"
                     j = pgstatus.judge(observed, desired=int(c.spec.get("members", 3)), now=time.monotonic(),

@@ -43,11 +43,14 @@ def postgres_group() -> None:
               help="This member may initialise a brand-new cluster (when every member is empty).")
 @click.option("--fence-after", envvar="KUBEFLY_PG_FENCE_AFTER", type=float, default=3.0, show_default=True,
               help="Seconds a primary may go without seeing a majority before it stops itself.")
+@click.option("--handover-timeout", envvar="KUBEFLY_PG_HANDOVER_TIMEOUT", type=float, default=30.0, show_default=True,
+              help="On SIGTERM, seconds a primary may spend handing over to a standby before it just stops "
+                   "(keep it below the pod's grace period).")
 @click.option("--superuser-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--repmgr-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--log-level", default="INFO", show_default=True)
 def member_command(name, node_id, region, data_dir, host, pg_port, health_port, peers, synchronous, priority,
-                   bootstrap, fence_after, superuser_password_file, repmgr_password_file, log_level):
+                   bootstrap, fence_after, handover_timeout, superuser_password_file, repmgr_password_file, log_level):
     """Run one Postgres member: postgres and repmgrd as children, fencing, /health and /metrics."""
     # Configure logging before importing the modules whose loggers bind at import time.
     logs.configure(log_level, component="postgres-member")
@@ -65,7 +68,7 @@ def member_command(name, node_id, region, data_dir, host, pg_port, health_port, 
         layout=Layout(data_dir.resolve()), peers=tuple(Peer.parse(p) for p in peers),
         synchronous=synchronous, priority=priority,
     )
-    member = Member(spec, creds, bootstrap=bootstrap, fence_after_s=fence_after,
+    member = Member(spec, creds, bootstrap=bootstrap, fence_after_s=fence_after, handover_timeout_s=handover_timeout,
                     admin_token=os.environ.get("KUBEFLY_PG_ADMIN_TOKEN") or None)
     asyncio.run(member.serve())
 

@@ -28,6 +28,8 @@ class Report:
     timeline: int | None = None
     lsn: int | None = None
     node_id: int | None = None
+    # Writable and a commit would return (synchronous: a standby streams that can confirm it).
+    can_commit: bool = True
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> "Report":
@@ -38,6 +40,7 @@ class Report:
             timeline=body.get("timeline"),
             lsn=body.get("lsn_bytes"),
             node_id=body.get("node_id"),
+            can_commit=bool(body.get("can_commit", body.get("writable", False))),
         )
 
 
@@ -77,7 +80,10 @@ def choose_primary(views: Mapping[str, View], now: float, *, fresh_s: float, fen
     within `fence_deadline_s` of losing the majority; until then it blocks every
     other candidate, unless its health port has refused a connection since (its
     process is gone, postgres with it: a dead primary writes nothing, so the
-    failover does not wait out the deadline). Two writable primaries at once, however short, give None:
+    failover does not wait out the deadline). A fresh writable primary that
+    cannot confirm a commit (synchronous, no standby streaming) is not chosen
+    and still blocks the others: clients are refused, not held on a commit
+    that never returns. Two writable primaries at once, however short, give None:
     the endpoint never points at two writable primaries, and it refuses rather
     than guesses.
     """
@@ -88,7 +94,12 @@ def choose_primary(views: Mapping[str, View], now: float, *, fresh_s: float, fen
             continue
         age = now - view.seen_at
         if age <= fresh_s and not view.gone:
-            live.append(name)
+            # A writable primary that cannot confirm a commit yet is still the only one (it blocks
+            # every other candidate) but gets no clients: they would hang on their first commit.
+            if view.report.can_commit:
+                live.append(name)
+            else:
+                shadows += 1
         elif age <= fence_deadline_s and not view.gone:
             shadows += 1
     if len(live) == 1 and shadows == 0:

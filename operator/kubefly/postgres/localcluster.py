@@ -57,10 +57,11 @@ class LocalMember:
 
 class LocalCluster:
     def __init__(self, root: Path, *, members: int = 3, synchronous: bool = False, netns: bool = False,
-                 fence_after_s: float = 3.0, region: str = "local") -> None:
+                 fence_after_s: float = 3.0, region: str = "local", handover_timeout_s: float = 30.0) -> None:
         self.root = root
         self.synchronous = synchronous
         self.fence_after_s = fence_after_s
+        self.handover_timeout_s = handover_timeout_s
         self.region = region
         self.tag = secrets.token_hex(2)
         self.netns = netns
@@ -134,7 +135,7 @@ class LocalCluster:
         argv = [*kubefly_argv(), "postgres", "member", "--name", m.name, "--node-id", str(m.node_id),
                 "--region", self.region, "--data-dir", str(m.data_dir), "--host", m.cluster_host,
                 "--pg-port", str(m.pg_port), "--health-port", str(m.health_port),
-                "--fence-after", str(self.fence_after_s),
+                "--fence-after", str(self.fence_after_s), "--handover-timeout", str(self.handover_timeout_s),
                 "--synchronous" if self.synchronous else "--no-synchronous"]
         if m.node_id == 1:
             argv.append("--bootstrap")
@@ -159,6 +160,22 @@ class LocalCluster:
             os.killpg(m.proc.pid, signal.SIGKILL)
             m.proc.wait()
         _kill_stragglers(m.data_dir)
+
+    def terminate(self, name: str, grace_s: float = 60.0) -> float:
+        """Stop the member as the kubelet stops a pod: SIGTERM to the supervisor alone, SIGKILL
+        to everything left after `grace_s`. Returns the seconds the member took to exit."""
+        m = self.member(name)
+        started = time.monotonic()
+        if m.proc is not None and m.proc.poll() is None:
+            m.proc.send_signal(signal.SIGTERM)
+            try:
+                m.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(m.proc.pid, signal.SIGKILL)
+                m.proc.wait()
+        took = time.monotonic() - started
+        _kill_stragglers(m.data_dir)
+        return took
 
     def start(self, timeout: float = 120.0) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

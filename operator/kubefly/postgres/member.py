@@ -46,6 +46,10 @@ FENCES = Counter("kubefly_postgres_fences_total", "Times this member fenced itse
 BOOTS = Counter("kubefly_postgres_boot_actions_total", "Boot actions taken", ["action"])
 
 _PR_SET_PDEATHSIG = 1
+# How long a primary that was stopped keeps its address answering (refusing) after it said it is not
+# writable: the operator polls every 2 s and drops the pod from the primary Service, which every
+# kube-proxy then applies within a second or two.
+DRAIN_S = 5.0
 _LSN = re.compile(r"^([0-9A-Fa-f]+)/([0-9A-Fa-f]+)$")
 
 
@@ -66,6 +70,7 @@ class Local:
     lsn: int | None = None  # current WAL position (primary) or last received (standby)
     replay_lsn: int | None = None
     upstream: str | None = None
+    sync_standbys: int = 0  # primary: streaming standbys that may confirm a synchronous commit
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class Member:
         fence_after_s: float = 3.0,
         check_interval_s: float = 0.5,
         admin_token: str | None = None,
+        handover_timeout_s: float = 30.0,
     ) -> None:
         self.spec = spec
         self.creds = creds
@@ -98,6 +104,7 @@ class Member:
         self.fence_after_s = fence_after_s
         self.check_interval_s = check_interval_s
         self.admin_token = admin_token
+        self.handover_timeout_s = handover_timeout_s
         self.layout = spec.layout
         self.total = len(spec.peers) + 1
         self.local = Local()
@@ -325,8 +332,8 @@ class Member:
             await self._close_conn()
             self.local = Local()
             return False
-        in_recovery, lsn, replay, tli, upstream = row
-        self.local = Local(True, in_recovery, tli, lsn_to_int(lsn), lsn_to_int(replay), upstream)
+        in_recovery, lsn, replay, tli, upstream, sync_standbys = row
+        self.local = Local(True, in_recovery, tli, lsn_to_int(lsn), lsn_to_int(replay), upstream, sync_standbys)
         return True
 
     async def refresh_peers(self) -> None:
@@ -359,9 +366,14 @@ class Member:
         writable = (
             role == decide.PRIMARY
             and not self.fenced
+            and not self._stopping
             and (self.total == 1 or self.quorum())
             and decide.newer_primary(self.spec.name, loc.timeline, self.visible) is None
         )
+        # A synchronous commit returns only once a standby confirms it: a primary with none streaming
+        # accepts the commit and then holds the client forever. It stays writable (standbys follow it,
+        # nobody else may be primary), but nobody routes clients to it until a standby is back.
+        can_commit = writable and (not self.spec.synchronous or loc.sync_standbys > 0)
         lag = None
         if role == decide.STANDBY and loc.replay_lsn is not None:
             primary = self.primary_lsn()
@@ -372,6 +384,8 @@ class Member:
             "region": self.spec.region,
             "role": role,
             "writable": writable,
+            "can_commit": can_commit,
+            "sync_standbys": loc.sync_standbys if role == decide.PRIMARY else None,
             "timeline": loc.timeline,
             "lsn": _lsn_text(loc.lsn),
             "lsn_bytes": loc.lsn,
@@ -707,15 +721,54 @@ class Member:
             loop.add_signal_handler(sig, stop.set)
         task = asyncio.create_task(self.loop())
         await stop.wait()
-        self._stopping = True
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await self.stop_repmgrd()
-        await self.stop_postgres("fast")
+        await self.stop_gracefully(task)
         await self._http.close()
         await runner.cleanup()
         log.info("member stopped")
+
+    async def stop_gracefully(self, supervision: asyncio.Task) -> None:
+        """SIGTERM (the pod is deleted, evicted or drained; the kubelet SIGKILLs after the grace period).
+
+        A primary stops being writable at once (the operator and the endpoint
+        stop sending it clients), hands over to its most advanced standby when
+        one is streaming (a planned switchover: no failover race with its own
+        next pod), stops postgres, and keeps answering for DRAIN_S: its address
+        must keep refusing until the primary Service has dropped it, since a
+        connection to an address that is gone hangs instead of failing.
+        """
+        was_primary = self.local.up and not self.local.in_recovery and self.health()["writable"]
+        self._stopping = True  # health says not writable from now on
+        stopped_at = time.monotonic()
+        supervision.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervision
+        if was_primary:
+            log.info("stopping as primary", handover_timeout=self.handover_timeout_s)
+            try:
+                await asyncio.wait_for(self.hand_over(), self.handover_timeout_s)
+            except (CommandFailed, aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("no switchover before stopping; the standbys fail over", error=str(exc))
+        await self.stop_repmgrd()
+        await self.stop_postgres("fast")
+        if was_primary:
+            await asyncio.sleep(max(0.0, DRAIN_S - (time.monotonic() - stopped_at)))
+
+    async def hand_over(self) -> None:
+        """Ask the most advanced streaming standby to take over (its /switchover demotes us through /demote)."""
+        await self.refresh_peers()
+        if not await self.refresh_local():
+            await self.refresh_local()  # the cancelled supervision loop may have left the connection mid-query
+        standbys = sorted(
+            (r for r in self.visible.values() if r.role == decide.STANDBY and r.lsn is not None),
+            key=lambda r: r.lsn, reverse=True,
+        )
+        if not standbys or (self.spec.synchronous and self.local.sync_standbys == 0):
+            raise CommandFailed(f"no standby streaming to take over (visible: {sorted(self.visible)})")
+        target = self._peer(standbys[0].name)
+        started = time.monotonic()
+        body = await self._admin_post(target, "/switchover", timeout=self.handover_timeout_s)
+        log.info("handed over before stopping", primary=body.get("primary"),
+                 seconds=round(time.monotonic() - started, 2))
 
 
 _LOCAL_SQL = """
@@ -725,7 +778,8 @@ SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery()
             THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (pg_control_checkpoint()).timeline_id)
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
-       (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver)
+       (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver),
+       (SELECT count(*)::int FROM pg_stat_replication WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum'))
 """
 
 

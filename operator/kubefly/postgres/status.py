@@ -29,6 +29,7 @@ class Observed:
     view: decide.View = decide.View()
     lag_bytes: int | None = None
     error: str | None = None  # why the last poll got no answer
+    terminating: bool = False  # its pod is being deleted (drain, eviction, kubectl delete)
 
 
 @dataclass
@@ -64,7 +65,11 @@ def judge(
         role = rep.role if fresh else "unknown"
         if role not in ("primary", "standby", "fenced", "starting", "empty"):
             role = "unknown"
-        if o.name == primary:
+        if o.terminating:
+            # A pod being deleted takes no new clients, whatever it says: its address goes away
+            # soon, and a connection to an address that is gone hangs instead of failing.
+            roles[o.name] = None
+        elif o.name == primary:
             roles[o.name] = "primary"
         elif fresh and role == decide.STANDBY:
             roles[o.name] = "standby"
@@ -105,8 +110,13 @@ def judge(
 
     failover = None
     if primary is not None and previous_primary is not None and primary != previous_primary:
-        why = (f"switchover to {primary} requested by spec.switchoverTo" if switchover_to == primary
-               else f"{previous_primary} stopped being the writable primary; repmgr promoted {primary}")
+        leaving = next((o for o in observed if o.name == previous_primary and o.terminating), None)
+        if switchover_to == primary:
+            why = f"switchover to {primary} requested by spec.switchoverTo"
+        elif leaving is not None:
+            why = f"{previous_primary}'s pod was being deleted; {primary} took over"
+        else:
+            why = f"{previous_primary} stopped being the writable primary; repmgr promoted {primary}"
         failover = {"time": now_rfc3339, "reason": why, "from": previous_primary, "to": primary}
     timeline = next((e.get("timeline") for e in entries if e["name"] == primary), None)
     return Judgement(primary, roles, entries, ready_count, phase, conditions, failover, timeline)

@@ -1,6 +1,7 @@
 """Failover, rejoin, switchover and fencing with real postgres + repmgr processes."""
 
 import json
+import threading
 import time
 import urllib.request
 
@@ -94,3 +95,54 @@ def test_partitioned_primary_is_fenced_and_never_writable_beside_the_new_one(mak
     cluster.heal(old)
     assert cluster.wait_healthy(90) == new
     assert cluster.health(old)["role"] == "standby"
+
+
+# A client's commit or connect attempt taking longer than this is a hang (connects are capped at 5 s
+# by the DSN's connect_timeout; a commit has no client-side cap, it waits as long as postgres does).
+HANG_S = 10.0
+
+
+@pytest.mark.parametrize(("handover", "new_pod_after_s"), [(True, 0.0), (False, 0.0), (False, 4.0)],
+                         ids=["switchover", "no-switchover-back-at-once", "no-switchover-back-after-promotion"])
+def test_graceful_stop_of_the_primary_refuses_writes_briefly_and_never_hangs(make_cluster, writer_for, handover,
+                                                                               new_pod_after_s):
+    """The kubelet's stop of the primary's pod (drain, eviction, `kubectl delete pod`): SIGTERM to the
+    member, SIGKILL after the grace period; then a new pod of the same member on the same data,
+    `new_pod_after_s` after the old one exited. With the hand-over a standby takes over before the
+    member stops; without it (no time given for one) the standbys fail over, racing the new pod."""
+    cluster = make_cluster(synchronous=True, handover_timeout_s=30.0 if handover else 0.0)
+    old = cluster.wait_healthy(30)
+    writer = writer_for(cluster)
+    wait_for(lambda: len(writer.acked) > 50, 30, "writes before the stop")
+
+    stopping = threading.Thread(target=cluster.terminate, args=(old, 60.0), daemon=True)
+    stopped_at = time.monotonic()
+    stopping.start()
+    restarted, exited_at = False, None
+    while not writer.acked_after(stopped_at + 0.5) or not restarted:
+        assert writer.in_flight_s() < HANG_S, (
+            f"a client attempt has hung for {writer.in_flight_s():.1f}s since {old} was stopped gracefully; "
+            f"errors so far: {writer.errors[-5:]}; members: {cluster.healths()}")
+        assert time.monotonic() - stopped_at < 90, f"no write within 90 s of stopping {old}: {cluster.healths()}"
+        if exited_at is None and not stopping.is_alive():
+            exited_at = time.monotonic()
+            print(f"\n{old} exited {exited_at - stopped_at:.1f}s after SIGTERM")
+        if not restarted and exited_at is not None and time.monotonic() - exited_at >= new_pod_after_s:
+            cluster.start_member(old)  # the member's new pod, on the same volume
+            restarted = True
+        time.sleep(0.1)
+    before = max(at for _, at in writer.acked if at <= stopped_at + 0.5)
+    gap = min(at for _, at in writer.acked if at > stopped_at + 0.5) - before
+    new = cluster.wait_healthy(90)
+    print(f"write gap {gap:.1f}s, longest client attempt {writer.longest_attempt_s:.1f}s, primary now {new}"
+          f" (was {old}); errors: {sorted({e for _, e in writer.errors})}")
+    assert writer.longest_attempt_s < HANG_S
+    if handover:
+        assert new != old, "the primary handed over to a standby before it stopped"
+
+    writer.stop.set()
+    writer.join(10)
+    acked = {n for n, _ in writer.acked}
+    with psycopg.connect(cluster.member_dsn(new), autocommit=True) as conn:
+        stored = {row[0] for row in conn.execute("SELECT id FROM writes")}
+    assert acked - stored == set(), "acknowledged commits missing after the graceful stop"

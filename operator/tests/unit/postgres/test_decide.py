@@ -47,15 +47,31 @@ def test_primary_that_reports_not_writable_does_not_block():
     assert choose(views) == "b"
 
 
+def test_a_primary_that_cannot_confirm_a_commit_gets_no_clients_and_blocks_the_others():
+    # Synchronous with no standby streaming: a client's commit would never return.
+    waiting = View(Report("a", "primary", writable=True, timeline=2, can_commit=False), 100.0)
+    assert choose({"a": waiting, "b": view("standby", False)}) is None
+    assert choose({"a": waiting, "b": view(timeline=1)}) is None  # still writable: never two
+    assert choose({"a": view(timeline=2), "b": view("standby", False)}) == "a"  # once a standby streams
+
+
+def test_a_report_without_can_commit_reads_it_from_writable():
+    # A member of an older version says nothing about it: writable meant routable then.
+    assert Report.from_json({"name": "a", "role": "primary", "writable": True}).can_commit
+    assert not Report.from_json({"name": "a", "role": "primary", "writable": False}).can_commit
+    assert not Report.from_json({"name": "a", "role": "primary", "writable": True, "can_commit": False}).can_commit
+
+
 def test_nobody_writable_chooses_none():
     assert choose({"a": view("fenced", False), "b": view("standby", False)}) is None
 
 
 reports = st.builds(
-    lambda role, writable, age, refused_after: View(
-        Report("x", role, writable=writable), 100.0 - age,
+    lambda role, writable, can_commit, age, refused_after: View(
+        Report("x", role, writable=writable, can_commit=writable and can_commit), 100.0 - age,
         None if refused_after is None else 100.0 - age + refused_after),
     st.sampled_from(["primary", "standby", "fenced", "starting"]),
+    st.booleans(),
     st.booleans(),
     st.floats(min_value=0, max_value=20),
     st.none() | st.floats(min_value=-5, max_value=5),
@@ -70,6 +86,7 @@ def test_chosen_member_is_the_only_possibly_writable_one(views):
                          if v.report.writable and 100.0 - v.seen_at <= 5.0 and not v.gone]
     if chosen is not None:
         assert possibly_writable == [chosen]
+        assert views[chosen].report.can_commit
         assert 100.0 - views[chosen].seen_at <= 1.0
 
 

@@ -41,6 +41,19 @@ def test_machines_not_started_yet_is_provisioning():
     assert j.phase == "Provisioning" and "1 of 3 member machines started" in j.conditions[-1][3]
 
 
+def test_a_member_whose_pod_is_being_deleted_loses_its_role_label_at_once():
+    # Its address goes away with the pod; clients sent there meanwhile would hang, not fail.
+    primary = member("a", "primary", writable=True)
+    standby = member("b", "standby")
+    j = run([S.Observed(**{**primary.__dict__, "terminating": True}), S.Observed(**{**standby.__dict__, "terminating": True}),
+             member("c", "standby")])
+    assert j.primary == "a"  # still the primary until it hands over or stops
+    assert j.roles == {"a": None, "b": None, "c": "standby"}
+    j = run([S.Observed(**{**member("a", "fenced").__dict__, "terminating": True}),
+             member("b", "primary", writable=True), member("c", "standby")], previous="a")
+    assert j.failover["reason"] == "a's pod was being deleted; b took over"
+
+
 def test_two_writable_primaries_label_nobody_primary():
     j = run([member("a", "primary", writable=True), member("b", "primary", writable=True), member("c", "standby")],
             initialized=True)
