@@ -73,6 +73,11 @@ INVALID = {
         machine(services=[{"internalPort": 8080, "autostop": False}]),
         "spec.services[0].autostop",
     ),
+    # suspend is not built: refused by the API server, not run as stop.
+    "machine-autostop-suspend": (
+        machine(services=[{"internalPort": 8080, "autostop": "suspend"}]),
+        "spec.services[].autostop: suspend is not supported",
+    ),
     "machine-missing-image": (obj("Machine", "no-image", {"app": "web", "region": "ams"}), "spec.image"),
     "volume-too-small": (volume(sizeGb=0), "spec.sizeGb"),
     "volume-too-big": (volume(sizeGb=501), "spec.sizeGb"),
