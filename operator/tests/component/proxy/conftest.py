@@ -156,6 +156,26 @@ class Platform:
         self.spec.write_text(json.dumps(self.starter_spec))
         return pidfile
 
+    def stopped_machine(self, host: int, machine_id: str, app: str, *, org: str = "acme", **service) -> Path:
+        """A Machine object applied `state: stopped` (status `created`: placed on the host, never
+        booted) in the agent's directory, as the agent reads it from the Kubernetes API; the
+        starter plays the operator (spec.state, the Pod, status.state). Returns the Machine file."""
+        agent = self.agents[host]
+        port = free_port()
+        path = agent.machines / f"{machine_id}.json"
+        doc = {"apiVersion": "kubefly.dev/v1alpha1", "kind": "Machine",
+               "metadata": {"name": machine_id, "namespace": org, "uid": f"uid-{machine_id}", "generation": 1},
+               "spec": {"app": app, "region": agent.region, "image": "testapp", "state": "stopped",
+                        "services": [{"internalPort": port, "ports": [{"port": 80}], "autostart": True,
+                                      "autostop": "stop", "concurrency": {"type": "requests"}, **service}]},
+               "status": {"state": "created", "host": agent.host, "region": agent.region,
+                          "instanceId": f"{machine_id}-v1"}}
+        path.write_text(json.dumps(doc))
+        self.starter_spec[machine_id] = {"file": str(path), "pod": str(agent.machines / f"{machine_id}-pod.json"),
+                                         "port": port, "pidfile": str(self.cluster.root / f"{machine_id}.pid")}
+        self.spec.write_text(json.dumps(self.starter_spec))
+        return path
+
     def wait_routable(self, app: str, machines: set[str], timeout: float = 30.0) -> None:
         """Until every proxy's replica shows these machines routable (seen through forced requests)."""
         deadline = time.monotonic() + timeout
