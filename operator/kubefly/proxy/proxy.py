@@ -514,21 +514,26 @@ class Proxy:
             log().warning("autostart failed", org=inst.org, app=inst.app, machine=inst.machine_id, error=str(exc))
 
     def _coming(self, instances: list[Instance]) -> Instance | None:
-        """An instance being started that could then take the request."""
+        """An instance on its way up, or on its way down (it can be started once stopped),
+        that could then take the request."""
         for inst in instances:
-            if inst.state is InstanceState.starting and routing.http_service(inst) is not None:
+            if inst.state in (InstanceState.starting, InstanceState.stopping) and routing.http_service(inst) is not None:
                 return inst
         return None
 
     async def _wait_started(self, task: asyncio.Task | None, inst: Instance, deadline: float) -> bool:
+        """Until the instance is routable (True), or, when waiting on one this request did not
+        start (no task), until it is stopped, so the caller starts it; False at the deadline."""
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
                 if task is not None:
                     await asyncio.shield(task)
-                # Bounded by the timeout; the replica shows the instance once its host's agent sees it pass its checks.
+                # The replica shows the instance routable once its host's agent sees it pass its checks.
                 while True:
                     for i in self.replica.instances(inst.org, inst.app):
-                        if i.machine_id == inst.machine_id and i.routable:
+                        if i.machine_id == inst.machine_id and (
+                            i.routable or (task is None and i.state in (InstanceState.stopped, InstanceState.created))
+                        ):
                             return True
                     await asyncio.sleep(0.05)
         except TimeoutError:

@@ -92,3 +92,20 @@ async def test_a_machine_that_exited_for_good_is_not_started_and_the_request_is_
     status, headers, _ = await get(session, p0, "done")
     assert status == 503 and headers["kubefly-error"] == "no-instance" and time.monotonic() - started < 5
     assert p0.metric("kubefly_proxy_autostarts_total", app="done") == 0
+
+
+async def test_a_request_for_a_machine_being_stopped_waits_and_starts_it_once_stopped(platform, session):
+    from starter import set_machine
+
+    p0 = platform.proxies[0]
+    # Autostop asked: spec.state stopped, status stopping, the pod terminating.
+    machine = platform.stopped_machine(1, "ebb-1", "ebb", status="stopping", terminating=True)
+    await until("the stopping row at host-000", lambda: [r["state"] for r in rows(platform.agents[0], "ebb")] == ["stopping"])
+
+    held = asyncio.create_task(get(session, p0, "ebb"))
+    await asyncio.sleep(1.0)
+    assert not held.done(), "held while the machine stops, not refused"
+    set_machine(platform.starter_spec["ebb-1"], "stopped", "stopped")  # the pod is gone: now it can be started
+    status, _, body = await asyncio.wait_for(held, 30)
+    assert (status, body) == (200, b"ebb-1\n")
+    assert json.loads(machine.read_text())["spec"]["state"] == "started"
