@@ -343,14 +343,14 @@ class PodSource:
         self._writer.shutdown(wait=False, cancel_futures=True)
 
     def _emit(self) -> None:
-        with self._lock:
-            out = merge(list(self._pods.values()), list(self._machines.values()), self.host, self.region)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._on, out)
+        with self._lock:  # held while scheduling too: two threads' sets reach the agent in order
+            out = merge(list(self._pods.values()), list(self._machines.values()), self.host, self.region)
+            self._loop.call_soon_threadsafe(self._on, out)
 
     def _follow(self, what: str, objects: dict[str, dict], list_fn, args: tuple, selector: dict, ser) -> None:
-        """List, then watch from the list's resourceVersion; on any failure keep the
-        last objects and list again soon."""
+        """List, then watch from the list's resourceVersion, and again from the last one seen
+        when a watch ends; on any failure keep the last objects and list again soon."""
         from kubernetes import watch
 
         failures = 0
@@ -365,22 +365,25 @@ class PodSource:
                 if failures:
                     log.info("watch resumed", what=what, after_failures=failures)
                 failures = 0
-                w = watch.Watch()
-                for ev in w.stream(list_fn, *args, resource_version=listed["metadata"]["resourceVersion"],
-                                   timeout_seconds=WATCH_S, _request_timeout=READ_TIMEOUT_S, **selector):
-                    if self._stop.is_set():
-                        w.stop()
-                        return
-                    if ev["type"] == "ERROR":  # e.g. 410 Gone: the resourceVersion is too old
-                        raise RuntimeError(f"watch error: {str(ev.get('raw_object'))[:200]}")
-                    obj = ser(ev["object"])
-                    name = f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
-                    with self._lock:
-                        if ev["type"] == "DELETED":
-                            objects.pop(name, None)
-                        else:
-                            objects[name] = obj
-                    self._emit()
+                version = listed["metadata"]["resourceVersion"]
+                while not self._stop.is_set():
+                    w = watch.Watch()
+                    for ev in w.stream(list_fn, *args, resource_version=version, timeout_seconds=WATCH_S,
+                                       _request_timeout=READ_TIMEOUT_S, **selector):
+                        if self._stop.is_set():
+                            w.stop()
+                            return
+                        if ev["type"] == "ERROR":  # e.g. 410 Gone: the resourceVersion is too old
+                            raise RuntimeError(f"watch error: {str(ev.get('raw_object'))[:200]}")
+                        obj = ser(ev["object"])
+                        version = obj["metadata"]["resourceVersion"]
+                        name = f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
+                        with self._lock:
+                            if ev["type"] == "DELETED":
+                                objects.pop(name, None)
+                            else:
+                                objects[name] = obj
+                        self._emit()
             except Exception as exc:  # API unreachable: keep serving the last set, retry
                 failures += 1
                 log.warning("watch failed; keeping last known machines", what=what, failures=failures,
