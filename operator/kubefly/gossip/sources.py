@@ -264,7 +264,7 @@ def checks_condition(passing: bool, failing: list[str], now: str) -> dict:
 # written its rules, and every second the agent then sleeps is a second its
 # Ready machines are not routable (a doubling backoff to 30 s made it ~28 s).
 RETRY_S = (0.25, 2.0)
-# A watch the server ends after this (then relisted), and a read timeout a bit
+# A watch the server ends after this (then resumed), and a read timeout a bit
 # longer, so a connection to an API server that went silent (paused, gone) is
 # noticed instead of blocking the thread for the kernel's TCP timeout.
 WATCH_S = 50
@@ -288,6 +288,9 @@ class PodSource:
         self._lock = threading.Lock()
         self._pods: dict[str, dict] = {}
         self._machines: dict[str, dict] = {}
+        # Kinds listed at least once (or refused for good): the set is complete only with both,
+        # and the agent takes it as the whole truth about this host.
+        self._listed: set[str] = set()
 
     def report_checks(self, m: LocalMachine, passing: bool, failing: list[str]) -> None:
         self._writer.submit(self._write_checks, m.org, m.machine_id, m.instance_id, passing, failing)
@@ -345,6 +348,8 @@ class PodSource:
     def _emit(self) -> None:
         assert self._loop is not None
         with self._lock:  # held while scheduling too: two threads' sets reach the agent in order
+            if len(self._listed) < 2:
+                return
             out = merge(list(self._pods.values()), list(self._machines.values()), self.host, self.region)
             self._loop.call_soon_threadsafe(self._on, out)
 
@@ -361,6 +366,7 @@ class PodSource:
                     objects.clear()
                     objects.update({f"{o['metadata'].get('namespace')}/{o['metadata']['name']}": o
                                     for o in listed.get("items") or []})
+                    self._listed.add(what)
                 self._emit()
                 if failures:
                     log.info("watch resumed", what=what, after_failures=failures)
@@ -385,6 +391,11 @@ class PodSource:
                                 objects[name] = obj
                         self._emit()
             except Exception as exc:  # API unreachable: keep serving the last set, retry
+                if getattr(exc, "status", None) in (403, 404):
+                    # Not allowed, or no such resource (an older chart, no CRD): go on without it.
+                    with self._lock:
+                        self._listed.add(what)
+                    self._emit()
                 failures += 1
                 log.warning("watch failed; keeping last known machines", what=what, failures=failures,
                             error=str(exc)[:300])
