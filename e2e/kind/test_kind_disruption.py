@@ -227,7 +227,7 @@ def test_a_worker_started_again_routes_its_machine_within_2s_of_ready(kind: Kind
         assert not routed(), f"{name} still answered with its host stopped"
     finally:
         subprocess.run(["docker", "start", host], check=True, capture_output=True)
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), datetime.now(timezone.utc)
     seen: dict[str, float] = {}
 
     def watch(what: str, probe, interval: float) -> None:
@@ -246,6 +246,17 @@ def test_a_worker_started_again_routes_its_machine_within_2s_of_ready(kind: Kind
     print(f"[kind] {host} started again: {name} Ready after {seen.get('ready', float('nan')):.1f}s, "
           f"routed through the edge after {seen.get('routed', float('nan')):.1f}s "
           f"(routed - Ready: {seen.get('routed', float('nan')) - seen.get('ready', float('nan')):+.2f}s)")
+    # Where the time went: the host agent's own account (its start, its first lists, its first set).
+    agent = kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=agent",
+                         f"--field-selector=spec.nodeName={host}", "-o", "jsonpath={.items[0].metadata.name}").stdout
+    for line in kind.kubectl("-n", RELEASE_NAMESPACE, "logs", agent, check=False).stdout.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") in ("agent started", "listed", "machines of this host known", "node not readable yet; retrying"):
+            at = (datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")) - started_wall).total_seconds()
+            print(f"[kind]   agent on {host} at {at:+.2f}s: {entry['event']} {entry.get('what', '')}")
     assert "ready" in seen and "routed" in seen, f"{name} back on {host}: {seen}"
     assert seen["routed"] - seen["ready"] <= 2.0, f"{name} Ready at {seen['ready']:.1f}s, routed only at {seen['routed']:.1f}s"
     kind.wait_for(f"{host}'s machines back", lambda: all(map(settled, [get_machine(kind, namespace, n) for n in names])),

@@ -209,6 +209,8 @@ class Agent:
     # == local rows ===============================================================
     def set_local(self, machines: dict[Key, LocalMachine]) -> None:
         """The complete set of machines on this host, from the source."""
+        if not self.local_known:
+            log.info("machines of this host known", machines=len(machines))
         self.local = dict(machines)
         self.local_known = True
         self.store.meta_set("local_machines", json.dumps([m.to_json() for m in self.local.values()]))

@@ -259,11 +259,13 @@ def checks_condition(passing: bool, failing: list[str], now: str) -> dict:
             "lastTransitionTime": now}
 
 
-# Retry pace when the API cannot be reached. Short and flat on purpose: a host
-# that boots (a worker started again) reaches the API only once kube-proxy has
-# written its rules, and every second the agent then sleeps is a second its
-# Ready machines are not routable (a doubling backoff to 30 s made it ~28 s).
-RETRY_S = (0.25, 2.0)
+# Retry pace when the API cannot be reached: 0.1 s, doubling to at most 1 s,
+# jittered. Short on purpose: a host that boots (a worker started again)
+# reaches the API only once kube-proxy has written its rules, and every second
+# the agent then sleeps is a second its Ready machines are not routable (a
+# doubling backoff to 30 s made it ~28 s). One request a second per watch
+# while the API is down costs the API server nothing.
+RETRY_S = (0.1, 1.0)
 # A watch the server ends after this (then resumed), and a read timeout a bit
 # longer, so a connection to an API server that went silent (paused, gone) is
 # noticed instead of blocking the thread for the kernel's TCP timeout.
@@ -368,8 +370,7 @@ class PodSource:
                                     for o in listed.get("items") or []})
                     self._listed.add(what)
                 self._emit()
-                if failures:
-                    log.info("watch resumed", what=what, after_failures=failures)
+                log.info("listed", what=what, count=len(objects), after_failures=failures)
                 failures = 0
                 version = listed["metadata"]["resourceVersion"]
                 while not self._stop.is_set():
@@ -399,4 +400,4 @@ class PodSource:
                 failures += 1
                 log.warning("watch failed; keeping last known machines", what=what, failures=failures,
                             error=str(exc)[:300])
-                self._stop.wait(random.uniform(*RETRY_S) if failures > 1 else RETRY_S[0])
+                self._stop.wait(min(RETRY_S[1], RETRY_S[0] * 2 ** (failures - 1)) * random.uniform(0.5, 1.0))
