@@ -523,18 +523,20 @@ class Proxy:
 
     async def _wait_started(self, task: asyncio.Task | None, inst: Instance, deadline: float) -> bool:
         """Until the instance is routable (True), or, when waiting on one this request did not
-        start (no task), until it is stopped, so the caller starts it; False at the deadline."""
+        start (no task), until it is stopped (so the caller starts it) or gone (the caller
+        looks again); False at the deadline."""
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
                 if task is not None:
                     await asyncio.shield(task)
                 # The replica shows the instance routable once its host's agent sees it pass its checks.
                 while True:
-                    for i in self.replica.instances(inst.org, inst.app):
-                        if i.machine_id == inst.machine_id and (
-                            i.routable or (task is None and i.state in (InstanceState.stopped, InstanceState.created))
-                        ):
-                            return True
+                    row = next((i for i in self.replica.instances(inst.org, inst.app)
+                                if i.machine_id == inst.machine_id), None)
+                    if row is not None and row.routable:
+                        return True
+                    if task is None and (row is None or row.state in (InstanceState.stopped, InstanceState.created)):
+                        return True
                     await asyncio.sleep(0.05)
         except TimeoutError:
             return False

@@ -109,3 +109,17 @@ async def test_a_request_for_a_machine_being_stopped_waits_and_starts_it_once_st
     status, _, body = await asyncio.wait_for(held, 30)
     assert (status, body) == (200, b"ebb-1\n")
     assert json.loads(machine.read_text())["spec"]["state"] == "started"
+
+
+async def test_a_request_held_for_a_machine_that_goes_away_is_answered_at_once(platform, session):
+    p0 = platform.proxies[0]
+    machine = platform.stopped_machine(1, "gone-1", "gone", status="stopping", terminating=True)
+    await until("the stopping row at host-000", lambda: [r["state"] for r in rows(platform.agents[0], "gone")] == ["stopping"])
+    held = asyncio.create_task(get(session, p0, "gone"))
+    await asyncio.sleep(0.5)
+    assert not held.done()
+    machine.unlink()  # the Machine is deleted: its pod and then its row go
+    machine.with_name("gone-1-pod.json").unlink()
+    started = time.monotonic()
+    status, headers, _ = await asyncio.wait_for(held, 30)
+    assert status == 503 and headers["kubefly-error"] == "no-instance" and time.monotonic() - started < 5
