@@ -324,6 +324,10 @@ class Agent:
             log.info("member state", member=m.host, state=m.state, was=old, incarnation=m.inc)
             for key in list(self.store.by_origin.get(m.host, {})):
                 self._recompute(key)
+            if old == DEAD and self._transport is not None and m.host not in self.dropped:
+                # Met (again): exchange rows now, not at the next random sync. A host that
+                # just booted wrote its rows while it knew no peer (no push reached anyone).
+                asyncio.get_running_loop().create_task(self._sync_with(m.addr, m.host))
         elif m.state == SUSPECT:
             log.info("member suspect", member=m.host, incarnation=m.inc)
 
@@ -622,6 +626,13 @@ class Agent:
             target = self.members.next_probe_target()
             if target is not None:
                 asyncio.create_task(self._probe(target))
+            dead = [m for m in self.members.dead() if m.host not in self.dropped]
+            if dead:
+                # One datagram a round to a member we think dead: a host that comes back is met
+                # within a probe interval, also when it cannot resolve its seeds yet (a booting
+                # host's cluster DNS), instead of when a random sync happens to pick it.
+                peer = random.choice(dead)
+                self._send_to(peer.addr, peer.host, {"t": "ping", "seq": self._next_seq()})
             self.members.tick()
             await asyncio.sleep(self.cfg.probe_interval * random.uniform(0.9, 1.1))
 

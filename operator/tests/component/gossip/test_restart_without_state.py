@@ -20,9 +20,9 @@ pytestmark = pytest.mark.component
 KEYS = Keys.from_secret(b"a-cluster-key-for-this-test-only")
 
 
-def agent(host: str, port: int, seeds: list[int]) -> Agent:
+def agent(host: str, port: int, seeds: list[int], sync_interval: float = 0.3) -> Agent:
     return Agent(AgentConfig(host=host, region="r0", gossip_port=port, seeds=[("127.0.0.1", s) for s in seeds],
-                             probe_interval=0.2, probe_timeout=0.1, sync_interval=0.3), KEYS)
+                             probe_interval=0.2, probe_timeout=0.1, sync_interval=sync_interval), KEYS)
 
 
 def machine(mid: str, state: str = "started", address: str = "10.0.0.7") -> LocalMachine:
@@ -81,4 +81,35 @@ async def test_rows_of_stopped_machines_gossip_but_never_route():
             ("stopped", False, "worker"), ("created", False, "worker")}
     finally:
         await worker.stop()
+        await edge.stop()
+
+
+async def test_a_host_that_comes_back_unable_to_resolve_its_seeds_is_met_within_a_probe_interval():
+    """A booting host cannot resolve its seeds (cluster DNS is a Service, routed only once its
+    kube-proxy is up): its peers find it by pinging members they think dead, and both sides
+    exchange rows at once. Syncs are made rare here, so they cannot be what finds it."""
+    pa, pb, pc = free_port(), free_port(), free_port()
+    # A third host, so the edge is never alone (an agent alone rejoins through its seeds every second).
+    edge, other = agent("edge", pa, [pc], sync_interval=60), agent("other", pc, [pa], sync_interval=60)
+    worker = agent("worker", pb, [pa], sync_interval=60)
+    await edge.start()
+    await other.start()
+    await worker.start()
+    try:
+        worker.set_local({m.key: m for m in (machine("w1"),)})
+        await until(lambda: row(edge, "w1") is not None)
+        await worker.stop()
+        await until(lambda: row(edge, "w1") is None)  # declared dead: its rows leave the view
+        await asyncio.sleep(0.5)
+
+        worker = agent("worker", pb, [], sync_interval=60)  # no seed it can reach
+        await worker.start()
+        worker.set_local({m.key: m for m in (machine("w1", address="10.0.0.9"),)})
+        started = asyncio.get_running_loop().time()
+        await until(lambda: (row(edge, "w1") or machine("x")).address == "10.0.0.9", timeout=5)
+        print(f"[component] restarted host without seeds: its row at the peer after "
+              f"{asyncio.get_running_loop().time() - started:.2f}s (probe interval 0.2 s, syncs every 60 s)")
+    finally:
+        await worker.stop()
+        await other.stop()
         await edge.stop()
