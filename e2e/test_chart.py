@@ -174,3 +174,21 @@ def test_operator_replicas_prefer_distinct_hosts(kube):
     term = pod("operator.replicas=2")["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "x", "app.kubernetes.io/component": "operator"}
+
+
+def test_agents_can_reach_the_api_server_at_its_own_address(kube):
+    def agent_env(*sets: str) -> dict:
+        args = [a for s in sets for a in ("--set", s)]
+        out = kube.helm("template", "x", str(kube.chart), "--set", "agent.enabled=true", *args).stdout
+        docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+        return {e["name"]: e.get("value") for e in docs[("DaemonSet", "x-kubefly-agent")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    # Default: the in-cluster Service (Kubernetes sets KUBERNETES_SERVICE_HOST itself).
+    assert "KUBERNETES_SERVICE_HOST" not in agent_env()
+    env = agent_env("agent.apiServer=172.18.0.2:6443")
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("172.18.0.2", "6443")
+    env = agent_env("agent.apiServer=[fd00::2]:6443")
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("fd00::2", "6443")
+    proc = kube.helm("template", "x", str(kube.chart), "--set", "agent.enabled=true", "--set", "agent.apiServer=no-port",
+                     check=False)
+    assert proc.returncode != 0 and "apiServer" in proc.stderr

@@ -97,6 +97,11 @@ INVALID = {
         machine(checks=[{"name": "h", "type": "http", "port": 80, "headers": {"X: y": "a"}}]),
         "spec.checks[].headers names must be HTTP tokens",
     ),
+    # suspend is not built: refused by the API server, not run as stop.
+    "machine-autostop-suspend": (
+        machine(services=[{"internalPort": 8080, "autostop": "suspend"}]),
+        "spec.services[].autostop: suspend is not supported",
+    ),
     "machine-missing-image": (obj("Machine", "no-image", {"app": "web", "region": "ams"}), "spec.image"),
     "volume-too-small": (volume(sizeGb=0), "spec.sizeGb"),
     "volume-too-big": (volume(sizeGb=501), "spec.sizeGb"),

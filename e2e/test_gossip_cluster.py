@@ -121,11 +121,20 @@ def test_started_and_stopped_machines_reach_every_replica_and_dns(kube, namespac
     assert a_records(dns_port, "ams.web.internal") == {pod_ip["web-ams"]}
     assert a_records(dns_port, "web-iad.vm.web.internal") == {pod_ip["web-iad"]}
 
-    # Stopping a machine takes it out of every replica's routable set and out of DNS.
+    # Stopping a machine takes it out of every replica's routable set and out of DNS; its row stays,
+    # stopped and without an address, from its host's agent (which reads the Machine): the proxy's
+    # autostart candidate. A machine applied stopped is a row too: created, placed, never booted.
     kube.apply(machine(namespace, "web-iad", "iad", state="stopped"))
+    kube.apply(machine(namespace, "web-lazy", "ams", state="stopped"))
 
     def stopped_everywhere():
-        return all(replica(api, namespace).get("web-iad", {}).get("state", "stopped") != "started" for api in apis)
+        views = [replica(api, namespace) for api in apis]
+        ok = all(v.get("web-iad", {}).get("state") == "stopped" and v.get("web-lazy", {}).get("state") == "created"
+                 for v in views)
+        return views if ok else None
 
-    kube.wait_for("web-iad gone from every replica's started set", stopped_everywhere, timeout=60)
+    views = kube.wait_for("web-iad stopped and web-lazy created in every replica", stopped_everywhere, timeout=60)
+    for name in ("web-iad", "web-lazy"):
+        host = kube.get(namespace, "machine", name)["status"]["host"]
+        assert {(v[name]["host"], v[name]["address"]) for v in views} == {(host, "")}
     kube.wait_for("web.internal to answer only web-ams", lambda: a_records(dns_port, "web.internal") == {pod_ip["web-ams"]})

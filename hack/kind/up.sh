@@ -77,8 +77,13 @@ while IFS='=' read -r k v; do img[$k]=$v; done < <(bash "$repo/hack/kind/kubefly
 workers=$(kind get nodes --name "$name" | grep -v control-plane | paste -sd, -)
 timed "kind load ${img[*]}" kind load docker-image --name "$name" --nodes "$workers" "${img[@]}" >/dev/null
 
+# The agents reach the API server at its own address (as kube-proxy does), so a worker
+# that boots lists its machines before its kube-proxy has written the Service rules.
+apiserver=$(kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes \
+  -o jsonpath='{.items[0].endpoints[0].addresses[0]}:{.items[0].ports[0].port}')
 values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kubefly]#*:}" --set image.pullPolicy=Never
-        --set agent.enabled=true --set proxy.enabled=true --set dns.enabled=true --set operator.replicas=2)
+        --set agent.enabled=true --set proxy.enabled=true --set dns.enabled=true --set operator.replicas=2
+        --set "agent.apiServer=$apiserver")
 [ -n "${img[postgres]:-}" ] && values+=(--set "postgres.image=${img[postgres]}")
 timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
   --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null

@@ -92,6 +92,13 @@ class Concurrency(ApiModel):
         return self
 
 
+# Fly's "suspend" (processes frozen, memory kept) is not built: refused rather than run as "stop".
+SUSPEND_RULE = cel(
+    "self != 'suspend'",
+    "spec.services[].autostop: suspend is not supported (kubefly cannot keep a machine's memory yet): use stop",
+)
+
+
 class Service(ApiModel):
     internal_port: TcpPort
     protocol: Literal["tcp", "udp"] = "tcp"
@@ -99,9 +106,17 @@ class Service(ApiModel):
     concurrency: Concurrency = Field(default_factory=Concurrency)
     autostart: bool = Field(default=True, description="Start a stopped machine when a request arrives.")
     autostop: Literal["off", "stop", "suspend"] = Field(
-        default="off", description="Stop or suspend an idle machine. Quote \"off\" in YAML."
+        default="off", description="Stop an idle machine (suspend is refused). Quote \"off\" in YAML.",
+        json_schema_extra=validations(SUSPEND_RULE),
     )
     min_machines_running: int = Field(default=0, ge=0, le=1000)
+
+    @field_validator("autostop")
+    @classmethod
+    def _no_suspend(cls, value: str) -> str:
+        if value == "suspend":
+            raise ValueError(SUSPEND_RULE["message"])
+        return value
 
 
 class Check(ApiModel):

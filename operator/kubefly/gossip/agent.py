@@ -129,6 +129,9 @@ class Agent:
         self.view: dict[Key, tuple[int, str, Instance]] = {}  # key -> (hlc, origin, winning row)
         self._key_origins: dict[Key, set[str]] = {}
         self.local: dict[Key, LocalMachine] = {}
+        # Whether this host's machines are known (the source delivered, or a set was
+        # persisted): until then a peer's copy of one of our rows cannot be refuted.
+        self.local_known = False
         self._checks: dict[Key, tuple[tuple, MachineChecks]] = {}
         # Told each local machine's check verdict when it changes (PodSource writes the pod's readiness gate).
         self.on_checks: Callable[[LocalMachine, bool, list[str]], None] | None = None
@@ -167,7 +170,9 @@ class Agent:
         self.hlc.last = max(highest, int(self.store.meta_get("hlc") or 0))
         self.members.me.inc = int(self.store.meta_get("incarnation") or 0) + 1
         self.store.meta_set("incarnation", str(self.members.me.inc))
-        for raw in json.loads(self.store.meta_get("local_machines") or "[]"):
+        persisted = self.store.meta_get("local_machines")
+        self.local_known = persisted is not None
+        for raw in json.loads(persisted or "[]"):
             m = LocalMachine.from_json(raw, self.cfg.region)
             self.local[m.key] = m
         for key in list(self._key_origins):
@@ -204,7 +209,10 @@ class Agent:
     # == local rows ===============================================================
     def set_local(self, machines: dict[Key, LocalMachine]) -> None:
         """The complete set of machines on this host, from the source."""
+        if not self.local_known:
+            log.info("machines of this host known", machines=len(machines))
         self.local = dict(machines)
+        self.local_known = True
         self.store.meta_set("local_machines", json.dumps([m.to_json() for m in self.local.values()]))
         self._reconcile()
 
@@ -316,6 +324,10 @@ class Agent:
             log.info("member state", member=m.host, state=m.state, was=old, incarnation=m.inc)
             for key in list(self.store.by_origin.get(m.host, {})):
                 self._recompute(key)
+            if old == DEAD and self._transport is not None and m.host not in self.dropped:
+                # Met (again): exchange rows now, not at the next random sync. A host that
+                # just booted wrote its rows while it knew no peer (no push reached anyone).
+                asyncio.get_running_loop().create_task(self._sync_with(m.addr, m.host))
         elif m.state == SUSPECT:
             log.info("member suspect", member=m.host, incarnation=m.inc)
 
@@ -486,8 +498,16 @@ class Agent:
         cur = self.store.get(self.cfg.host, rec.key)
         if cur is not None and rec.hlc <= cur.hlc:
             return
-        REJECTED.labels("own_origin").inc()
         self.hlc.observe(rec.hlc)
+        if not self.local_known:
+            # Restarted without state and the source has not answered yet (a host that
+            # boots reaches the API late): keep our last word as peers hold it rather
+            # than deny every machine here; the first set from the source settles it.
+            self.store.put(rec)
+            self._index(rec.origin, rec.key)
+            self._recompute(rec.key)
+            return
+        REJECTED.labels("own_origin").inc()
         m = self.local.get(rec.key)
         self._write(rec.key, self._compose(m) if m is not None else None)
 
@@ -606,6 +626,13 @@ class Agent:
             target = self.members.next_probe_target()
             if target is not None:
                 asyncio.create_task(self._probe(target))
+            dead = [m for m in self.members.dead() if m.host not in self.dropped]
+            if dead:
+                # One datagram a round to a member we think dead: a host that comes back is met
+                # within a probe interval, also when it cannot resolve its seeds yet (a booting
+                # host's cluster DNS), instead of when a random sync happens to pick it.
+                peer = random.choice(dead)
+                self._send_to(peer.addr, peer.host, {"t": "ping", "seq": self._next_seq()})
             self.members.tick()
             await asyncio.sleep(self.cfg.probe_interval * random.uniform(0.9, 1.1))
 

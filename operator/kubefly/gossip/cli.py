@@ -26,16 +26,39 @@ def _default_advertise(bind_ip: str) -> str:
         return "127.0.0.1"
 
 
-def _node_region(node: str) -> str:
+def _node_region(node: str, give_up_after: float = 300.0) -> str:
+    """The Node's region label. A host that boots reaches the API only once its kube-proxy
+    is up: retried a few times a second rather than exiting, which would put the agent in
+    the kubelet's crash-loop backoff (10 s, 20 s, ...) and keep the host's rows away."""
+    import random
+    import time
+
     from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
 
     from kubefly import labels
 
+    log = logs.get("kubefly.gossip.cli")
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    region = (client.CoreV1Api().read_node(node).metadata.labels or {}).get(labels.NODE_REGION)
+    deadline = time.monotonic() + give_up_after
+    while True:
+        try:
+            found = client.CoreV1Api().read_node(node, _request_timeout=10)
+            break
+        except ApiException as exc:
+            if exc.status in (401, 403, 404):
+                raise click.UsageError(f"cannot read node {node} ({exc.status} {exc.reason}): pass --region") from exc
+            error = f"{exc.status} {exc.reason}"
+        except Exception as exc:  # the API is not reachable (yet)
+            error = str(exc)[:200]
+        if time.monotonic() > deadline:
+            raise click.UsageError(f"cannot read node {node} for its region ({error}): pass --region")
+        log.warning("node not readable yet; retrying", node=node, error=error)
+        time.sleep(random.uniform(0.1, 0.3))  # one small GET: a booting host's agent waits on nothing else
+    region = (found.metadata.labels or {}).get(labels.NODE_REGION)
     if not region:
         raise click.UsageError(f"node {node} has no {labels.NODE_REGION} label: pass --region")
     return region

@@ -277,4 +277,6 @@ class ReplicaClient:
                     log.warning("agent stream lost; serving last known state", error=str(exc))
                 self.connected = False
             await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 5.0)
+            # The agent is on this host (loopback): retrying often costs nothing, and a proxy
+            # that started before its agent (a host booting) must not lag it by seconds.
+            backoff = min(backoff * 2, 1.0)

@@ -4,25 +4,31 @@ Both sources produce `LocalMachine`s and hand the complete set to the agent,
 which alone turns them (plus the checks it runs and the loads its proxy
 reports) into instance rows:
 
-- `PodSource`: the pods on this node (fieldSelector spec.nodeName), through
-  the Kubernetes API. When the API is unreachable the last set stays.
-- `DirSource`: a directory of JSON files, one per machine (or a Pod object),
-  for the component tier and development without a cluster.
+- `PodSource`: the pods on this node (fieldSelector spec.nodeName) and the
+  Machines placed on it (status.host), through the Kubernetes API. A pod
+  makes the row; a Machine without a pod (created, stopped, being started)
+  makes a row too, never routable, so the proxy knows the app and can
+  autostart it. When the API is unreachable the last set stays.
+- `DirSource`: a directory of JSON files, one per machine (the LocalMachine
+  shape, a Pod or a Machine object), for the component tier and development
+  without a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kubefly import labels, logs
+from kubefly import GROUP, VERSION, labels, logs
 from kubefly.gossip.checks import CheckSpec
 from kubefly.instances import InstanceState, Service
+from kubefly.machines.pod import services_annotation
 
 log = logs.get("kubefly.gossip.sources")
 
@@ -105,9 +111,82 @@ def pod_to_machine(pod: dict, default_region: str) -> LocalMachine | None:
     )
 
 
-def parse_file(doc: dict, default_region: str) -> LocalMachine | None:
+# The Machine's Ready reasons that mean it exited for good under its spec
+# (kubefly.machines.lifecycle.EXIT_REASONS): setting spec.state started again
+# would change nothing, so it is no autostart candidate.
+EXITED = ("Exited", "RestartLimitExceeded")
+
+
+def machine_state(machine: dict) -> str | None:
+    """The row state of a Machine that has no pod; None for one that is going away."""
+    meta, spec, status = machine.get("metadata") or {}, machine.get("spec") or {}, machine.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("state") in ("destroying", "destroyed"):
+        return None
+    if spec.get("state", "started") == "stopped":
+        # Fly's words: created = placed and never booted, stopped = booted before.
+        return (InstanceState.created if status.get("state") in (None, "created") else InstanceState.stopped).value
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    if status.get("state") == "failed" or (
+        ready.get("reason") in EXITED and ready.get("observedGeneration") == meta.get("generation")
+    ):
+        return InstanceState.failed.value
+    # Desired started, no pod yet: being started (a request waits for it, nothing routes to it).
+    return InstanceState.starting.value
+
+
+def machine_to_local(machine: dict, host: str, default_region: str) -> LocalMachine | None:
+    """A Machine placed on `host` as a LocalMachine without an address; None when it is
+    placed elsewhere (or nowhere yet), or going away."""
+    meta, spec, status = machine.get("metadata") or {}, machine.get("spec") or {}, machine.get("status") or {}
+    if status.get("host") != host or not spec.get("app"):
+        return None
+    state = machine_state(machine)
+    if state is None:
+        return None
+    return LocalMachine.from_json(
+        {
+            "org": meta.get("namespace") or "default",
+            "app": spec["app"],
+            "machine_id": meta.get("name"),
+            "instance_id": status.get("instanceId") or meta.get("uid") or meta.get("name"),
+            "region": status.get("region") or spec.get("region") or default_region,
+            "address": "",
+            "state": state,
+            "services": json.loads(services_annotation(spec.get("services") or [])),
+            "checks": spec.get("checks") or [],
+        },
+        default_region,
+    )
+
+
+def merge(pods: list[dict], machines: list[dict], host: str, default_region: str) -> dict[Key, LocalMachine]:
+    """This host's machines: one per pod, and one per Machine placed here that has no pod.
+    A pod or Machine that does not parse is logged and skipped, never half-applied."""
+    out: dict[Key, LocalMachine] = {}
+    for pod in pods:
+        try:
+            m = pod_to_machine(pod, default_region)
+        except (ValueError, TypeError) as exc:
+            log.warning("pod rejected", pod=(pod.get("metadata") or {}).get("name"), error=str(exc)[:300])
+            continue
+        if m is not None:
+            out[m.key] = m
+    for machine in machines:
+        try:
+            m = machine_to_local(machine, host, default_region)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("machine rejected", machine=(machine.get("metadata") or {}).get("name"), error=str(exc)[:300])
+            continue
+        if m is not None and m.key not in out:  # the pod, when there is one, is the truth
+            out[m.key] = m
+    return out
+
+
+def parse_file(doc: dict, host: str, default_region: str) -> LocalMachine | None:
     if doc.get("kind") == "Pod":
         return pod_to_machine(doc, default_region)
+    if doc.get("kind") == "Machine":
+        return machine_to_local(doc, host, default_region)
     return LocalMachine.from_json(doc, default_region)
 
 
@@ -118,7 +197,7 @@ class DirSource:
         self.path, self.host, self.region = path, host, region
         self._on = on_machines
         self._poll = poll
-        self._seen: dict[str, tuple[float, LocalMachine | None]] = {}
+        self._seen: dict[str, tuple[float, dict | None]] = {}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -131,7 +210,7 @@ class DirSource:
 
     def scan(self) -> bool:
         changed = False
-        now: dict[str, tuple[float, LocalMachine | None]] = {}
+        now: dict[str, tuple[float, dict | None]] = {}
         for f in self.path.glob("*.json"):
             try:
                 mtime = f.stat().st_mtime_ns
@@ -146,8 +225,9 @@ class DirSource:
                 doc = json.loads(f.read_text())
                 if doc.get("host") not in (None, self.host):
                     raise ValueError(f"file names host {doc.get('host')!r}, this agent is {self.host!r}")
-                now[f.name] = (mtime, parse_file(doc, self.region))
-            except (OSError, ValueError, TypeError) as exc:
+                parse_file(doc, self.host, self.region)  # refused here, whole, or kept
+                now[f.name] = (mtime, doc)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
                 # A half-written or invalid file is skipped, never half-applied.
                 log.warning("machine file rejected", file=f.name, error=str(exc)[:300])
                 now[f.name] = (mtime, prev[1] if prev else None)
@@ -156,7 +236,11 @@ class DirSource:
         return changed
 
     def machines(self) -> dict[Key, LocalMachine]:
-        return {m.key: m for _, m in self._seen.values() if m is not None}
+        docs = [d for _, d in self._seen.values() if d is not None]
+        plain = [LocalMachine.from_json(d, self.region) for d in docs if d.get("kind") not in ("Pod", "Machine")]
+        out = merge([d for d in docs if d.get("kind") == "Pod"], [d for d in docs if d.get("kind") == "Machine"],
+                    self.host, self.region)
+        return out | {m.key: m for m in plain}
 
     async def _run(self) -> None:
         first = True
@@ -175,8 +259,24 @@ def checks_condition(passing: bool, failing: list[str], now: str) -> dict:
             "lastTransitionTime": now}
 
 
+# Retry pace when the API cannot be reached: 0.1 s, doubling to at most 1 s,
+# jittered. Short on purpose: a host that boots (a worker started again)
+# reaches the API only once kube-proxy has written its rules, and every second
+# the agent then sleeps is a second its Ready machines are not routable (a
+# doubling backoff to 30 s made it ~28 s). One request a second per watch
+# while the API is down costs the API server nothing.
+RETRY_S = (0.1, 1.0)
+# A watch the server ends after this (then resumed), and a read timeout a bit
+# longer, so a connection to an API server that went silent (paused, gone) is
+# noticed instead of blocking the thread for the kernel's TCP timeout.
+WATCH_S = 50
+READ_TIMEOUT_S = WATCH_S + 15
+
+
 class PodSource:
-    """List+watch the pods of this node in a thread (the kubernetes client is blocking).
+    """List+watch, in two threads (the kubernetes client is blocking), the pods of
+    this node and the Machines; a Machine placed on this node with no pod becomes
+    a row too (created, stopped, starting).
 
     It also writes each machine's check verdict to its pod (the readiness gate),
     one write at a time in a thread of its own."""
@@ -187,6 +287,12 @@ class PodSource:
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="checks-gate")
+        self._lock = threading.Lock()
+        self._pods: dict[str, dict] = {}
+        self._machines: dict[str, dict] = {}
+        # Kinds listed at least once (or refused for good): the set is complete only with both,
+        # and the agent takes it as the whole truth about this host.
+        self._listed: set[str] = set()
 
     def report_checks(self, m: LocalMachine, passing: bool, failing: list[str]) -> None:
         self._writer.submit(self._write_checks, m.org, m.machine_id, m.instance_id, passing, failing)
@@ -200,14 +306,14 @@ class PodSource:
         api = client.CoreV1Api()
         for _ in range(3):
             try:
-                live = api.read_namespaced_pod(pod, namespace)
+                live = api.read_namespaced_pod(pod, namespace, _request_timeout=10)
                 if (live.metadata.annotations or {}).get(labels.INSTANCE_ID, instance) != instance:
                     return  # replaced meanwhile: the new instance gets its own verdict
                 now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
                 # resourceVersion: the pod must still be the one just read.
                 body = {"metadata": {"resourceVersion": live.metadata.resource_version},
                         "status": {"conditions": [checks_condition(passing, failing, now)]}}
-                api.patch_namespaced_pod_status(pod, namespace, body,
+                api.patch_namespaced_pod_status(pod, namespace, body, _request_timeout=10,
                                                 _content_type="application/strategic-merge-patch+json")
                 log.info("checks gate written", pod=f"{namespace}/{pod}", passing=passing, failing=failing)
                 return
@@ -218,58 +324,80 @@ class PodSource:
                 return
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._run, name="pod-source", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._writer.shutdown(wait=False, cancel_futures=True)
-
-    def _emit(self, pods: dict[str, dict]) -> None:
-        out: dict[Key, LocalMachine] = {}
-        for pod in pods.values():
-            try:
-                m = pod_to_machine(pod, self.region)
-            except (ValueError, TypeError) as exc:
-                log.warning("pod rejected", pod=(pod.get("metadata") or {}).get("name"), error=str(exc)[:300])
-                continue
-            if m is not None:
-                out[m.key] = m
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._on, out)
-
-    def _run(self) -> None:
-        from kubernetes import client, config, watch
+        from kubernetes import client, config
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        api = client.CoreV1Api()
-        ser = api.api_client.sanitize_for_serialization
-        selector = dict(field_selector=f"spec.nodeName={self.host}",
-                        label_selector=f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE}")
-        backoff = 1.0
+        self._loop = asyncio.get_running_loop()
+        core, custom = client.CoreV1Api(), client.CustomObjectsApi()
+        ser = core.api_client.sanitize_for_serialization
+        pods = dict(field_selector=f"spec.nodeName={self.host}",
+                    label_selector=f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE}")
+        # Machines cannot be field-selected by status.host: every agent follows all of
+        # them and keeps those placed here (small objects, and few change at a time).
+        threading.Thread(target=self._follow, name="pod-source", daemon=True,
+                         args=("pods", self._pods, core.list_pod_for_all_namespaces, (), pods, ser)).start()
+        threading.Thread(target=self._follow, name="machine-source", daemon=True,
+                         args=("machines", self._machines, custom.list_cluster_custom_object,
+                               (GROUP, VERSION, "machines"), {}, lambda o: o)).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._writer.shutdown(wait=False, cancel_futures=True)
+
+    def _emit(self) -> None:
+        assert self._loop is not None
+        with self._lock:  # held while scheduling too: two threads' sets reach the agent in order
+            if len(self._listed) < 2:
+                return
+            out = merge(list(self._pods.values()), list(self._machines.values()), self.host, self.region)
+            self._loop.call_soon_threadsafe(self._on, out)
+
+    def _follow(self, what: str, objects: dict[str, dict], list_fn, args: tuple, selector: dict, ser) -> None:
+        """List, then watch from the list's resourceVersion, and again from the last one seen
+        when a watch ends; on any failure keep the last objects and list again soon."""
+        from kubernetes import watch
+
+        failures = 0
         while not self._stop.is_set():
             try:
-                listed = api.list_pod_for_all_namespaces(**selector)
-                pods = {f"{p.metadata.namespace}/{p.metadata.name}": ser(p) for p in listed.items}
-                self._emit(pods)
-                backoff = 1.0
-                w = watch.Watch()
-                for ev in w.stream(api.list_pod_for_all_namespaces, resource_version=listed.metadata.resource_version,
-                                   timeout_seconds=300, **selector):
-                    if self._stop.is_set():
-                        w.stop()
-                        return
-                    pod = ser(ev["object"])
-                    name = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
-                    if ev["type"] == "DELETED":
-                        pods.pop(name, None)
-                    else:
-                        pods[name] = pod
-                    self._emit(pods)
+                listed = ser(list_fn(*args, **selector, _request_timeout=READ_TIMEOUT_S))
+                with self._lock:
+                    objects.clear()
+                    objects.update({f"{o['metadata'].get('namespace')}/{o['metadata']['name']}": o
+                                    for o in listed.get("items") or []})
+                    self._listed.add(what)
+                self._emit()
+                log.info("listed", what=what, count=len(objects), after_failures=failures)
+                failures = 0
+                version = listed["metadata"]["resourceVersion"]
+                while not self._stop.is_set():
+                    w = watch.Watch()
+                    for ev in w.stream(list_fn, *args, resource_version=version, timeout_seconds=WATCH_S,
+                                       _request_timeout=READ_TIMEOUT_S, **selector):
+                        if self._stop.is_set():
+                            w.stop()
+                            return
+                        if ev["type"] == "ERROR":  # e.g. 410 Gone: the resourceVersion is too old
+                            raise RuntimeError(f"watch error: {str(ev.get('raw_object'))[:200]}")
+                        obj = ser(ev["object"])
+                        version = obj["metadata"]["resourceVersion"]
+                        name = f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
+                        with self._lock:
+                            if ev["type"] == "DELETED":
+                                objects.pop(name, None)
+                            else:
+                                objects[name] = obj
+                        self._emit()
             except Exception as exc:  # API unreachable: keep serving the last set, retry
-                log.warning("pod watch failed; keeping last known machines", error=str(exc)[:300])
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                if getattr(exc, "status", None) in (403, 404):
+                    # Not allowed, or no such resource (an older chart, no CRD): go on without it.
+                    with self._lock:
+                        self._listed.add(what)
+                    self._emit()
+                failures += 1
+                log.warning("watch failed; keeping last known machines", what=what, failures=failures,
+                            error=str(exc)[:300])
+                self._stop.wait(min(RETRY_S[1], RETRY_S[0] * 2 ** (failures - 1)) * random.uniform(0.5, 1.0))

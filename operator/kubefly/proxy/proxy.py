@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Protocol
 
 from kubefly import logs
-from kubefly.instances import ConcurrencyType, Instance
+from kubefly.instances import ConcurrencyType, Instance, InstanceState
 from kubefly.proxy import http1, metrics, routing
 from kubefly.proxy.config import Config
 from kubefly.proxy.server import Request
@@ -463,13 +463,15 @@ class Proxy:
                 under_soft = not routing.all_above_soft(choices)
             if force is None and not under_soft and self.starter is not None:
                 candidate = routing.autostart_candidate(instances, region=region, rtt=self.rtt)
-                if candidate is not None:
-                    waiting = self._autostart(candidate)
-                    if not choices:
-                        # Nothing can serve now: hold the request until the machine passes its checks.
-                        if not await self._wait_started(waiting, candidate, cfg.autostart_timeout_s):
-                            return self._answer(req, 503, f"kubefly: app {name} did not start in time\n", b"autostart")
-                        continue
+                waiting = self._autostart(candidate) if candidate is not None else None
+                # Nothing can serve now: hold the request until a machine passes its checks,
+                # the one started for it or one already on its way up (started for an
+                # earlier request, here or at another edge, or by its owner).
+                coming = candidate if candidate is not None or cands else self._coming(instances)
+                if not choices and coming is not None:
+                    if not await self._wait_started(waiting, coming, started + cfg.autostart_timeout_s):
+                        return self._answer(req, 503, f"kubefly: app {name} did not start in time\n", b"autostart")
+                    continue
             if not choices:
                 if not cands:
                     return self._answer(req, 503, f"kubefly: app {name} has no started instance\n", b"no-instance")
@@ -527,15 +529,30 @@ class Proxy:
         except Exception as exc:
             log().warning("autostart failed", org=inst.org, app=inst.app, machine=inst.machine_id, error=str(exc))
 
-    async def _wait_started(self, task: asyncio.Task, inst: Instance, timeout: float) -> bool:
+    def _coming(self, instances: list[Instance]) -> Instance | None:
+        """An instance on its way up, or on its way down (it can be started once stopped),
+        that could then take the request."""
+        for inst in instances:
+            if inst.state in (InstanceState.starting, InstanceState.stopping) and routing.http_service(inst) is not None:
+                return inst
+        return None
+
+    async def _wait_started(self, task: asyncio.Task | None, inst: Instance, deadline: float) -> bool:
+        """Until the instance is routable (True), or, when waiting on one this request did not
+        start (no task), until it is stopped (so the caller starts it) or gone (the caller
+        looks again); False at the deadline."""
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(task)
-                # Bounded by the timeout; the replica shows the instance once its host's agent sees it pass its checks.
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
+                if task is not None:
+                    await asyncio.shield(task)
+                # The replica shows the instance routable once its host's agent sees it pass its checks.
                 while True:
-                    for i in self.replica.instances(inst.org, inst.app):
-                        if i.machine_id == inst.machine_id and i.routable:
-                            return True
+                    row = next((i for i in self.replica.instances(inst.org, inst.app)
+                                if i.machine_id == inst.machine_id), None)
+                    if row is not None and row.routable:
+                        return True
+                    if task is None and (row is None or row.state in (InstanceState.stopped, InstanceState.created)):
+                        return True
                     await asyncio.sleep(0.05)
         except TimeoutError:
             return False

@@ -193,11 +193,12 @@ def all_above_soft(choices: Sequence[Choice]) -> bool:
 def autostart_candidate(
     instances: Iterable[Instance], *, region: str, rtt: Callable[[str], float | None]
 ) -> Instance | None:
-    """A stopped instance with autostart, in the request's region if any, else the closest."""
+    """A stopped (or created, never booted) instance with autostart, in the request's
+    region if any, else the closest."""
     best: tuple[int, float, str] | None = None
     found = None
     for inst in instances:
-        if inst.state is not InstanceState.stopped:
+        if inst.state is not InstanceState.stopped and inst.state is not InstanceState.created:
             continue
         service = http_service(inst)
         if service is None or not service.autostart:

@@ -22,6 +22,8 @@ import yaml
 
 from kubefly.gossip.harness import AgentCluster, AgentProc, free_port
 
+sys.path.insert(0, str(Path(__file__).parent))  # starter.py: the operator's part, also for the fixtures
+
 KUBEFLY = str(Path(sys.executable).parent / "kubefly")
 STARTER = Path(__file__).with_name("starter.py")
 DOMAIN = "test"
@@ -157,6 +159,34 @@ class Platform:
                                          "port": port, "pidfile": str(pidfile)}
         self.spec.write_text(json.dumps(self.starter_spec))
         return pidfile
+
+    def stopped_machine(self, host: int, machine_id: str, app: str, *, org: str = "acme", status: str = "created",
+                        terminating: bool = False, **service) -> Path:
+        """A Machine object applied `state: stopped` (status `created`: placed on the host, never
+        booted) in the agent's directory, as the agent reads it from the Kubernetes API; the
+        starter plays the operator (spec.state, the Pod, status.state). `terminating`: its pod
+        is still there, being deleted (written first). Returns the Machine file."""
+        from starter import pod_of, write_json
+
+        agent = self.agents[host]
+        port = free_port()
+        path = agent.machines / f"{machine_id}.json"
+        doc = {"apiVersion": "kubefly.dev/v1alpha1", "kind": "Machine",
+               "metadata": {"name": machine_id, "namespace": org, "uid": f"uid-{machine_id}", "generation": 1},
+               "spec": {"app": app, "region": agent.region, "image": "testapp", "state": "stopped",
+                        "services": [{"internalPort": port, "ports": [{"port": 80}], "autostart": True,
+                                      "autostop": "stop", "concurrency": {"type": "requests"}, **service}]},
+               "status": {"state": status, "host": agent.host, "region": agent.region,
+                          "instanceId": f"{machine_id}-v1"}}
+        self.starter_spec[machine_id] = {"file": str(path), "pod": str(agent.machines / f"{machine_id}-pod.json"),
+                                         "port": port, "pidfile": str(self.cluster.root / f"{machine_id}.pid")}
+        self.spec.write_text(json.dumps(self.starter_spec))
+        if terminating:
+            pod = pod_of(doc, agent.host, port)
+            pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+            write_json(Path(self.starter_spec[machine_id]["pod"]), pod)
+        write_json(path, doc)
+        return path
 
     def wait_routable(self, app: str, machines: set[str], timeout: float = 30.0) -> None:
         """Until every proxy's replica shows these machines routable (seen through forced requests)."""

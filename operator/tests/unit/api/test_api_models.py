@@ -27,6 +27,12 @@ def test_machine_defaults():
     assert (service.concurrency.type, service.concurrency.soft_limit, service.concurrency.hard_limit) == ("connections", 20, None)
 
 
+def test_autostop_suspend_is_refused_naming_the_field():
+    with pytest.raises(ValidationError, match=r"spec\.services\[\]\.autostop: suspend is not supported"):
+        MachineSpec.model_validate({**BASE, "services": [{"internalPort": 8080, "autostop": "suspend"}]})
+    assert MachineSpec.model_validate({**BASE, "services": [{"internalPort": 8080, "autostop": "stop"}]}).services[0].autostop == "stop"
+
+
 def test_other_defaults():
     volume = VolumeSpec.model_validate({"app": "web", "region": "ams"})
     assert (volume.size_gb, volume.snapshot_retention, volume.fork_from) == (1, None, None)

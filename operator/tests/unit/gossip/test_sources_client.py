@@ -99,3 +99,84 @@ async def test_local_replica_applies_the_watch_stream():
     assert kinds == ["snapshot", "upsert", "upsert", "rtt", "delete"]
     assert await r.wait_for(lambda rep: len(rep.instances()) == 1, 0.1)
     assert not await r.wait_for(lambda rep: len(rep.instances()) == 5, 0.1)
+
+
+def machine_obj(name="m1", *, host="node-1", desired="stopped", state="created", **status_over):
+    status = {"state": state, "host": host, "region": "ams", "instanceId": "inst-9", **status_over}
+    return {"apiVersion": "kubefly.dev/v1alpha1", "kind": "Machine",
+            "metadata": {"name": name, "namespace": "acme", "uid": "u-9", "generation": 3},
+            "spec": {"app": "web", "region": "ams", "image": "x", "state": desired,
+                     "services": [{"internalPort": 8080, "ports": [{"port": 80}], "autostop": "stop",
+                                   "minMachinesRunning": 1}],
+                     "checks": [{"name": "alive", "type": "tcp", "port": 8080}]},
+            "status": status}
+
+
+def test_a_machine_without_a_pod_is_a_row_that_is_never_routable():
+    from kubefly.gossip.sources import machine_to_local
+
+    m = machine_to_local(machine_obj(), "node-1", "r")
+    assert (m.org, m.app, m.machine_id, m.instance_id, m.region, m.address, m.state) == (
+        "acme", "web", "m1", "inst-9", "ams", "", "created")
+    svc = m.services[0]
+    assert (svc["internal_port"], svc["ports"], svc["autostart"], svc["autostop"], svc["min_machines_running"]) == (
+        8080, [80], True, "stop", 1)
+    assert m.checks[0].name == "alive"
+    # Placed on another host, or not placed yet: not this agent's row.
+    assert machine_to_local(machine_obj(host="node-2"), "node-1", "r") is None
+    assert machine_to_local(machine_obj(host=None), "node-1", "r") is None
+
+
+@pytest.mark.parametrize("desired,status,extra,state", [
+    ("stopped", None, {}, "created"),  # applied stopped: placed, never booted
+    ("stopped", "created", {}, "created"),
+    ("stopped", "stopped", {}, "stopped"),
+    ("stopped", "stopping", {}, "stopped"),  # the pod is gone already
+    ("stopped", "started", {}, "stopped"),  # autostop asked, the status lags
+    ("started", "stopped", {}, "starting"),  # started again, the pod not there yet
+    ("started", "created", {}, "starting"),
+    ("started", "failed", {}, "failed"),  # e.g. no capacity: nothing to autostart
+    ("started", "stopped", {"conditions": [{"type": "Ready", "status": "False", "reason": "Exited",
+                                            "observedGeneration": 3}]}, "failed"),
+    ("started", "stopped", {"conditions": [{"type": "Ready", "status": "False", "reason": "Exited",
+                                            "observedGeneration": 2}]}, "starting"),  # spec changed since
+])
+def test_machine_state(desired, status, extra, state):
+    from kubefly.gossip.sources import machine_state
+
+    assert machine_state(machine_obj(desired=desired, state=status, **extra)) == state
+
+
+def test_machines_going_away_have_no_row():
+    from kubefly.gossip.sources import machine_state
+
+    gone = machine_obj()
+    gone["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert machine_state(gone) is None
+    assert machine_state(machine_obj(state="destroying")) is None
+
+
+def test_merge_the_pod_wins_over_its_machine_and_bad_objects_are_skipped():
+    from kubefly.gossip.sources import merge
+
+    running = pod()
+    running["metadata"]["labels"][labels.MACHINE] = "m1"
+    bad = machine_obj("m3")
+    bad["spec"]["services"] = [{"ports": []}]  # no internalPort
+    out = merge([running], [machine_obj("m1", desired="started", state="started"), machine_obj("m2"), bad,
+                            machine_obj("m4", host="node-2")], "node-1", "r")
+    assert set(out) == {("acme", "m1"), ("acme", "m2")}
+    assert out[("acme", "m1")].state == "started" and out[("acme", "m1")].address == "10.1.2.3"
+    assert out[("acme", "m2")].state == "created" and out[("acme", "m2")].address == ""
+
+
+def test_dir_source_reads_machines_and_their_pods(tmp_path):
+    src = DirSource(tmp_path, "node-1", "ams", lambda _: None)
+    (tmp_path / "m1.json").write_text(json.dumps(machine_obj("m1")))
+    assert src.scan() and src.machines()[("acme", "m1")].state == "created"
+    p = pod()
+    p["metadata"]["labels"][labels.MACHINE] = "m1"
+    (tmp_path / "m1-pod.json").write_text(json.dumps({"kind": "Pod", **p}))
+    assert src.scan() and src.machines()[("acme", "m1")].state == "started"
+    (tmp_path / "m1-pod.json").unlink()
+    assert src.scan() and src.machines()[("acme", "m1")].state == "created"

@@ -124,6 +124,15 @@ def test_autostart_prefers_own_region_then_closest():
     assert routing.autostart_candidate([inst("x")], region="ams", rtt=RTT.get) is None
 
 
+def test_autostart_takes_a_never_booted_machine_but_not_one_starting_or_failed():
+    # Rows of Machines without a pod (sources.machine_to_local): never routable, only candidates.
+    created = inst("new", state="created", address="")
+    assert not created.routable and routing.candidates([created]) == []
+    assert routing.autostart_candidate([created], region="ams", rtt=RTT.get) is created
+    for state in ("starting", "failed", "stopping"):
+        assert routing.autostart_candidate([inst("m", state=state, address="")], region="ams", rtt=RTT.get) is None
+
+
 @pytest.mark.parametrize(
     ("loads", "expected"),
     [
