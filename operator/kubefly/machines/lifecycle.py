@@ -391,6 +391,15 @@ def _lifecycle(b: _Builder) -> None:
     wanted_secrets = (b.meta.get("annotations") or {}).get(SECRETS_DIGEST)
     why = None
     if pod.instance != st.get("instanceId"):
+        version = int(st.get("version") or 0)
+        if pod_version(b.meta["uid"], pod.instance, version) is None:
+            # A pod newer than the status we read: this view of the Machine is stale (our own write
+            # not seen yet, or another writer's). Only a fresh read may decide; never delete on it.
+            return
+        if current == "replacing":
+            # Our own replacement, its delete not seen yet: ask again, say nothing new.
+            b.plan.delete_pod_grace = stop_grace
+            return
         why = "the pod is of another version"
     elif pod.spec_digest != digest:
         why = "the spec changed"
@@ -416,6 +425,11 @@ def _lifecycle(b: _Builder) -> None:
         b.event("Normal", "Replacing", f"replacing the machine on host {st['host']}: {why}")
         return
     _observe(b, pod)
+
+
+def pod_version(uid: str, instance: str | None, upto: int) -> int | None:
+    """The version (1..upto) a pod's instance id stands for; None: a newer one, or another Machine's."""
+    return next((v for v in range(upto, 0, -1) if instance_id(uid, v) == instance), None)
 
 
 def _start(b: _Builder, digest: str) -> None:
