@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-from .conftest import RELEASE_NAMESPACE
-
 
 def test_a_second_replica_stands_by_while_the_first_keeps_working(kube, operator, standby_operator, namespace):
-    lease = json.loads(kube.kubectl("-n", RELEASE_NAMESPACE, "get", "lease", "kubefly-operator", "-o", "json").stdout)
+    lease = json.loads(kube.kubectl("-n", kube.release_namespace, "get", "lease", "kubefly-operator", "-o", "json").stdout)
     assert lease["spec"]["holderIdentity"] == operator.identity
     assert "waiting for the leadership lease" in standby_operator.logs()
 

@@ -40,13 +40,11 @@ def operator_command(namespaces, metrics_port, health_port, lease, leader_identi
     metrics.serve(metrics_port)
     elector = None
     if not standalone:
-        from kubernetes import client
-
         from kubefly.controllers import kubeapi, leadership
 
         leading = threading.Event()
         elector = leadership.Elector(
-            leadership.LeaseAPI(client.ApiClient(kubeapi.load_config()), home_namespace, lease), leader_identity,
+            leadership.LeaseAPI(kubeapi.load_config(), home_namespace, lease), leader_identity,
             leadership.Timing(), on_lead=leading.set, on_lost=_restart_as_candidate,
         ).start()
         health = leadership.CandidateHealth(health_port, elector)

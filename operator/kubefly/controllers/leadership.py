@@ -142,10 +142,15 @@ class Election:
 class LeaseAPI:
     """The three Lease calls, synchronous, each with its own timeout. Errors raise ApiException or OSError."""
 
-    def __init__(self, api_client, namespace: str, name: str):
+    def __init__(self, cfg, namespace: str, name: str):
+        """`cfg`: a kubernetes.client.Configuration (copied: no retries here, or one call could outlast its timeout)."""
+        import copy
+
         from kubernetes import client
 
-        self.api = client.CoordinationV1Api(api_client)
+        cfg = copy.copy(cfg)
+        cfg.retries = False
+        self.api = client.CoordinationV1Api(client.ApiClient(cfg))
         self.namespace, self.name = namespace, name
 
     def read(self, timeout: float) -> Lease | None:
@@ -252,7 +257,7 @@ class Elector:
                 except Exception as exc:
                     log.info("leadership lease write failed", step=step.value, error=str(exc))
                 else:
-                    if e.wrote(sent) and not self._lost.locked():
+                    if e.wrote(sent) and not self._lost.locked() and not e.must_stop(self.clock()):
                         LEADER.set(1)
                         log.info("leadership acquired: this replica is active", identity=self.identity,
                                  lease=f"{self.api.namespace}/{self.api.name}")
