@@ -147,16 +147,20 @@ async def pod_changed(namespace, labels: dict, **_):
     wake((namespace, labels.get(kflabels.MACHINE)))
 
 
-@kopf.on.event("nodes")
-async def node_changed(name, type, status, placed_machines: kopf.Index, **_):
-    ready = type != "DELETED" and any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in (status or {}).get("conditions") or []
-    )
+def node_address(name: str, type: str | None, status: dict | None) -> None:
     address = next((a.get("address") for a in (status or {}).get("addresses") or [] if a.get("type") == "InternalIP"), None)
     if type == "DELETED" or not address:
         HOST_ADDRESS.pop(name, None)
     else:
         HOST_ADDRESS[name] = address
+
+
+@kopf.on.event("nodes")
+async def node_changed(name, type, status, placed_machines: kopf.Index, **_):
+    ready = type != "DELETED" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in (status or {}).get("conditions") or []
+    )
+    node_address(name, type, status)
     if HOST_READY.get(name) == ready and type != "DELETED":
         return
     HOST_READY[name] = ready
@@ -180,8 +184,21 @@ async def start_gossip_view(memo: kopf.Memo, **_) -> None:
     # Set by the chart when the host agents run (agent.enabled); without it the Node alone decides.
     port = os.environ.get("KUBEFLY_AGENT_MEMBERS_PORT")
     memo.gossip_stop = asyncio.Event()
+    memo.gossip_task = None
+    if not port:
+        return
+    # Machines are reconciled only after the first round: a leader starting right after an API outage
+    # finds every Node NotReady for a few seconds and must not take that for host loss.
+    try:
+        for node in await kube().list(core_path(None, "nodes")):
+            node_address(node["metadata"]["name"], "ADDED", node.get("status"))
+    except (ApiException, OSError, asyncio.TimeoutError) as exc:
+        log.warning("cannot list hosts for the gossip view; it starts with the Node watch", error=str(exc))
     memo.gossip_task = asyncio.create_task(
-        gossipview.poll(GOSSIP, lambda: dict(HOST_ADDRESS), int(port), _wake_hosts, memo.gossip_stop)) if port else None
+        gossipview.poll(GOSSIP, lambda: dict(HOST_ADDRESS), int(port), _wake_hosts, memo.gossip_stop))
+    deadline = time.monotonic() + 2 * gossipview.POLL_S
+    while GOSSIP.at is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
 
 
 @kopf.on.cleanup()
