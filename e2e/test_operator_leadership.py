@@ -10,6 +10,7 @@ timings (Lease 3 s, deadline 2 s, retry 0.5 s) keep the cases quick; the product
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import threading
 import time
@@ -174,3 +175,66 @@ def test_an_api_outage_longer_than_the_lease_leaves_exactly_one_active(kube):
     finally:
         a.close()
         b.close()
+
+
+def test_two_operator_processes_one_cut_off_from_the_api(kube, operator, namespace, tmp_path):
+    """`kubefly operator` itself, twice, with the chart's timings (Lease 15 s, deadline 10 s) and the
+    chart's RBAC: the leader reaches the API through a forwarder that is then blocked. It stops being
+    active (replaces its process and waits as a candidate) before the standby takes over, and stays a
+    candidate once it can reach the API again."""
+    import yaml
+
+    from conftest import OperatorProcess
+
+    lease = "kubefly-operator"  # the one the chart's RBAC allows; the session operator hands it over meanwhile
+    server = yaml.safe_load(kube.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    forwarder = Forwarder((host, int(port)))
+    args = ("--namespace", namespace)  # an empty namespace: nothing of other tests is touched
+    a = OperatorProcess(kube, tmp_path / "a", extra_args=args, identity="a")
+    b = OperatorProcess(kube, tmp_path / "b", extra_args=args, identity="b")
+    real = kube.cluster.service_account_kubeconfig
+
+    def through_forwarder(ns, sa, path, **kw):
+        real(ns, sa, path, **kw)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["clusters"][0]["cluster"]["server"] = f"https://{host}:{forwarder.port}"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    operator.stop()
+    kube.cluster.service_account_kubeconfig = through_forwarder
+    try:
+        a.start()
+    finally:
+        kube.cluster.service_account_kubeconfig = real
+    try:
+        wait("a to lead", lambda: "leadership acquired" in a.logs(), 60)
+        b.start()
+        time.sleep(5)
+        assert "waiting for the leadership lease" in b.logs() and "leadership acquired" not in b.logs()
+        forwarder.block()
+        cut = time.monotonic()
+        wait("a to stop being active", lambda: "leadership lost" in a.logs(), 30)
+        a_stopped = time.monotonic() - cut
+        wait("b to take over", lambda: "leadership acquired" in b.logs(), 60)
+        b_took = time.monotonic() - cut
+        print(f"[leadership] `kubefly operator` cut off from the API: it stopped after {a_stopped:.1f}s, "
+              f"the standby took over after {b_took:.1f}s")
+        assert a_stopped < b_took
+        assert a.process.poll() is None, "the cut-off leader replaces its process, it does not exit"
+        wait("a waiting again as a candidate", lambda: a.logs().count("waiting for the leadership lease") == 2, 30)
+        forwarder.unblock()
+        time.sleep(20)  # longer than the Lease: a stays a candidate, b renews
+        assert a.logs().count("leadership acquired") == 1
+        holder = json.loads(kube.kubectl("-n", RELEASE_NAMESPACE, "get", "lease", lease, "-o", "json").stdout)
+        assert holder["spec"]["holderIdentity"] == "b"
+        assert "leadership lost" not in b.logs()
+    finally:
+        forwarder.unblock()
+        for op in (a, b):
+            if op.process is not None and op.process.poll() is None:
+                op.stop()
+        handed_back = json.loads(kube.kubectl("-n", RELEASE_NAMESPACE, "get", "lease", lease, "-o", "json").stdout)["spec"]
+        operator.start()
+    assert not handed_back.get("holderIdentity"), f"b stopped cleanly and hands the Lease back: {handed_back}"

@@ -232,16 +232,24 @@ class Elector:
         from kubernetes.client.exceptions import ApiException
 
         e = self.election
+        refused = None
         while not self.stopping.is_set() and not self._lost.locked():
             self.heartbeat = sent = self.clock()
             try:
                 lease = self.api.read(e.request_timeout(sent))
-            except (ApiException, OSError, Exception) as exc:  # urllib3 raises its own errors on timeouts
+            except Exception as exc:  # ApiException, and urllib3's own errors on timeouts
                 e.read_failed()
-                if not e.leading:
+                status = getattr(exc, "status", None)
+                if status is not None and status != refused:
+                    # An answer, not an outage: RBAC or a wrong name; say it once.
+                    log.error("the API refuses the leadership lease", status=status, reason=getattr(exc, "reason", None),
+                              lease=f"{self.api.namespace}/{self.api.name}")
+                else:
                     log.debug("cannot read the leadership lease", error=str(exc))
+                refused = status
                 self.stopping.wait(self.timing.retry_period)
                 continue
+            refused = None
             step = e.next_step(lease, self.clock())
             if step is Step.STOP:
                 self._lose("the lease is held by " + (lease.holder if lease else "nobody (deleted)"))
