@@ -429,7 +429,7 @@ def _lifecycle(b: _Builder) -> None:
     why = None
     if pod.instance != st.get("instanceId"):
         version = int(st.get("version") or 0)
-        if pod_version(b.meta["uid"], pod.instance, version) is None:
+        if st.get("instanceId") and pod_version(b.meta["uid"], pod.instance, version) is None:
             # A pod newer than the status we read: this view of the Machine is stale (our own write
             # not seen yet, or another writer's). Only a fresh read may decide; never delete on it.
             return
