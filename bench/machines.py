@@ -180,8 +180,7 @@ def main() -> None:
     workdir = REPO / "bench" / "results" / f"{args.cluster}-operator"  # per cluster: two benches may run side by side
     workdir.mkdir(parents=True, exist_ok=True)
     sa = cluster.service_account_kubeconfig("kubefly-system", "kubefly", workdir / "kubeconfig")
-    op = subprocess.Popen([str(Path(sys.executable).with_name("kubefly")), "operator", "--peering", "kubefly",
-                           "--priority=1000", "--log-level=WARNING", f"--metrics-port={free_port()}",
+    op = subprocess.Popen([str(Path(sys.executable).with_name("kubefly")), "operator", "--log-level=WARNING", f"--metrics-port={free_port()}",
                            f"--health-port={free_port()}"],
                           env={**os.environ, "KUBECONFIG": str(sa)}, stdout=(workdir / "operator.log").open("w"),
                           stderr=subprocess.STDOUT)

@@ -8,7 +8,6 @@ cannot be built fails with the reason; it never skips.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -127,11 +126,6 @@ def namespace(kube: Kube):
 
 
 
-# Each start outranks every earlier one: a SIGKILLed operator's peering record
-# lingers until it expires, and a lower-priority newcomer would pause behind it.
-_priorities = itertools.count(1000)
-
-
 @dataclass
 class OperatorProcess:
     """`kubefly operator` as a local process acting as the chart's ServiceAccount."""
@@ -139,7 +133,9 @@ class OperatorProcess:
     kube: Kube
     workdir: Path
     extra_args: tuple[str, ...] = ()
-    priority: int | None = None  # fixed peering priority; default: above every earlier start
+    # Its name in the leadership Lease: kept across restart(), as a pod's is across container restarts,
+    # so a restarted operator takes its own Lease back at once.
+    identity: str = "session-operator"
     process: subprocess.Popen | None = None
 
     @property
@@ -161,7 +157,7 @@ class OperatorProcess:
         self.health_url = f"http://127.0.0.1:{health}/healthz"
         self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         self.process = subprocess.Popen(
-            [str(KUBEFLY), "operator", "--peering", "kubefly", f"--priority={self.priority or next(_priorities)}",
+            [str(KUBEFLY), "operator", f"--leader-identity={self.identity}",
              f"--health-port={health}", f"--metrics-port={metrics}", *self.extra_args],
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
             stdout=self.log.open("a"),
@@ -206,8 +202,8 @@ class OperatorProcess:
 
 @pytest.fixture
 def standby_operator(kube: Kube, operator: OperatorProcess, tmp_path):
-    """A second replica with a lower peering priority than the session operator."""
-    handle = OperatorProcess(kube, tmp_path, priority=1).start()
+    """A second replica, started after the session operator holds the Lease: it stands by."""
+    handle = OperatorProcess(kube, tmp_path, identity=f"standby-{uuid.uuid4().hex[:6]}").start()
     yield handle
     handle.stop()
 

@@ -48,9 +48,11 @@ def test_operator_identity_can_do_its_work_and_nothing_more(kube):
     for verb, resource in [
         ("watch", "machines.kubefly.dev"), ("patch", "machines.kubefly.dev/status"),
         ("create", "pods"), ("create", "persistentvolumes"), ("list", "nodes"), ("create", "events"),
-        ("patch", "clusterkopfpeerings.kopf.dev"),
     ]:
         assert can(verb, resource, "-A") == "yes", f"operator cannot {verb} {resource}"
+    # Its leadership Lease, in its own namespace only.
+    assert can("update", "leases.coordination.k8s.io/kubefly-operator", "-n", kube.release_namespace) == "yes"
+    assert can("update", "leases.coordination.k8s.io/other", "-n", kube.release_namespace) == "no"
     for verb, resource in [
         ("delete", "nodes"), ("create", "clusterrolebindings"), ("delete", "customresourcedefinitions"),
         ("create", "deployments"), ("delete", "namespaces"), ("escalate", "clusterroles"),

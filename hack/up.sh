@@ -63,7 +63,7 @@ if [ -f "$state/operator.pid" ] && kill -0 "$(cat "$state/operator.pid")" 2>/dev
 fi
 $PY -m kubefly.devcluster sa-kubeconfig --namespace "$ns" --service-account "$release" \
   --out "$state/operator.kubeconfig" >/dev/null
-KUBECONFIG="$state/operator.kubeconfig" setsid nohup .venv/bin/kubefly operator --peering kubefly \
+KUBECONFIG="$state/operator.kubeconfig" setsid nohup .venv/bin/kubefly operator \
   --health-port "$health_port" --metrics-port "$metrics_port" >>"$state/operator.log" 2>&1 < /dev/null &
 echo $! > "$state/operator.pid"
 

@@ -9,12 +9,14 @@ import json
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime, timedelta, timezone
 
-from .kindlib import RELEASE, RELEASE_NAMESPACE, KindCluster
+from .kindlib import RELEASE_NAMESPACE, KindCluster
 from .test_kind_appsecrets import cond, settled
 from .test_kind_cluster import guard_rules, service_cidr
-from .test_kind_machines import machine
+from .test_kind_machines import DOMAIN, machine
 
 HOST_LOSS_WITHIN_S = 60  # the Machines issue: host loss shows in a condition within 60 s
 
@@ -31,15 +33,15 @@ def operator_pods(kind: KindCluster) -> dict[str, str]:
 
 
 def active_operator(kind: KindCluster) -> str | None:
-    """The replica Kopf peering lets run: the highest priority among live records (the peer id names the pod)."""
-    status = json.loads(kind.kubectl("get", "clusterkopfpeering", RELEASE, "-o", "json").stdout).get("status") or {}
-    now = datetime.now(timezone.utc)
-    live = [(rec["priority"], peer) for peer, rec in status.items()
-            if rec and datetime.fromisoformat(rec["lastseen"]) + timedelta(seconds=rec["lifetime"]) > now]
-    if not live:
+    """The replica holding the leadership Lease (its holder is the pod's name) while its renewal is fresh."""
+    proc = kind.kubectl("-n", RELEASE_NAMESPACE, "get", "lease", "kubefly-operator", "-o", "json", check=False)
+    spec = (json.loads(proc.stdout).get("spec") or {}) if proc.returncode == 0 else {}
+    if not spec.get("holderIdentity") or not spec.get("renewTime"):
         return None
-    peer = max(live)[1]
-    return next((pod for pod in operator_pods(kind) if f"@{pod}/" in peer), None)
+    renewed = datetime.fromisoformat(spec["renewTime"].replace("Z", "+00:00"))
+    if renewed + timedelta(seconds=spec["leaseDurationSeconds"]) < datetime.now(timezone.utc):
+        return None
+    return spec["holderIdentity"] if spec["holderIdentity"] in operator_pods(kind) else None
 
 
 def region_away_from_the_operator(kind: KindCluster) -> str:
@@ -81,8 +83,8 @@ def test_a_stopped_worker_is_reported_as_host_loss_and_its_machine_recovers_when
 
 def test_losing_the_active_operators_own_host_is_reported_within_60s_by_the_standby(kind: KindCluster, namespace: str):
     """The chart runs two operator replicas on different hosts (make kind-up). When the active one's host
-    is lost, the standby takes over once the dead one's peering record expires (20 s) and reports the
-    host's Machines lost, instead of nobody doing so until the dead pod is evicted."""
+    is lost, the standby takes over once it has seen the leadership Lease unrenewed for 15 s and reports
+    the host's Machines lost, instead of nobody doing so until the dead pod is evicted."""
     operator = kind.wait_for("an active operator replica", lambda: active_operator(kind), timeout=60)
     replicas = operator_pods(kind)
     host = replicas[operator]
@@ -272,3 +274,109 @@ def test_a_worker_started_again_routes_its_machine_within_2s_of_ready(kind: Kind
     assert seen["routed"] - known <= 2.0, f"{name}: the agent knew it at {known:.1f}s, routed only at {seen['routed']:.1f}s"
     kind.wait_for(f"{host}'s machines back", lambda: all(map(settled, [get_machine(kind, namespace, n) for n in names])),
                   timeout=240)
+
+
+def operator_leaders(kind: KindCluster) -> dict[str, bool]:
+    """Each running replica's own word (its kubefly_operator_leader gauge, read through the API server)."""
+    out = {}
+    for pod in operator_pods(kind):
+        proc = kind.kubectl("get", "--raw", f"/api/v1/namespaces/{RELEASE_NAMESPACE}/pods/{pod}:9090/proxy/metrics",
+                            check=False, timeout=10)
+        out[pod] = any(line.split()[-1] == "1.0" for line in proc.stdout.splitlines()
+                       if line.startswith("kubefly_operator_leader "))
+    return out
+
+
+def api_up(kind: KindCluster) -> bool:
+    return kind.kubectl("get", "--raw", "/readyz", "--request-timeout=2s", check=False, timeout=10).returncode == 0
+
+
+def _pause_the_control_plane(kind: KindCluster, namespace: str, seconds: int) -> None:
+    """`docker pause` of the control plane for longer than the leadership Lease: afterwards one operator
+    replica is active, at no moment two; no Machine's pod replaced; every request through the proxy
+    answered; no Warning telling the user to delete a Machine (the agents saw every host alive)."""
+    app = f"calm{seconds}"
+    names = {f"{app}-1": "ams", f"{app}-2": "iad"}
+    specs = []
+    for name, region in names.items():
+        spec = machine(kind, name, region)
+        spec["spec"]["app"] = app
+        specs.append(spec)
+    kind.apply(specs, namespace)
+    kind.wait_for(f"{', '.join(names)} started", lambda: all(settled(get_machine(kind, namespace, n)) for n in names), timeout=180)
+    uids = {n: kind.kubectl("-n", namespace, "get", "pod", n, "-o", "jsonpath={.metadata.uid}").stdout for n in names}
+    url = f"http://127.0.0.1:{kind.host_port(8080)}/"
+    headers = {"Host": f"{app}.{namespace}.{DOMAIN}"}
+
+    def answer() -> int:
+        try:
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    kind.wait_for(f"{url} routed to {app}", lambda: answer() == 200, timeout=120)
+    kind.wait_for("an active operator replica", lambda: active_operator(kind), timeout=60)
+    results: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            results.append((time.monotonic(), answer()))
+            time.sleep(0.2)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    control_plane = f"{kind.name}-control-plane"
+    two_active, leaders_seen = 0, []
+    try:
+        subprocess.run(["docker", "pause", control_plane], check=True, capture_output=True)
+        try:
+            time.sleep(seconds)
+        finally:
+            subprocess.run(["docker", "unpause", control_plane], check=True, capture_output=True)
+        kind.wait_for("the API server back", lambda: api_up(kind), timeout=120, interval=0.5)
+        back = time.monotonic()
+        first_leader = None
+        while time.monotonic() - back < 60:  # the window in which two replicas were active before
+            leaders = [pod for pod, leading in operator_leaders(kind).items() if leading]
+            two_active += len(leaders) > 1
+            leaders_seen.append(len(leaders))
+            if leaders and first_leader is None:
+                first_leader = time.monotonic() - back
+            time.sleep(1)
+        kind.wait_for("every Machine started, its host Ready", lambda: all(
+            settled(m := get_machine(kind, namespace, n)) and (cond(m, "HostReady") or {}).get("status") == "True"
+            for n in names), timeout=120)
+    finally:
+        stop.set()
+        sender.join()
+    failed_after = [code for t, code in results if t >= back and code != 200]
+    failed_during = [code for t, code in results if t < back and code != 200]
+    print(f"[kind] control plane paused {seconds}s: an operator active {first_leader}s after the API returned; "
+          f"{len(results)} requests, {len(failed_during)} failed during the pause, {len(failed_after)} after; "
+          f"leaders per sample {leaders_seen}")
+    assert two_active == 0, f"{two_active} samples with two active operator replicas: {leaders_seen}"
+    assert sum(operator_leaders(kind).values()) == 1 and active_operator(kind)
+    now = {n: kind.kubectl("-n", namespace, "get", "pod", n, "-o", "jsonpath={.metadata.uid}").stdout for n in names}
+    assert now == uids, "a Machine's pod was replaced though the Machine did not change"
+    for n in names:
+        entries = [e for e in get_machine(kind, namespace, n)["status"].get("events") or [] if e["status"] == "replacing"]
+        assert not entries, f"{n}: {entries}"
+    assert not failed_after, f"requests through the proxy failed after the API returned: {failed_after}"
+    events = json.loads(kind.kubectl("-n", namespace, "get", "events", "-o", "json").stdout)["items"]
+    mine = [e for e in events if e["involvedObject"].get("name") in names]
+    warnings = [e["message"] for e in mine if e["type"] == "Warning"]
+    assert not warnings, f"Warnings after a control-plane pause, the hosts fine: {warnings}"
+    for n in names:
+        reasons = [e["reason"] for e in mine if e["involvedObject"]["name"] == n for _ in range(e.get("count") or 1)]
+        assert reasons.count("HostRecovered") <= 1 and "Replacing" not in reasons, f"{n}: {reasons}"
+
+
+def test_a_control_plane_paused_30s_leaves_one_operator_and_every_machine_alone(kind: KindCluster, namespace: str):
+    _pause_the_control_plane(kind, namespace, 30)
+
+
+def test_a_control_plane_paused_90s_leaves_one_operator_and_every_machine_alone(kind: KindCluster, namespace: str):
+    _pause_the_control_plane(kind, namespace, 90)

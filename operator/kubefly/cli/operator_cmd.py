@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import random
+import os
+import socket
+import sys
+import threading
 
 import click
 
@@ -13,24 +16,21 @@ from kubefly import logs, metrics
 @click.option("--namespace", "namespaces", multiple=True, help="Watch only these namespaces (organisations); default: all.")
 @click.option("--metrics-port", default=9090, show_default=True, help="Port of Prometheus /metrics.")
 @click.option("--health-port", default=8080, show_default=True, help="Port of /healthz.")
-@click.option("--peering", default="kubefly", show_default=True, help="ClusterKopfPeering name shared by replicas.")
-@click.option("--standalone", is_flag=True, help="No peering: for a single local process without the chart.")
-@click.option(
-    "--priority",
-    type=int,
-    default=None,
-    help="Peering priority; the highest runs, others stand by. Default: random, because equal priorities freeze all replicas.",
-)
+@click.option("--lease", default="kubefly-operator", show_default=True,
+              help="The leadership Lease (in the home namespace) replicas share; only its holder is active.")
+@click.option("--leader-identity", envvar="POD_NAME", default=socket.gethostname(), show_default="$POD_NAME or the hostname",
+              help="This replica's name in the Lease; unique per replica, the same across its restarts.")
+@click.option("--standalone", is_flag=True, help="No leadership Lease: for a single local process without the chart.")
 @click.option(
     "--home-namespace",
     envvar="KUBEFLY_NAMESPACE",
     default="kubefly-system",
     show_default=True,
-    help="The operator's own namespace: the sealing key Secret and its public ConfigMap live there.",
+    help="The operator's own namespace: the sealing key Secret, its public ConfigMap and the Lease live there.",
 )
 @click.option("--log-level", default="INFO", show_default=True)
-def operator_command(namespaces, metrics_port, health_port, peering, standalone, priority, home_namespace, log_level):
-    """Run the kubefly operator (Kopf)."""
+def operator_command(namespaces, metrics_port, health_port, lease, leader_identity, standalone, home_namespace, log_level):
+    """Run the kubefly operator (Kopf); with replicas, only the holder of the leadership Lease."""
     import kopf
     import uvloop
 
@@ -38,13 +38,42 @@ def operator_command(namespaces, metrics_port, health_port, peering, standalone,
 
     logs.configure(log_level, component="operator")
     metrics.serve(metrics_port)
+    elector = None
+    if not standalone:
+        from kubefly.controllers import kubeapi, leadership
+
+        leading = threading.Event()
+        elector = leadership.Elector(
+            leadership.LeaseAPI(kubeapi.load_config(), home_namespace, lease), leader_identity,
+            leadership.Timing(), on_lead=leading.set, on_lost=_restart_as_candidate,
+        ).start()
+        health = leadership.CandidateHealth(health_port, elector)
+        logs.get("kubefly.cli.operator").info("waiting for the leadership lease", lease=f"{home_namespace}/{lease}",
+                                              identity=leader_identity)
+        leading.wait()
+        health.close()
     kopf.run(
         loop=uvloop.new_event_loop(),
         clusterwide=not namespaces,
         namespaces=list(namespaces),
-        standalone=standalone,
-        peering_name=None if standalone else peering,
-        priority=priority if priority is not None else random.randint(1, 2**31 - 1),
+        # The Lease decides who runs; Kopf's own peering would only pause us again behind a dead record.
+        standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
         memo=kopf.Memo(home_namespace=home_namespace),
     )
+    if elector is not None:
+        elector.stop()
+        try:
+            elector.api.release(leader_identity, 2.0)
+        except Exception:  # the next leader then waits for the Lease to expire, as after a crash
+            pass
+
+
+def _restart_as_candidate() -> None:
+    """Stop being active at once and for certain: replace the process (exec), caches, daemons and all.
+
+    Stopping Kopf in place would wait for handlers and daemons, and leave state from the old term
+    behind; the new process starts as a candidate with fresh watches."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from datetime import datetime, timezone
 
@@ -26,7 +27,7 @@ from kubefly import GROUP, VERSION, platform
 from kubefly import labels as kflabels
 from kubefly.api.machine import Machine
 from kubefly.conditions import set_condition
-from kubefly.controllers import acceptance
+from kubefly.controllers import acceptance, gossipview
 from kubefly.controllers.common import update_status, wait_woken
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
@@ -54,6 +55,9 @@ BY_APP: dict[tuple[str, str], set[tuple[str, str]]] = {}  # (ns, app) -> machine
 LATEST: dict[tuple[str, str], dict] = {}  # the machine as our own last status patch returned it
 STATES: dict[tuple[str, str], str] = {}
 HOST_READY: dict[str, bool] = {}
+HOST_ADDRESS: dict[str, str] = {}  # host -> InternalIP, where its agent answers for the gossip view
+ON_HOST: dict[tuple[str, str], str] = {}  # machine -> its host, for waking a host's machines
+GOSSIP = gossipview.GossipView()
 PLATFORM = platform.PlatformSettings()
 PLATFORM_REGIONS_SEEN: set[str] = set()
 
@@ -145,11 +149,20 @@ async def pod_changed(namespace, labels: dict, **_):
     wake((namespace, labels.get(kflabels.MACHINE)))
 
 
+def node_address(name: str, type: str | None, status: dict | None) -> None:
+    address = next((a.get("address") for a in (status or {}).get("addresses") or [] if a.get("type") == "InternalIP"), None)
+    if type == "DELETED" or not address:
+        HOST_ADDRESS.pop(name, None)
+    else:
+        HOST_ADDRESS[name] = address
+
+
 @kopf.on.event("nodes")
 async def node_changed(name, type, status, placed_machines: kopf.Index, **_):
     ready = type != "DELETED" and any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in (status or {}).get("conditions") or []
     )
+    node_address(name, type, status)
     if HOST_READY.get(name) == ready and type != "DELETED":
         return
     HOST_READY[name] = ready
@@ -160,6 +173,41 @@ async def node_changed(name, type, status, placed_machines: kopf.Index, **_):
     for key, p in RESERVED.items():
         if p.host == name:
             wake(key)
+
+
+def _wake_hosts(hosts: set[str]) -> None:
+    for key, host in list(ON_HOST.items()):
+        if host in hosts:
+            wake(key)
+
+
+@kopf.on.startup()
+async def start_gossip_view(memo: kopf.Memo, **_) -> None:
+    # Set by the chart when the host agents run (agent.enabled); without it the Node alone decides.
+    port = os.environ.get("KUBEFLY_AGENT_MEMBERS_PORT")
+    memo.gossip_stop = asyncio.Event()
+    memo.gossip_task = None
+    if not port:
+        return
+    # Machines are reconciled only after the first round: a leader starting right after an API outage
+    # finds every Node NotReady for a few seconds and must not take that for host loss.
+    try:
+        for node in await kube().list(core_path(None, "nodes")):
+            node_address(node["metadata"]["name"], "ADDED", node.get("status"))
+    except (ApiException, OSError, asyncio.TimeoutError) as exc:
+        log.warning("cannot list hosts for the gossip view; it starts with the Node watch", error=str(exc))
+    memo.gossip_task = asyncio.create_task(
+        gossipview.poll(GOSSIP, lambda: dict(HOST_ADDRESS), int(port), _wake_hosts, memo.gossip_stop))
+    deadline = time.monotonic() + 2 * gossipview.POLL_S
+    while GOSSIP.at is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+@kopf.on.cleanup()
+async def stop_gossip_view(memo: kopf.Memo, **_) -> None:
+    memo.gossip_stop.set()
+    if memo.gossip_task is not None:
+        await memo.gossip_task
 
 
 @kopf.on.event(GROUP, VERSION, "volumes")
@@ -292,7 +340,8 @@ def _world(machine: dict, *, hosts, placed_machines, machine_pods, volumes, app_
     host_entry = _one(hosts, status["host"]) if status.get("host") else None
     if decision is not None and decision.ok:
         host_entry = _one(hosts, decision.host)
-    health = lifecycle.HostHealth(host_entry[0].name, host_entry[0].ready, host_entry[1]) if host_entry else None
+    health = (lifecycle.HostHealth(host_entry[0].name, host_entry[0].ready, host_entry[1], GOSSIP.state(host_entry[0].name))
+              if host_entry else None)
     return lifecycle.World(
         machine, True, verdict.message, datetime.now(timezone.utc),
         pod=_one(machine_pods, key), host=health, volume=volume, secrets=secrets, secrets_missing=missing,
@@ -375,6 +424,8 @@ async def run_machine(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
         # mutates it), and the planner builds new status values (a deep copy cost 6% of a burst).
         machine = _fresher(dict(body), LATEST.get(key))
         spec = machine.get("spec") or {}
+        if (machine.get("status") or {}).get("host"):
+            ON_HOST[key] = machine["status"]["host"]
         if spec.get("app"):
             BY_APP.setdefault((namespace, spec["app"]), set()).add(key)
         for m in spec.get("mounts") or []:
@@ -420,7 +471,7 @@ async def destroy_machine(body, namespace, name, spec, status, patch, machine_po
         raise kopf.TemporaryError("waiting for the machine's pod to stop", delay=1)
     for m in spec.get("mounts") or []:
         await _release_volume(namespace, m["volume"], name)
-    for table in (RESERVED, LATEST, WAKERS):
+    for table in (RESERVED, LATEST, WAKERS, ON_HOST):
         table.pop(key, None)
     for machines in (*MOUNTERS.values(), *BY_APP.values()):
         machines.discard(key)

@@ -39,10 +39,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 20
-    # A replica that died (SIGKILL, its host lost) leaves its peering record;
-    # a standby waits for it to expire before taking over. Kopf's 60 s would
-    # add a minute to every failover; the record is refreshed 5-10 s before.
-    settings.peering.lifetime = 20
+    # Which replica runs is decided before Kopf starts (controllers/leadership.py, a Lease), not by Kopf's peering.
 
 
 def _register_acceptance(resource) -> None:

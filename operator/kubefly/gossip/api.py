@@ -6,6 +6,9 @@ POST /v1/load                   {"loads": [{"org", "machine_id", "load"}]} for t
 GET  /v1/members                membership as this agent sees it
 POST /v1/admin/partition        {"drop": [host, ...]}: drop all traffic to/from these peers (tests)
 GET  /metrics, /healthz
+
+`make_members_app` serves GET /v1/members alone (read-only) on the host's own
+address, for the operator: its view of host health beside the Node's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,24 @@ _NL = b"\n"
 
 def _line(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode() + _NL
+
+
+def members_doc(agent: Agent) -> dict:
+    ms = agent.members
+    return {
+        "self": {"host": ms.me.host, "region": ms.me.region, "incarnation": ms.me.inc},
+        "members": [{"host": m.host, "addr": f"{m.ip}:{m.port}", "region": m.region, "state": m.state,
+                     "incarnation": m.inc, "rtt": m.rtt} for m in ms.members.values()],
+    }
+
+
+def make_members_app(agent: Agent) -> web.Application:
+    async def members(req: web.Request) -> web.Response:
+        return web.json_response(members_doc(agent))
+
+    app = web.Application()
+    app.add_routes([web.get("/v1/members", members)])
+    return app
 
 
 def make_app(agent: Agent) -> web.Application:
@@ -70,12 +91,7 @@ def make_app(agent: Agent) -> web.Application:
         return web.json_response({"accepted": len(loads)})
 
     async def members(req: web.Request) -> web.Response:
-        ms = agent.members
-        return web.json_response({
-            "self": {"host": ms.me.host, "region": ms.me.region, "incarnation": ms.me.inc},
-            "members": [{"host": m.host, "addr": f"{m.ip}:{m.port}", "region": m.region, "state": m.state,
-                         "incarnation": m.inc, "rtt": m.rtt} for m in ms.members.values()],
-        })
+        return web.json_response(members_doc(agent))
 
     async def partition(req: web.Request) -> web.Response:
         body = await req.json()

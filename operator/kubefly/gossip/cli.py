@@ -71,6 +71,7 @@ def _node_region(node: str, give_up_after: float = 300.0) -> str:
 @click.option("--gossip", "gossip", default="0.0.0.0:7946", show_default=True, help="UDP+TCP bind address:port.")
 @click.option("--advertise", default="", envvar="KUBEFLY_ADVERTISE_IP", help="IP peers reach us on (default: bind IP).")
 @click.option("--api", "api", default="127.0.0.1:7947", show_default=True, help="Local API address:port.")
+@click.option("--members-api", default="", help="address:port serving GET /v1/members alone (the operator's view of host health); default: off.")
 @click.option("--seed", "seeds", multiple=True,
               help="host:port of a peer to join through (repeatable; a name resolving to many agents works).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="SQLite state; none = memory only.")
@@ -91,7 +92,7 @@ def _node_region(node: str, give_up_after: float = 300.0) -> str:
 @click.option("--sender-rate", default=500.0, show_default=True, help="Datagrams/s accepted per sender.")
 @click.option("--emulate-latency", default="", help="SAME_MS,CROSS_MS one-way delay on sends (benchmarks).")
 @click.option("--log-level", default="INFO", show_default=True)
-def agent_command(host, region, gossip, advertise, api, seeds, data_dir, key_file, source, machines_dir,
+def agent_command(host, region, gossip, advertise, api, members_api, seeds, data_dir, key_file, source, machines_dir,
                   source_poll, tombstone_ttl, probe_interval, probe_timeout, suspicion_mult, origin_fanout, fanout, rounds,
                   gossip_interval, sync_interval, origin_rate, sender_rate, emulate_latency, log_level):
     """Gossip this host's instances; serve the cluster's replica to the proxy and DNS."""
@@ -125,14 +126,15 @@ def agent_command(host, region, gossip, advertise, api, seeds, data_dir, key_fil
         keys = Keys.load(key_file)
     except (OSError, ValueError) as exc:
         raise click.UsageError(str(exc))
-    asyncio.run(_run(cfg, keys, _hostport(api), source, machines_dir, source_poll))
+    asyncio.run(_run(cfg, keys, _hostport(api), source, machines_dir, source_poll,
+                     _hostport(members_api) if members_api else None))
 
 
-async def _run(cfg, keys, api_addr, source, machines_dir, source_poll) -> None:
+async def _run(cfg, keys, api_addr, source, machines_dir, source_poll, members_addr=None) -> None:
     from aiohttp import web
 
     from kubefly.gossip.agent import Agent
-    from kubefly.gossip.api import make_app
+    from kubefly.gossip.api import make_app, make_members_app
     from kubefly.gossip.sources import DirSource, PodSource
 
     log = logs.get("kubefly.gossip.cli")
@@ -148,6 +150,12 @@ async def _run(cfg, keys, api_addr, source, machines_dir, source_poll) -> None:
     await runner.setup()
     await web.TCPSite(runner, api_addr[0], api_addr[1]).start()
     log.info("local api ready", api=f"http://{api_addr[0]}:{api_addr[1]}")
+    runners = [runner]
+    if members_addr is not None:
+        members = web.AppRunner(make_members_app(agent), access_log=None)
+        await members.setup()
+        await web.TCPSite(members, members_addr[0], members_addr[1]).start()
+        runners.append(members)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,5 +163,6 @@ async def _run(cfg, keys, api_addr, source, machines_dir, source_poll) -> None:
     await stop.wait()
     src.stop()
     await agent.stop()  # ends watch streams first, so the API shuts down at once
-    await runner.cleanup()
+    for r in runners:
+        await r.cleanup()
     log.info("agent stopped")

@@ -129,11 +129,53 @@ class VolumeView:
 
 @dataclass(frozen=True)
 class HostHealth:
-    """The machine's host as the Node says: None in World.host means the Node is gone."""
+    """The machine's host as the Node says, and as the host agents' gossip says.
+
+    None in World.host means the Node is gone."""
 
     name: str
-    ready: bool
+    ready: bool  # the Node's Ready condition: what the API server last heard from the kubelet
     since: str | None  # lastTransitionTime of the Ready condition
+    agents: str | None = None  # its agent in gossip: alive, suspect or dead; None: no gossip view of it
+
+
+@dataclass(frozen=True)
+class HostVerdict:
+    status: str  # of the HostReady condition: True, False or Unknown
+    reason: str
+    message: str
+    event: str | None  # the Event type on entering this reason (None: none)
+    log: str | None  # the status.events entry on entering it
+
+
+def host_verdict(host: str, h: HostHealth | None, stays: str) -> HostVerdict:
+    """Which side lost sight of the host: the API server (its Node), its peers (gossip), or both.
+
+    Only when both have (or there is no gossip view) is it host loss, with the remedy `stays`.
+    The API side alone is a control-plane or kubelet hiccup: the host runs, nothing to do."""
+    if h is None:
+        return HostVerdict("False", "HostGone", f"host {host} was removed from the cluster; {stays}", "Warning", "gone")
+    since = h.since or "unknown"
+    if not h.ready:
+        if h.agents == "alive":
+            return HostVerdict(
+                "Unknown", "HostUnreportedByAPI",
+                f"the API server has had no report from host {host} since {since} (its Node is NotReady), but "
+                f"its agent is alive in gossip: the host is up, and the machine keeps running and serving; "
+                f"nothing to do, this clears when the host reports to the API server again",
+                "Normal", "unreported")
+        agents = f"its agent is {h.agents} in gossip" if h.agents else "no gossip view of it"
+        return HostVerdict(
+            "False", "HostNotReady",
+            f"host {host} is NotReady since {since} and {agents}; the machine comes back when the host does; {stays}",
+            "Warning", "not_ready")
+    if h.agents == "dead":
+        return HostVerdict(
+            "False", "HostUnreachableByAgents",
+            f"host {host} is Ready for the API server, but its peers lost its agent in gossip: the proxy and "
+            f".internal DNS may not reach this machine until the agent is back; the machine keeps running",
+            "Warning", "unreachable_by_agents")
+    return HostVerdict("True", "HostReady", f"host {host} is Ready", None, None)
 
 
 @dataclass(frozen=True)
@@ -307,22 +349,15 @@ def _host_health(b: _Builder) -> None:
         else "the machine stays bound to it; to run elsewhere now, delete this Machine and create a new one"
     )
     old = get_condition(b.old.get("conditions"), "HostReady")
-    if w.host is None:
-        msg = f"host {host} was removed from the cluster; {stays}"
-        b.cond("HostReady", False, "HostGone", msg)
-        if not old or old.get("reason") != "HostGone":
-            b.event("Warning", "HostGone", msg)
-            b.log("host", "gone", message=msg)
-    elif not w.host.ready:
-        msg = f"host {host} is NotReady since {w.host.since or 'unknown'}; the machine comes back when the host does; {stays}"
-        b.cond("HostReady", False, "HostNotReady", msg)
-        if not old or old.get("reason") != "HostNotReady":
-            b.event("Warning", "HostNotReady", msg)
-            b.log("host", "not_ready", message=msg)
-    else:
-        b.cond("HostReady", True, "HostReady", f"host {host} is Ready")
-        if old and old.get("status") == "False":
+    v = host_verdict(host, w.host, stays)
+    b.cond("HostReady", v.status, v.reason, v.message)
+    entered = not old or old.get("reason") != v.reason
+    if v.status == "True":
+        if old and old.get("status") != "True":
             b.event("Normal", "HostRecovered", f"host {host} is Ready again")
+    elif entered:
+        b.event(v.event, v.reason, v.message)
+        b.log("host", v.log, message=v.message)
 
 
 def _held(b: _Builder, what: str) -> bool:
@@ -381,7 +416,9 @@ def _lifecycle(b: _Builder) -> None:
         return
 
     if w.host is None or not w.host.ready:
-        b.cond("Ready", False, "HostNotReady", f"host {st['host']} is not Ready")
+        if w.host is None or w.host.agents != "alive":
+            # (Only the API side lost sight of it: the machine's Ready stands as last seen.)
+            b.cond("Ready", False, "HostNotReady", f"host {st['host']} is not Ready")
         if pod is None:
             return  # a pod pinned to a lost host could only hang in Pending
 
@@ -401,6 +438,15 @@ def _lifecycle(b: _Builder) -> None:
     wanted_secrets = (b.meta.get("annotations") or {}).get(SECRETS_DIGEST)
     why = None
     if pod.instance != st.get("instanceId"):
+        version = int(st.get("version") or 0)
+        if st.get("instanceId") and pod_version(b.meta["uid"], pod.instance, version) is None:
+            # A pod newer than the status we read: this view of the Machine is stale (our own write
+            # not seen yet, or another writer's). Only a fresh read may decide; never delete on it.
+            return
+        if current == "replacing":
+            # Our own replacement, its delete not seen yet: ask again, say nothing new.
+            b.plan.delete_pod_grace = stop_grace
+            return
         why = "the pod is of another version"
     elif pod.spec_digest != digest:
         why = "the spec changed"
@@ -426,6 +472,11 @@ def _lifecycle(b: _Builder) -> None:
         b.event("Normal", "Replacing", f"replacing the machine on host {st['host']}: {why}")
         return
     _observe(b, pod)
+
+
+def pod_version(uid: str, instance: str | None, upto: int) -> int | None:
+    """The version (1..upto) a pod's instance id stands for; None: a newer one, or another Machine's."""
+    return next((v for v in range(upto, 0, -1) if instance_id(uid, v) == instance), None)
 
 
 def _start(b: _Builder, digest: str) -> None:
