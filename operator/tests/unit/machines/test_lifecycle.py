@@ -85,6 +85,24 @@ def test_desired_stopped_only_creates_then_start_is_immediate():
     assert [reason for _, reason, _ in plan.events] == ["Starting"]
 
 
+def test_applied_stopped_reads_created_until_it_has_run_then_stopped_and_stopped_holds_for_both():
+    # Fly's words: created = never started; stopped = it ran and was stopped (or exited).
+    m = machine(state="stopped")
+    plan = run(m, decision=Decision("a1", "Placed", "ok"))
+    assert plan.status["state"] == "created"
+    assert (cond(plan, "Stopped")["status"], cond(plan, "Stopped")["reason"]) == ("True", "NeverStarted")
+    m["spec"]["state"], m["metadata"]["generation"] = "started", 2
+    started = run(m)
+    assert cond(started, "Stopped")["status"] == "False" and cond(started, "Stopped")["reason"] == "Starting"
+    assert cond(run(m, pod=pod_of(started)), "Stopped")["reason"] == "Started"
+    m["spec"]["state"], m["metadata"]["generation"] = "stopped", 3
+    stopping = run(m, pod=pod_of(started))
+    assert stopping.status["state"] == "stopping" and cond(stopping, "Stopped")["status"] == "False"
+    plan = run(m)  # the pod is gone
+    assert plan.status["state"] == "stopped"
+    assert (cond(plan, "Stopped")["status"], cond(plan, "Stopped")["reason"]) == ("True", "Stopped")
+
+
 def test_running_ready_pod_is_started_and_ready_and_checks_gate_ready_only():
     m = machine(status={"host": "a1", "region": "ams"})
     p = run(m)
