@@ -144,6 +144,19 @@ def test_kubectl_wait_serves_a_machine_applied_stopped_before_and_after_it_ran(k
     assert get(kube, namespace, "pod", "idle") is None
 
 
+def test_stop_signal_and_timeout_reach_the_pod_as_the_api_server_keeps_it(kube, namespace):
+    apply(kube, namespace, "quits", stop={"signal": "SIGUSR1", "timeoutSeconds": 7})
+    apply(kube, namespace, "terms", stop={"signal": "SIGTERM", "timeoutSeconds": 9})
+    kube.wait_for("both pods", lambda: get(kube, namespace, "pod", "quits") and get(kube, namespace, "pod", "terms"))
+    quits = get(kube, namespace, "pod", "quits")["spec"]
+    assert quits["terminationGracePeriodSeconds"] == 7
+    assert quits["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == [
+        "/bin/sh", "-c", "kill -s USR1 1 && exec sleep 7"]
+    # SIGTERM is the runtime's own stop signal: no hook.
+    terms = get(kube, namespace, "pod", "terms")["spec"]
+    assert terms["terminationGracePeriodSeconds"] == 9 and "lifecycle" not in terms["containers"][0]
+
+
 def test_spec_change_replaces_the_pod_on_the_same_host_with_a_new_version(kube, namespace):
     apply(kube, namespace, "web-2", region="syd")
     first = wait_machine(kube, namespace, "web-2", "started", ready)["status"]

@@ -25,7 +25,9 @@ from kubefly.api.common import (
 )
 
 TcpPort = Annotated[int, Field(ge=1, le=65535)]
-Signal = Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL"]
+# Sent by a preStop hook (machines/pod.py). Not SIGKILL: PID 1 cannot be killed from inside
+# its own PID namespace, and the kubelet always sends SIGTERM before its SIGKILL.
+Signal = Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2"]
 
 
 class Port(ApiModel):
@@ -98,8 +100,16 @@ class Restart(ApiModel):
 
 
 class Stop(ApiModel):
-    signal: Signal = "SIGINT"
-    timeout_seconds: int = Field(default=5, ge=1, le=300, description="Wait after the signal before SIGKILL.")
+    signal: Signal = Field(
+        default="SIGINT",
+        description="Sent to the machine's main process (PID 1) at stop; any but SIGTERM needs /bin/sh in the "
+        "image (a preStop hook sends it). SIGKILL is refused: timeoutSeconds bounds the stop.",
+    )
+    timeout_seconds: int = Field(
+        default=5, ge=1, le=300,
+        description="Wait after the signal before the machine is killed: the pod's terminationGracePeriodSeconds "
+        "(with a signal other than SIGTERM, the kubelet then sends SIGTERM, and SIGKILL 2 s later).",
+    )
 
 
 CHECK_NAMES_RULE = cel(

@@ -165,6 +165,18 @@ def test_restart_policy_maps_to_the_pod_and_stop_timeout_to_grace():
         assert pod["spec"]["terminationGracePeriodSeconds"] == 42
 
 
+def test_stop_signal_is_sent_to_pid_1_by_a_prestop_hook_unless_it_is_the_runtimes_sigterm():
+    def lifecycle(**stop):
+        pod = build_pod(machine(stop=stop), host="a1", region="ams", instance="i", secrets=[])
+        return pod["spec"]["terminationGracePeriodSeconds"], pod["spec"]["containers"][0].get("lifecycle")
+
+    # Fly's default, SIGINT, for a spec as the CRD defaults it and as written here without stop.
+    assert lifecycle() == (5, {"preStop": {"exec": {"command": ["/bin/sh", "-c", "kill -s INT 1 && exec sleep 5"]}}})
+    grace, hook = lifecycle(signal="SIGQUIT", timeoutSeconds=30)
+    assert grace == 30 and hook["preStop"]["exec"]["command"][-1] == "kill -s QUIT 1 && exec sleep 30"
+    assert lifecycle(signal="SIGTERM", timeoutSeconds=12) == (12, None)
+
+
 def test_on_failure_gives_up_after_max_retries_and_stays_stopped():
     m = machine(status={"host": "a1", "region": "ams"}, restart={"policy": "on-failure", "maxRetries": 2})
     pod = pod_of(run(m))
