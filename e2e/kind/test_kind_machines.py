@@ -146,4 +146,6 @@ def test_a_stop_sends_the_machines_stop_signal_and_its_timeout_is_the_grace_peri
         assert state == "stopped"  # it ran, so not `created`
     pod_events = json.loads(kind.kubectl("-n", namespace, "get", "events", "--field-selector",
                                          "involvedObject.kind=Pod", "-o", "json").stdout)["items"]
-    print("[stop signal] pod events:", sorted({(e["involvedObject"]["name"], e["reason"]) for e in pod_events}))
+    hook_failed = {e["involvedObject"]["name"] for e in pod_events if e["reason"] == "FailedPreStopHook"}
+    # As docs/machines.md says: the hook dies with PID 1's namespace, so the kubelet reports it failed.
+    assert hook_failed == {"sig-int"}, sorted({(e["involvedObject"]["name"], e["reason"]) for e in pod_events})
