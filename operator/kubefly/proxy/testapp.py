@@ -172,11 +172,13 @@ TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMes
 def _stopped_by(sig: signal.Signals) -> None:
     line = f"testapp: received {sig.name}, exiting"
     print(line, flush=True)
+    # Only into the file the kubelet mounted: outside a pod, creating it in /dev would litter the host.
     try:
-        with open(TERMINATION_LOG, "w") as f:
+        with open(TERMINATION_LOG, "r+") as f:
+            f.truncate()
             f.write(line)
     except OSError:
-        pass  # not in a container
+        pass  # not in a pod
     # At once, without draining: a server closing waits for idle keep-alive connections.
     os._exit(0)
 
