@@ -64,6 +64,8 @@ INVALID = {
         "spec.checks names must be unique",
     ),
     "machine-bad-stop-signal": (machine(stop={"signal": "SIGHUP"}), "spec.stop.signal"),
+    # Nothing in the container can SIGKILL its PID 1, and the kubelet sends SIGTERM first: refused.
+    "machine-stop-signal-sigkill": (machine(stop={"signal": "SIGKILL"}), "spec.stop.signal"),
     "machine-stop-timeout-too-long": (machine(stop={"timeoutSeconds": 301}), "spec.stop.timeoutSeconds"),
     "machine-app-not-dns-label": (machine(app="My_App"), "spec.app"),
     "machine-name-too-long-for-a-label": (machine(name="m" * 70), "metadata.name must be a DNS label"),

@@ -137,6 +137,41 @@ def test_stopped_at_create_only_places_then_start_and_stop_keep_the_host(kube, n
     assert ("stop", "requested") in kinds and kinds.count(("start", "started")) == 2
 
 
+def test_kubectl_wait_serves_a_machine_applied_stopped_before_and_after_it_ran(kube, namespace):
+    # As on Fly: `created` until it has run, `stopped` after; condition Stopped is True in both.
+    def wait(for_, timeout="60s"):
+        return kube.kubectl("-n", namespace, "wait", f"--for={for_}", "machine/idle", f"--timeout={timeout}", check=False)
+
+    apply(kube, namespace, "idle", state="stopped")
+    out = wait("condition=Stopped")
+    assert out.returncode == 0, out.stderr
+    assert wait("jsonpath={.status.state}=created").returncode == 0
+    m = get(kube, namespace, "machine", "idle")
+    assert cond(m, "Stopped")["reason"] == "NeverStarted" and get(kube, namespace, "pod", "idle") is None
+    apply(kube, namespace, "idle", state="started")
+    assert wait("condition=Ready").returncode == 0
+    assert cond(get(kube, namespace, "machine", "idle"), "Stopped")["status"] == "False"
+    apply(kube, namespace, "idle", state="stopped")
+    out = wait("condition=Stopped")
+    assert out.returncode == 0, out.stderr
+    assert wait("jsonpath={.status.state}=stopped", timeout="5s").returncode == 0
+    assert cond(get(kube, namespace, "machine", "idle"), "Stopped")["reason"] == "Stopped"
+    assert get(kube, namespace, "pod", "idle") is None
+
+
+def test_stop_signal_and_timeout_reach_the_pod_as_the_api_server_keeps_it(kube, namespace):
+    apply(kube, namespace, "quits", stop={"signal": "SIGUSR1", "timeoutSeconds": 7})
+    apply(kube, namespace, "terms", stop={"signal": "SIGTERM", "timeoutSeconds": 9})
+    kube.wait_for("both pods", lambda: get(kube, namespace, "pod", "quits") and get(kube, namespace, "pod", "terms"))
+    quits = get(kube, namespace, "pod", "quits")["spec"]
+    assert quits["terminationGracePeriodSeconds"] == 7
+    assert quits["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == [
+        "/bin/sh", "-c", "kill -s USR1 1 && exec sleep 7"]
+    # SIGTERM is the runtime's own stop signal: no hook.
+    terms = get(kube, namespace, "pod", "terms")["spec"]
+    assert terms["terminationGracePeriodSeconds"] == 9 and "lifecycle" not in terms["containers"][0]
+
+
 def test_spec_change_replaces_the_pod_on_the_same_host_with_a_new_version(kube, namespace):
     apply(kube, namespace, "web-2", region="syd")
     first = wait_machine(kube, namespace, "web-2", "started", ready)["status"]

@@ -7,14 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${KUBEFLY_UP:-auto}
+tools_bin=$(bash hack/link-cli.sh)  # kubefly, kubectl, helm and kind, in one directory
 
 # What to do next, the same whichever cluster `make up` chose.
 try_next() {
   cat <<MSG
 
 Try:
-  export KUBECONFIG=$kubeconfig PATH=$(dirname "$(command -v kubectl)"):\$PATH
+  export KUBECONFIG=$kubeconfig PATH=$tools_bin:\$PATH
   kubectl create namespace my-org
+  kubefly secrets seal --app web -n my-org GREETING=hello | kubectl apply -f -
   $apply_machine
   kubectl -n my-org apply -f examples/postgrescluster.yaml
   kubectl get kubefly -A

@@ -58,7 +58,9 @@ MOUNT_PATH_RULE = cel(
     "spec.mounts[].path must not contain '.' or '..' segments nor be or be under /proc, /sys, /dev,"
     " /run/secrets or /var/run/secrets: mount the volume elsewhere, e.g. /data",
 )
-Signal = Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL"]
+# Sent by a preStop hook (machines/pod.py). Not SIGKILL: PID 1 cannot be killed from inside
+# its own PID namespace, and the kubelet always sends SIGTERM before its SIGKILL.
+Signal = Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2"]
 
 
 class Port(ApiModel):
@@ -167,8 +169,16 @@ class Restart(ApiModel):
 
 
 class Stop(ApiModel):
-    signal: Signal = "SIGINT"
-    timeout_seconds: int = Field(default=5, ge=1, le=300, description="Wait after the signal before SIGKILL.")
+    signal: Signal = Field(
+        default="SIGINT",
+        description="Sent to the machine's main process (PID 1) at stop; any but SIGTERM needs /bin/sh in the "
+        "image (a preStop hook sends it). SIGKILL is refused: timeoutSeconds bounds the stop.",
+    )
+    timeout_seconds: int = Field(
+        default=5, ge=1, le=300,
+        description="Wait after the signal before the machine is killed: the pod's terminationGracePeriodSeconds "
+        "(with a signal other than SIGTERM, the kubelet then sends SIGTERM, and SIGKILL 2 s later).",
+    )
 
 
 CHECK_NAMES_RULE = cel(

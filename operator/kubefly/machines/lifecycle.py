@@ -6,8 +6,8 @@ action on the pod. It is level-based and idempotent: running it twice on the
 same world asks for the same thing, so a restarted operator, or a stale watch,
 can at worst repeat a create (AlreadyExists) or a delete (NotFound).
 
-States (Fly's words): created (placed, not booted: desired state stopped at
-create, like skip_launch), starting, started, stopping, stopped, replacing
+States (Fly's words): created (placed, never booted: desired state stopped at
+create, like skip_launch; condition Stopped True), starting, started, stopping, stopped, replacing
 (spec or secrets changed: the pod is being replaced on the same host),
 destroying, failed (could not be created: capacity, volume, invalid spec).
 """
@@ -274,7 +274,20 @@ def reconcile(w: World) -> Plan:
 
     _host_health(b)
     _lifecycle(b)
+    _stopped(b)
     return b.plan
+
+
+def _stopped(b: _Builder) -> None:
+    """`Stopped`: nothing runs. One condition to wait on for a machine applied stopped, whose state is
+    `created` if it never ran (as on Fly) and `stopped` once it has."""
+    state = b.st.get("state")
+    if state == "created":
+        b.cond("Stopped", True, "NeverStarted", "created and never started: nothing runs")
+    elif state == "stopped":
+        b.cond("Stopped", True, "Stopped", "stopped: nothing runs")
+    else:
+        b.cond("Stopped", False, str(state).capitalize(), f"the machine is {state}")
 
 
 def _fail_volume(b: _Builder, reason: str, message: str) -> Plan:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 
 from kubefly import API_VERSION, labels
+from kubefly.api.machine import Stop
 from kubefly.instances import Service as InstanceService
 from kubefly.machines.dns_config import pod_dns
 from kubefly.machines.volume_prep import volume_prep
@@ -30,6 +31,24 @@ CONTAINER = "machine"
 # probe failing in the kubelet would also hide the machine from the agent.
 CHECKS_GATE = labels.CHECKS
 RESTART_POLICY = {"no": "Never", "always": "Always", "on-failure": "OnFailure"}
+DEFAULT_STOP_SIGNAL = Stop().signal  # Fly's SIGINT
+
+
+def stop_hook(signal: str, timeout_seconds: int) -> dict | None:
+    """The container lifecycle that sends the machine's stop signal to its main process.
+
+    Kubernetes' own `lifecycle.stopSignal` (KEP-4960) is alpha and off in v1.36 and
+    needs a runtime that honours it, so a preStop hook sends the signal: the kubelet
+    runs the hook before its own SIGTERM and waits up to the grace period. When PID 1
+    exits, its PID namespace (the hook with it) goes too, so the hook only has to
+    outlast the grace period. From inside the namespace PID 1 gets a signal only if it
+    handles it, just as with the runtime's signal from outside. SIGTERM is what the
+    runtime sends anyway: no hook.
+    """
+    if signal == "SIGTERM":
+        return None
+    name = signal.removeprefix("SIG")
+    return {"preStop": {"exec": {"command": ["/bin/sh", "-c", f"kill -s {name} 1 && exec sleep {timeout_seconds}"]}}}
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,10 @@ def build_pod(
             for svc in spec.get("services") or []
         ],
     }
+    stop = spec.get("stop") or {}
+    grace = stop.get("timeoutSeconds", 5)
+    if hook := stop_hook(stop.get("signal", DEFAULT_STOP_SIGNAL), grace):
+        container["lifecycle"] = hook
     volumes = []
     prep: dict = {}
     if mounts and claim:
@@ -123,7 +146,6 @@ def build_pod(
     }
     if mounts:
         pod_labels[labels.VOLUME] = mounts[0]["volume"]
-    stop = spec.get("stop") or {}
     restart = (spec.get("restart") or {}).get("policy", "on-failure")
     return {
         "apiVersion": "v1",
@@ -157,7 +179,7 @@ def build_pod(
             **({"readinessGates": [{"conditionType": CHECKS_GATE}]} if checks else {}),
             "volumes": volumes,
             "restartPolicy": RESTART_POLICY[restart],
-            "terminationGracePeriodSeconds": stop.get("timeoutSeconds", 5),
+            "terminationGracePeriodSeconds": grace,
             "enableServiceLinks": False,
             **pod_dns(namespace),
             # A machine has no business with the Kubernetes API.

@@ -15,6 +15,10 @@ Paths: /            machine id
        /replay?to=D answer `fly-replay: D` unless this is already a replay
        /crash       exit at once
        /ws          WebSocket echo
+
+A stop signal (SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2) ends it at once,
+saying which one on stdout and in its termination message (/dev/termination-log),
+so a test can tell which signal a machine's stop sent.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import struct
 from urllib.parse import parse_qs, urlsplit
 
@@ -160,11 +165,32 @@ def _frame(opcode: int, payload: bytes) -> bytes:
     return head + payload
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMessagePath
+
+
+def _stopped_by(sig: signal.Signals) -> None:
+    line = f"testapp: received {sig.name}, exiting"
+    print(line, flush=True)
+    # Only into the file the kubelet mounted: outside a pod, creating it in /dev would litter the host.
+    try:
+        with open(TERMINATION_LOG, "r+") as f:
+            f.truncate()
+            f.write(line)
+    except OSError:
+        pass  # not in a pod
+    # At once, without draining: a server closing waits for idle keep-alive connections.
+    os._exit(0)
+
+
 async def _main(args) -> None:
     app = App(args.machine_id, args.workers, args.service_ms)
     srv = await server.serve(
         app.handle, args.host, args.port, limits=http1.Limits(), timeouts=server.Timeouts(), registry=set()
     )
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, _stopped_by, sig)
     async with srv:
         await srv.serve_forever()
 

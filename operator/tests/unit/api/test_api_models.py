@@ -69,6 +69,7 @@ INVALID_SPECS = {
         "names must be unique",
     ),
     "bad-signal": (MachineSpec, {**BASE, "stop": {"signal": "SIGHUP"}}, "signal"),
+    "sigkill-signal": (MachineSpec, {**BASE, "stop": {"signal": "SIGKILL"}}, "signal"),
     "stop-timeout": (MachineSpec, {**BASE, "stop": {"timeoutSeconds": 301}}, "timeoutSeconds"),
     "app-not-a-label": (MachineSpec, {**BASE, "app": "My_App"}, "app"),
     "unknown-field": (MachineSpec, {**BASE, "imagee": "typo"}, "imagee"),

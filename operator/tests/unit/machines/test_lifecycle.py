@@ -111,6 +111,24 @@ def test_desired_stopped_only_creates_then_start_is_immediate():
     assert [reason for _, reason, _ in plan.events] == ["Starting"]
 
 
+def test_applied_stopped_reads_created_until_it_has_run_then_stopped_and_stopped_holds_for_both():
+    # Fly's words: created = never started; stopped = it ran and was stopped (or exited).
+    m = machine(state="stopped")
+    plan = run(m, decision=Decision("a1", "Placed", "ok"))
+    assert plan.status["state"] == "created"
+    assert (cond(plan, "Stopped")["status"], cond(plan, "Stopped")["reason"]) == ("True", "NeverStarted")
+    m["spec"]["state"], m["metadata"]["generation"] = "started", 2
+    started = run(m)
+    assert cond(started, "Stopped")["status"] == "False" and cond(started, "Stopped")["reason"] == "Starting"
+    assert cond(run(m, pod=pod_of(started)), "Stopped")["reason"] == "Started"
+    m["spec"]["state"], m["metadata"]["generation"] = "stopped", 3
+    stopping = run(m, pod=pod_of(started))
+    assert stopping.status["state"] == "stopping" and cond(stopping, "Stopped")["status"] == "False"
+    plan = run(m)  # the pod is gone
+    assert plan.status["state"] == "stopped"
+    assert (cond(plan, "Stopped")["status"], cond(plan, "Stopped")["reason"]) == ("True", "Stopped")
+
+
 def test_running_ready_pod_is_started_and_ready_and_checks_gate_ready_only():
     m = machine(status={"host": "a1", "region": "ams"})
     p = run(m)
@@ -171,6 +189,18 @@ def test_restart_policy_maps_to_the_pod_and_stop_timeout_to_grace():
                         host="a1", region="ams", instance="i", secrets=[])
         assert pod["spec"]["restartPolicy"] == expected
         assert pod["spec"]["terminationGracePeriodSeconds"] == 42
+
+
+def test_stop_signal_is_sent_to_pid_1_by_a_prestop_hook_unless_it_is_the_runtimes_sigterm():
+    def lifecycle(**stop):
+        pod = build_pod(machine(stop=stop), host="a1", region="ams", instance="i", secrets=[])
+        return pod["spec"]["terminationGracePeriodSeconds"], pod["spec"]["containers"][0].get("lifecycle")
+
+    # Fly's default, SIGINT, for a spec as the CRD defaults it and as written here without stop.
+    assert lifecycle() == (5, {"preStop": {"exec": {"command": ["/bin/sh", "-c", "kill -s INT 1 && exec sleep 5"]}}})
+    grace, hook = lifecycle(signal="SIGQUIT", timeoutSeconds=30)
+    assert grace == 30 and hook["preStop"]["exec"]["command"][-1] == "kill -s QUIT 1 && exec sleep 30"
+    assert lifecycle(signal="SIGTERM", timeoutSeconds=12) == (12, None)
 
 
 def test_on_failure_gives_up_after_max_retries_and_stays_stopped():
