@@ -56,6 +56,7 @@ def test_operator_identity_can_do_its_work_and_nothing_more(kube):
     for verb, resource in [
         ("delete", "nodes"), ("create", "clusterrolebindings"), ("delete", "customresourcedefinitions"),
         ("create", "deployments"), ("delete", "namespaces"), ("escalate", "clusterroles"),
+        ("list", "secrets"), ("watch", "secrets"), ("delete", "secrets"), ("update", "machines.kubefly.dev"),
     ]:
         assert can(verb, resource, "-A") == "no", f"operator may {verb} {resource}, which it never needs"
 
@@ -194,3 +195,36 @@ def test_agents_can_reach_the_api_server_at_its_own_address(kube):
     proc = kube.helm("template", "x", str(kube.chart), "--set", "agent.enabled=true", "--set", "agent.apiServer=no-port",
                      check=False)
     assert proc.returncode != 0 and "apiServer" in proc.stderr
+
+
+def test_admission_policies_bind_each_process_to_its_service_account_and_the_volume_root(kube):
+    from kubefly.volumes.objects import HOST_ROOT, build_pv
+
+    def render(*sets):
+        out = kube.helm("template", "x", str(kube.chart), "--namespace", "kf", *[a for s in sets for a in ("--set", s)]).stdout
+        return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+
+    docs = render("agent.enabled=true", "proxy.enabled=true")
+    policies = {name: d["spec"] for (kind, name), d in docs.items() if kind == "ValidatingAdmissionPolicy"}
+    assert set(policies) == {"x-kubefly-proxy-autostart", "x-kubefly-operator-volumes", "x-kubefly-agent-own-host"}
+    for name, spec in policies.items():
+        assert spec["failurePolicy"] == "Fail"
+        assert docs[("ValidatingAdmissionPolicyBinding", name)]["spec"] == {"policyName": name, "validationActions": ["Deny"]}
+    users = {name: spec["matchConditions"][0]["expression"] for name, spec in policies.items()}
+    assert users["x-kubefly-proxy-autostart"] == "request.userInfo.username == 'system:serviceaccount:kf:x-kubefly-proxy'"
+    assert users["x-kubefly-agent-own-host"] == "request.userInfo.username == 'system:serviceaccount:kf:x-kubefly-agent'"
+    assert users["x-kubefly-operator-volumes"] == "request.userInfo.username == 'system:serviceaccount:kf:x-kubefly'"
+    # Each policy names the ServiceAccount its process runs as.
+    assert docs[("DaemonSet", "x-kubefly-proxy")]["spec"]["template"]["spec"]["serviceAccountName"] == "x-kubefly-proxy"
+    assert docs[("DaemonSet", "x-kubefly-agent")]["spec"]["template"]["spec"]["serviceAccountName"] == "x-kubefly-agent"
+    assert docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["serviceAccountName"] == "x-kubefly"
+    # The chart's volume root is the operator's, and it checks the labels the PV planner sets.
+    volumes = yaml.safe_dump(policies["x-kubefly-operator-volumes"])
+    assert f"'{HOST_ROOT}/'" in volumes
+    pv_labels = build_pv(namespace="n", volume="v", uid="u", app="a", region="r", host="h", size_gb=1)["metadata"]["labels"]
+    for label in pv_labels:
+        assert f"'{label}'" in volumes, f"the PV policy does not check label {label}"
+
+    # Without the proxy or agent there is no ServiceAccount to narrow; without rbac.create, no policies at all.
+    assert {name for kind, name in render() if kind == "ValidatingAdmissionPolicy"} == {"x-kubefly-operator-volumes"}
+    assert not [k for k in render("rbac.create=false", "agent.enabled=true", "proxy.enabled=true") if k[0].startswith("ValidatingAdmission")]

@@ -337,8 +337,13 @@ def test_every_check_gates_readiness_through_the_host_agent_and_never_restarts(k
     node["spec"]["podCIDR"] = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(250)}.0/24"
     kube.cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
     kube.cluster.wait_hosts_ready([host])
+    # The token of the chart's agent pod on that host: it names the host, and the
+    # chart's admission policy lets the agent write only its own host's pod status.
+    agent_pod = kube.wait_for(f"the chart's agent pod on {host}", lambda: kube.kubectl(
+        "-n", kube.release_namespace, "get", "pods", "-l", "app.kubernetes.io/component=agent",
+        "--field-selector", f"spec.nodeName={host}", "-o", "jsonpath={.items[*].metadata.name}", check=False).stdout.strip())
     agent_kubeconfig = kube.cluster.service_account_kubeconfig(kube.release_namespace, f"{kube.release}-agent",
-                                                               tmp_path / "agent-kubeconfig")
+                                                               tmp_path / "agent-kubeconfig", bind_pod=agent_pod)
     key = tmp_path / "gossip.key"
     key.write_text(secrets.token_urlsafe(32))
     log = (tmp_path / "agent.log").open("w")

@@ -216,14 +216,18 @@ class LocalCluster:
     def delete_host(self, name: str) -> None:
         self.kubectl("delete", "node", name, "--wait=false")
 
-    def service_account_kubeconfig(self, namespace: str, name: str, path: Path, hours: int = 24) -> Path:
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path, hours: int = 24,
+                                   bind_pod: str | None = None) -> Path:
         """A kubeconfig that acts as a ServiceAccount, with a token from the TokenRequest API.
 
         Running the operator with it proves the chart's RBAC is enough, and no more.
+        `bind_pod`: bound to that pod (of this ServiceAccount), so the token names the
+        pod's node as a kubelet's projected token does (the agent's admission policy needs it).
         """
         import yaml
 
-        token = self.kubectl("-n", namespace, "create", "token", name, f"--duration={hours}h").stdout.strip()
+        bind = ["--bound-object-kind", "Pod", "--bound-object-name", bind_pod] if bind_pod else []
+        token = self.kubectl("-n", namespace, "create", "token", name, f"--duration={hours}h", *bind).stdout.strip()
         admin = yaml.safe_load(self.kubeconfig.read_text())
         cluster = admin["clusters"][0]["cluster"]
         user = f"system:serviceaccount:{namespace}:{name}"
