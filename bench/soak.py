@@ -154,7 +154,7 @@ class Soak:
         Machines with two live pods at once (when the API answers)."""
         ips: list[str] = []
         probe = ("import sys,urllib.request\nfor ip in sys.argv[1:]:\n try:\n"
-                 "  b=urllib.request.urlopen(f'http://{ip}:8080/metrics',timeout=1).read().decode()\n"
+                 "  b=urllib.request.urlopen(f'http://{ip}:9090/metrics',timeout=1).read().decode()\n"
                  "  print(ip, any(l.startswith('kubefly_operator_leader ') and float(l.split()[1])==1 for l in b.splitlines()))\n"
                  " except Exception: print(ip, 'down')")
         n = 0
