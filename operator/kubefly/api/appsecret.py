@@ -6,21 +6,21 @@ never is. Status reports names and digests, never values.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, field_validator
 
 from kubefly.api.common import (
     AGE,
-    AppName,
     ApiModel,
+    AppName,
     CrdInfo,
     PrinterColumn,
     Resource,
     StatusModel,
     cel,
     immutable,
+    keys_matching,
     validations,
 )
 
@@ -48,9 +48,7 @@ class AppSecretSpec(ApiModel):
     @field_validator("data")
     @classmethod
     def _env_var_keys(cls, data: dict[str, str]) -> dict[str, str]:
-        if any(len(key) > 255 or not re.fullmatch(KEY_PATTERN, key) for key in data):
-            raise ValueError(KEYS_RULE["message"])
-        return data
+        return keys_matching(data, KEY_PATTERN, KEYS_RULE)
 
 
 class Rollout(ApiModel):

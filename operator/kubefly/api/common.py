@@ -9,6 +9,7 @@ builds objects (the CLI, the operator) fails the same way the API server does.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -32,6 +33,14 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str
     if field_path:
         out["fieldPath"] = field_path
     return out
+
+
+def keys_matching(mapping: dict[str, str], pattern: str, rule: dict[str, str]) -> dict[str, str]:
+    """The model's side of a CEL rule on a map's keys: each at most 255 characters and
+    matching `pattern` whole (re.fullmatch: `$` would also pass a final newline)."""
+    if any(len(k) > 255 or not re.fullmatch(pattern, k) for k in mapping):
+        raise ValueError(rule["message"])
+    return mapping
 
 
 def validations(*rules: dict[str, str]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from kubefly.api.common import (
     AGE,
-    AppName,
     ApiModel,
+    AppName,
     CrdInfo,
     DnsLabel,
     Guest,
@@ -23,6 +23,7 @@ from kubefly.api.common import (
     StatusModel,
     cel,
     immutable,
+    keys_matching,
     validations,
 )
 
@@ -144,9 +145,7 @@ class Check(ApiModel):
     @field_validator("headers")
     @classmethod
     def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
-        if any(len(k) > 255 or not re.fullmatch(HEADER_NAME_PATTERN, k) for k in headers):
-            raise ValueError(HEADER_NAMES_RULE["message"])
-        return headers
+        return keys_matching(headers, HEADER_NAME_PATTERN, HEADER_NAMES_RULE)
 
 
 class Mount(ApiModel):
@@ -218,9 +217,7 @@ class MachineSpec(ApiModel):
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        if any(len(k) > 255 or not re.fullmatch(ENV_NAME_PATTERN, k) for k in env):
-            raise ValueError(ENV_NAMES_RULE["message"])
-        return env
+        return keys_matching(env, ENV_NAME_PATTERN, ENV_NAMES_RULE)
 
     @field_validator("checks")
     @classmethod
