@@ -174,7 +174,7 @@ class Platform:
         doc = {"apiVersion": "kubefly.dev/v1alpha1", "kind": "Machine",
                "metadata": {"name": machine_id, "namespace": org, "uid": f"uid-{machine_id}", "generation": 1},
                "spec": {"app": app, "region": agent.region, "image": "testapp", "state": "stopped",
-                        "services": [{"internalPort": port, "ports": [{"port": 80}], "autostart": True,
+                        "services": [{"internalPort": port, "ports": [{"port": 80, "handlers": ["http"]}], "autostart": True,
                                       "autostop": "stop", "concurrency": {"type": "requests"}, **service}]},
                "status": {"state": status, "host": agent.host, "region": agent.region,
                           "instanceId": f"{machine_id}-v1"}}
