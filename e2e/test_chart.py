@@ -47,7 +47,7 @@ def test_operator_identity_can_do_its_work_and_nothing_more(kube):
 
     for verb, resource in [
         ("watch", "machines.kubefly.dev"), ("patch", "machines.kubefly.dev/status"),
-        ("create", "pods"), ("create", "persistentvolumes"), ("list", "nodes"), ("create", "events"),
+        ("create", "pods"), ("create", "persistentvolumes"), ("list", "nodes"), ("get", "nodes"), ("create", "events"),
     ]:
         assert can(verb, resource, "-A") == "yes", f"operator cannot {verb} {resource}"
     # Its leadership Lease, in its own namespace only.
