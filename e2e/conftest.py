@@ -201,6 +201,13 @@ class OperatorProcess:
 
 
 @pytest.fixture
+def operator_process() -> type[OperatorProcess]:
+    """The class, for a test that runs operators of its own: a test module cannot import it from
+    `conftest` by name in a whole run, where another tier's conftest holds that module name."""
+    return OperatorProcess
+
+
+@pytest.fixture
 def standby_operator(kube: Kube, operator: OperatorProcess, tmp_path):
     """A second replica, started after the session operator holds the Lease: it stands by."""
     handle = OperatorProcess(kube, tmp_path, identity=f"standby-{uuid.uuid4().hex[:6]}").start()

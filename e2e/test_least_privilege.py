@@ -85,8 +85,11 @@ def test_the_proxy_may_set_a_machines_state_and_nothing_else(kube, namespace, pr
     assert status.returncode != 0 and "forbidden" in status.stderr.lower()
 
 
+UID = "0123456789abcdef"  # the Volume's uid, in the PV's kubefly.dev/volume-uid annotation
+
+
 def _pv(name: str, path: str, labels: dict[str, str] | None, namespace: str = "org-x") -> str:
-    pv = objects.build_pv(namespace=namespace, volume="data", uid="0123456789abcdef", app="web", region="ams",
+    pv = objects.build_pv(namespace=namespace, volume="data", uid=UID, app="web", region="ams",
                           host="kubefly-worker", size_gb=1)
     pv["metadata"]["name"] = name
     pv["spec"]["hostPath"]["path"] = path
@@ -103,17 +106,19 @@ def test_the_operator_creates_only_kubeflys_hostpath_volumes_under_the_root(kube
         assert outside.returncode != 0
         assert "may only mount /var/lib/kubefly/volumes/<namespace>/<volume>" in outside.stderr and "not /etc" in outside.stderr
         # Under the root but not the volume's own directory: the whole root, or another org's volume.
-        for path in (objects.HOST_ROOT, f"{objects.HOST_ROOT}/org-y/data", f"{objects.HOST_ROOT}/org-x/../../../../etc"):
+        # Another Volume's directory of the same name (its own uid) is refused too.
+        for path in (objects.HOST_ROOT, f"{objects.HOST_ROOT}/org-y/data", f"{objects.HOST_ROOT}/org-x/../../../../etc",
+                     objects.host_path("org-x", "data", "another-uid"), objects.host_path("org-y", "data", UID)):
             refused = as_sa(operator, "create", "-f", "-", input=_pv("kf-lp-other", path, None))
             assert refused.returncode != 0, path
-        unlabelled = as_sa(operator, "create", "-f", "-", input=_pv("kf-lp-bare", objects.host_path("org-x", "data"), {}))
+        unlabelled = as_sa(operator, "create", "-f", "-", input=_pv("kf-lp-bare", objects.host_path("org-x", "data", UID), {}))
         assert unlabelled.returncode != 0
         assert "labelled app.kubernetes.io/managed-by=kubefly" in unlabelled.stderr
         partly = {k: v for k, v in good_labels.items() if k != "kubefly.dev/host"}
-        assert as_sa(operator, "create", "-f", "-", input=_pv("kf-lp-part", objects.host_path("org-x", "data"), partly)).returncode != 0
+        assert as_sa(operator, "create", "-f", "-", input=_pv("kf-lp-part", objects.host_path("org-x", "data", UID), partly)).returncode != 0
 
         # What the Volume planner builds is admitted (test_volumes.py runs the real controller).
-        good = as_sa(operator, "create", "-f", "-", input=_pv("kf-lp-good", objects.host_path("org-x", "data"), None))
+        good = as_sa(operator, "create", "-f", "-", input=_pv("kf-lp-good", objects.host_path("org-x", "data", UID), None))
         assert good.returncode == 0, good.stderr
         relabel = as_sa(operator, "label", "pv", "kf-lp-good", "app.kubernetes.io/managed-by-")
         assert relabel.returncode != 0 and "labelled app.kubernetes.io/managed-by=kubefly" in relabel.stderr

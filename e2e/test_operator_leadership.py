@@ -177,14 +177,14 @@ def test_an_api_outage_longer_than_the_lease_leaves_exactly_one_active(kube):
         b.close()
 
 
-def test_two_operator_processes_one_cut_off_from_the_api(kube, operator, namespace, tmp_path):
+def test_two_operator_processes_one_cut_off_from_the_api(kube, operator, operator_process, namespace, tmp_path):
     """`kubefly operator` itself, twice, with the chart's timings (Lease 15 s, deadline 10 s) and the
     chart's RBAC: the leader reaches the API through a forwarder that is then blocked. It stops being
     active (replaces its process and waits as a candidate) before the standby takes over, and stays a
     candidate once it can reach the API again."""
     import yaml
 
-    from conftest import OperatorProcess
+    OperatorProcess = operator_process
 
     lease = "kubefly-operator"  # the one the chart's RBAC allows; the session operator hands it over meanwhile
     server = yaml.safe_load(kube.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
