@@ -7,6 +7,10 @@ without the API server, so the operator asks them: every POLL_S it reads
 GET /v1/members from two agents (at the hosts' InternalIPs, the agents' members
 port; rotating), and a host's state is the best either saw it in. No answer for
 STALE_AFTER_S: no gossip view, and the Node alone decides, as without agents.
+
+A death is believed only once it has lasted DEAD_AFTER_S in the view: a host
+that restarted, or whose agent stalled for a moment, is declared dead by a
+peer and refutes it within seconds; users get no Warning for a rumour.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from kubefly.gossip.membership import ALIVE, DEAD, SUSPECT
 log = structlog.get_logger("kubefly.controllers.gossipview")
 POLL_S = 2.0
 STALE_AFTER_S = 10.0
+DEAD_AFTER_S = 6.0  # about three polls: longer than a refutation takes to spread among the agents
 ASK = 2  # agents asked per round: one agent cut off from its peers would see everyone dead
 _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2}
 
@@ -52,26 +57,38 @@ class GossipView:
         self.clock = clock
         self.states: dict[str, str] = {}
         self.at: float | None = None
+        self.dead_since: dict[str, float] = {}
+        self._told: dict[str, str] = {}  # what state() said at the last update: changes are against it
 
     def state(self, host: str) -> str | None:
-        """alive, suspect, dead; None: no fresh view, or no agent of that host in it."""
+        """alive, suspect, dead; None: no fresh view, or no agent of that host in it.
+
+        A host dead in the view for less than DEAD_AFTER_S is only suspect."""
         if self.at is None or self.clock() - self.at > STALE_AFTER_S:
             return None
-        return self.states.get(host)
+        state = self.states.get(host)
+        if state == DEAD and self.clock() - self.dead_since.get(host, self.clock()) < DEAD_AFTER_S:
+            return SUSPECT
+        return state
 
     def update(self, states: dict[str, str]) -> set[str]:
-        """Take a fresh view; the hosts whose state changed (a view that went stale counts as changed)."""
-        was_fresh = self.at is not None and self.clock() - self.at <= STALE_AFTER_S
-        old = self.states if was_fresh else {}
-        self.states, self.at = states, self.clock()
-        return {h for h in old.keys() | states.keys() if old.get(h) != states.get(h)}
+        """Take a fresh view; the hosts whose state() changed (a view that went stale counts as changed)."""
+        now = self.clock()
+        self.dead_since = {h: self.dead_since.get(h, now) for h, st in states.items() if st == DEAD}
+        self.states, self.at = states, now
+        return self._changes()
 
     def expire(self) -> set[str]:
         """Hosts that lose their gossip state because no agent answered for too long."""
         if self.at is not None and self.clock() - self.at > STALE_AFTER_S and self.states:
-            gone, self.states = set(self.states), {}
-            return gone
-        return set()
+            self.states, self.dead_since = {}, {}
+        return self._changes()
+
+    def _changes(self) -> set[str]:
+        told = {h: st for h in self.states if (st := self.state(h)) is not None}
+        changed = {h for h in told.keys() | self._told.keys() if told.get(h) != self._told.get(h)}
+        self._told = told
+        return changed
 
 
 async def poll(view: GossipView, addresses: Callable[[], dict[str, str]], port: int,

@@ -74,3 +74,23 @@ def test_a_view_nobody_refreshed_is_no_view():
     assert view.update({"h1": "alive"}) == set()
     now[0] = gossipview.STALE_AFTER_S + 1
     assert view.state("h1") is None and view.expire() == {"h1"}
+
+
+def test_a_death_counts_only_once_it_lasts():
+    """A restarted host, or an agent that stalled, is declared dead by a peer and refutes it in
+    seconds: the view says suspect until the death has lasted DEAD_AFTER_S, then dead (a change)."""
+    now = [0.0]
+    view = gossipview.GossipView(clock=lambda: now[0])
+    assert view.update({"h1": "alive", "h2": "alive"}) == {"h1", "h2"}
+    now[0] = 2.0
+    assert view.update({"h1": "alive", "h2": "dead"}) == {"h2"}
+    assert view.state("h2") == "suspect"
+    now[0] = 4.0
+    assert view.update({"h1": "alive", "h2": "alive"}) == {"h2"}  # refuted: never dead
+    assert view.state("h2") == "alive"
+    now[0] = 6.0
+    assert view.update({"h1": "alive", "h2": "dead"}) == {"h2"}
+    now[0] = 6.0 + gossipview.DEAD_AFTER_S - 0.1
+    assert view.update({"h1": "alive", "h2": "dead"}) == set() and view.state("h2") == "suspect"
+    now[0] = 6.0 + gossipview.DEAD_AFTER_S
+    assert view.update({"h1": "alive", "h2": "dead"}) == {"h2"} and view.state("h2") == "dead"
