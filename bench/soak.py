@@ -119,7 +119,8 @@ class Soak:
         raise SystemExit(f"soak setup: timed out after {timeout:.0f}s waiting for {what}")
 
     def machines_settled(self) -> bool:
-        ms = (self.get("machines") or {}).get("items") or []
+        # The app's own: the PostgresCluster's members are Machines of the same namespace too.
+        ms = [m for m in (self.get("machines") or {}).get("items") or [] if m["spec"].get("app") == "soak"]
         ready = lambda m: next((c["status"] == "True" for c in m.get("status", {}).get("conditions") or []
                                 if c["type"] == "Ready"), False)
         return len(ms) == 2 and all(m.get("status", {}).get("state") == "started" and ready(m) for m in ms)
