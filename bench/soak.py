@@ -104,7 +104,11 @@ class Soak:
 
     # ---- observation ---------------------------------------------------------
     def get(self, *what: str) -> dict | None:
-        p = self.kind.kubectl("-n", self.ns, "get", *what, "-o", "json", check=False, timeout=15)
+        """The objects, or None while the API server does not answer (a paused control plane)."""
+        try:
+            p = self.kind.kubectl("-n", self.ns, "get", *what, "-o", "json", check=False, timeout=15)
+        except subprocess.TimeoutExpired:
+            return None
         return json.loads(p.stdout) if p.returncode == 0 else None
 
     def wait(self, what: str, probe, timeout: float):
@@ -146,8 +150,11 @@ class Soak:
             self.stop.wait(max(0.0, 0.1 - (time.monotonic() - t)))
 
     def operator_ips(self) -> list[str]:
-        p = self.kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator",
-                              "-o", "jsonpath={.items[*].status.podIP}", check=False, timeout=10)
+        try:
+            p = self.kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator",
+                                  "-o", "jsonpath={.items[*].status.podIP}", check=False, timeout=10)
+        except subprocess.TimeoutExpired:
+            return []  # the API server is paused: sample the replicas last known
         return p.stdout.split() if p.returncode == 0 else []
 
     def sample(self) -> None:
@@ -163,9 +170,12 @@ class Soak:
             if n % 10 == 0 or not ips:
                 ips = self.operator_ips() or ips
             n += 1
-            if ips:
+            try:
                 p = subprocess.run(["docker", "exec", self.writer_host, "python3", "-c", probe, *ips],
-                                   capture_output=True, text=True, timeout=10)
+                                   capture_output=True, text=True, timeout=10) if ips else None
+            except subprocess.TimeoutExpired:
+                p = None  # no sample this second (counted in operator_samples only when taken)
+            if p is not None:
                 active = sum(line.endswith(" True") for line in p.stdout.splitlines())
                 self.active_samples += 1
                 self.two_active += active > 1
