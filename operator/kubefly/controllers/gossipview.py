@@ -64,10 +64,11 @@ class GossipView:
         """alive, suspect, dead; None: no fresh view, or no agent of that host in it.
 
         A host dead in the view for less than DEAD_AFTER_S is only suspect."""
-        if self.at is None or self.clock() - self.at > STALE_AFTER_S:
+        now = self.clock()
+        if self.at is None or now - self.at > STALE_AFTER_S:
             return None
         state = self.states.get(host)
-        if state == DEAD and self.clock() - self.dead_since.get(host, self.clock()) < DEAD_AFTER_S:
+        if state == DEAD and now - self.dead_since[host] < DEAD_AFTER_S:  # update() keeps both in step
             return SUSPECT
         return state
 
