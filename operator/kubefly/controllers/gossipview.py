@@ -75,6 +75,8 @@ class GossipView:
     def update(self, states: dict[str, str]) -> set[str]:
         """Take a fresh view; the hosts whose state() changed (a view that went stale counts as changed)."""
         now = self.clock()
+        if self.at is None or now - self.at > STALE_AFTER_S:
+            self.dead_since = {}  # a view resumed after a gap (a new leadership term) times deaths afresh
         self.dead_since = {h: self.dead_since.get(h, now) for h, st in states.items() if st == DEAD}
         self.states, self.at = states, now
         return self._changes()

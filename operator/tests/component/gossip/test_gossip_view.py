@@ -94,3 +94,16 @@ def test_a_death_counts_only_once_it_lasts():
     assert view.update({"h1": "alive", "h2": "dead"}) == set() and view.state("h2") == "suspect"
     now[0] = 6.0 + gossipview.DEAD_AFTER_S
     assert view.update({"h1": "alive", "h2": "dead"}) == {"h2"} and view.state("h2") == "dead"
+
+
+def test_a_death_is_timed_afresh_when_the_view_resumes_after_a_gap():
+    """The poller stops while its replica is not the leader; a death seen before the gap is not a
+    death that lasted through it."""
+    now = [0.0]
+    view = gossipview.GossipView(clock=lambda: now[0])
+    view.update({"h1": "alive", "h2": "dead"})
+    now[0] = gossipview.STALE_AFTER_S + 30  # no round meanwhile: leadership lost, then regained
+    view.update({"h1": "alive", "h2": "dead"})
+    assert view.state("h2") == "suspect"
+    now[0] += gossipview.DEAD_AFTER_S
+    assert view.update({"h1": "alive", "h2": "dead"}) == {"h2"} and view.state("h2") == "dead"
