@@ -20,6 +20,9 @@ INSTANCE_ID = f"{PREFIX}/instance-id"
 SERVICES = f"{PREFIX}/services"
 # JSON list of the Machine's checks
 CHECKS = f"{PREFIX}/checks"
+# Pod condition (a readiness gate) the host agent sets once it has published the instance to gossip:
+# Ready then means routable by every proxy and in .internal DNS, not only "containers ready".
+ROUTED = f"{PREFIX}/routed"
 
 # The standard node label that names a host's region.
 NODE_REGION = "topology.kubernetes.io/region"

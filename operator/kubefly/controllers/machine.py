@@ -58,6 +58,9 @@ HOST_READY: dict[str, bool] = {}
 HOST_ADDRESS: dict[str, str] = {}  # host -> InternalIP, where its agent answers for the gossip view
 ON_HOST: dict[tuple[str, str], str] = {}  # machine -> its host, for waking a host's machines
 GOSSIP = gossipview.GossipView()
+# Set by the chart when the host agents run (agent.enabled): the operator reads their gossip view, and
+# pods get the routed readiness gate the agents write. Without it the Node alone decides, as on kwok.
+AGENT_MEMBERS_PORT = os.environ.get("KUBEFLY_AGENT_MEMBERS_PORT")
 PLATFORM = platform.PlatformSettings()
 PLATFORM_REGIONS_SEEN: set[str] = set()
 
@@ -183,8 +186,7 @@ def _wake_hosts(hosts: set[str]) -> None:
 
 @kopf.on.startup()
 async def start_gossip_view(memo: kopf.Memo, **_) -> None:
-    # Set by the chart when the host agents run (agent.enabled); without it the Node alone decides.
-    port = os.environ.get("KUBEFLY_AGENT_MEMBERS_PORT")
+    port = AGENT_MEMBERS_PORT
     memo.gossip_stop = asyncio.Event()
     memo.gossip_task = None
     if not port:
@@ -345,7 +347,7 @@ def _world(machine: dict, *, hosts, placed_machines, machine_pods, volumes, app_
     return lifecycle.World(
         machine, True, verdict.message, datetime.now(timezone.utc),
         pod=_one(machine_pods, key), host=health, volume=volume, secrets=secrets, secrets_missing=missing,
-        decision=decision, platform=PLATFORM,
+        decision=decision, platform=PLATFORM, agents=bool(AGENT_MEMBERS_PORT),
     )
 
 

@@ -136,6 +136,9 @@ class Agent:
         # Told each local machine's check verdict when it changes (PodSource writes the pod's readiness gate).
         self.on_checks: Callable[[LocalMachine, bool, list[str]], None] | None = None
         self._told_checks: dict[Key, tuple[str, bool]] = {}
+        # Told at each reconcile that a machine without checks is published started, with its address
+        # (PodSource writes the pod's routed gate, unless its pod already passed it: Ready means routable).
+        self.on_published: Callable[[LocalMachine], None] | None = None
         self.loads: dict[Key, int] = {}
         self._loads_dirty = False
         self._watchers: set[asyncio.Queue] = set()
@@ -239,6 +242,7 @@ class Agent:
             cur = self.store.get(self.cfg.host, key)
             if cur is None or cur.row != row:
                 self._write(key, row)
+            self._tell_published(m)
         for key, (_, mc) in list(self._checks.items()):
             if key not in self.local:
                 mc.cancel()
@@ -270,6 +274,11 @@ class Agent:
         if self._told_checks.get(m.key) != verdict:
             self._told_checks[m.key] = verdict
             self.on_checks(m, verdict[1], have[1].failing())
+
+    def _tell_published(self, m: LocalMachine) -> None:
+        """After its row is written and queued: a machine with checks is told through its verdict."""
+        if self.on_published is not None and not m.checks and m.state == InstanceState.started.value and m.address:
+            self.on_published(m)
 
     def _compose(self, m: LocalMachine) -> dict:
         if not m.checks:

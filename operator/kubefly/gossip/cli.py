@@ -145,6 +145,7 @@ async def _run(cfg, keys, api_addr, source, machines_dir, source_poll, members_a
     else:
         src = PodSource(cfg.host, cfg.region, agent.set_local)
         agent.on_checks = src.report_checks  # the machines' readiness gates
+        agent.on_published = src.report_published
     src.start()
     runner = web.AppRunner(make_app(agent), access_log=None)
     await runner.setup()

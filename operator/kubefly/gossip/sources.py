@@ -259,6 +259,13 @@ def checks_condition(passing: bool, failing: list[str], now: str) -> dict:
             "lastTransitionTime": now}
 
 
+def routed_condition(now: str) -> dict:
+    """The pod condition behind the routed gate: the host agent has published the instance."""
+    return {"type": labels.ROUTED, "status": "True", "reason": "Published",
+            "message": "the host agent published this instance to the proxies and .internal DNS",
+            "lastTransitionTime": now}
+
+
 # Retry pace when the API cannot be reached: 0.1 s, doubling to at most 1 s,
 # jittered. Short on purpose: a host that boots (a worker started again)
 # reaches the API only once kube-proxy has written its rules, and every second
@@ -278,8 +285,9 @@ class PodSource:
     this node and the Machines; a Machine placed on this node with no pod becomes
     a row too (created, stopped, starting).
 
-    It also writes each machine's check verdict to its pod (the readiness gate),
-    one write at a time in a thread of its own."""
+    It also writes each machine's readiness gate to its pod, one write at a time in
+    a thread of its own: the check verdict, or (a machine without checks) that its
+    row is published."""
 
     def __init__(self, host: str, region: str, on_machines: OnMachines):
         self.host, self.region = host, region
@@ -290,14 +298,36 @@ class PodSource:
         self._lock = threading.Lock()
         self._pods: dict[str, dict] = {}
         self._machines: dict[str, dict] = {}
+        self._publishing: set[tuple[str, str, str]] = set()  # routed gates being written: (ns, pod, instance)
         # Kinds listed at least once (or refused for good): the set is complete only with both,
         # and the agent takes it as the whole truth about this host.
         self._listed: set[str] = set()
 
     def report_checks(self, m: LocalMachine, passing: bool, failing: list[str]) -> None:
-        self._writer.submit(self._write_checks, m.org, m.machine_id, m.instance_id, passing, failing)
+        self._writer.submit(self._write_condition, m.org, m.machine_id, m.instance_id,
+                            lambda now: checks_condition(passing, failing, now))
 
-    def _write_checks(self, namespace: str, pod: str, instance: str, passing: bool, failing: list[str]) -> None:
+    def report_published(self, m: LocalMachine) -> None:
+        """Its row is published: pass the routed gate, if its pod has one not yet passed (and no write
+        of it is under way; a failed write is retried at the agent's next reconcile)."""
+        job = (m.org, m.machine_id, m.instance_id)
+        with self._lock:
+            pod = self._pods.get(f"{m.org}/{m.machine_id}") or {}
+            gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
+            conds = {c.get("type"): c.get("status") for c in (pod.get("status") or {}).get("conditions") or []}
+            if labels.ROUTED not in gates or conds.get(labels.ROUTED) == "True" or job in self._publishing:
+                return
+            self._publishing.add(job)
+
+        def write() -> None:
+            try:
+                self._write_condition(*job, routed_condition)
+            finally:
+                with self._lock:
+                    self._publishing.discard(job)
+        self._writer.submit(write)
+
+    def _write_condition(self, namespace: str, pod: str, instance: str, condition: Callable[[str], dict]) -> None:
         from datetime import datetime, timezone
 
         from kubernetes import client
@@ -309,18 +339,19 @@ class PodSource:
                 live = api.read_namespaced_pod(pod, namespace, _request_timeout=10)
                 if (live.metadata.annotations or {}).get(labels.INSTANCE_ID, instance) != instance:
                     return  # replaced meanwhile: the new instance gets its own verdict
-                now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                cond = condition(datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
                 # resourceVersion: the pod must still be the one just read.
                 body = {"metadata": {"resourceVersion": live.metadata.resource_version},
-                        "status": {"conditions": [checks_condition(passing, failing, now)]}}
+                        "status": {"conditions": [cond]}}
                 api.patch_namespaced_pod_status(pod, namespace, body, _request_timeout=10,
                                                 _content_type="application/strategic-merge-patch+json")
-                log.info("checks gate written", pod=f"{namespace}/{pod}", passing=passing, failing=failing)
+                log.info("readiness gate written", pod=f"{namespace}/{pod}", gate=cond["type"], status=cond["status"],
+                         reason=cond["reason"])
                 return
             except ApiException as exc:
                 if exc.status == 409:
                     continue  # the kubelet wrote status in between: read again
-                log.warning("checks gate not written", pod=f"{namespace}/{pod}", status=exc.status, reason=exc.reason)
+                log.warning("readiness gate not written", pod=f"{namespace}/{pod}", status=exc.status, reason=exc.reason)
                 return
 
     def start(self) -> None:

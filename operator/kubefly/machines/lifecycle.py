@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from kubefly import labels
 from kubefly.conditions import get_condition, set_condition
-from kubefly.machines.pod import CHECKS_GATE, SECRETS_DIGEST, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
+from kubefly.machines.pod import CHECKS_GATE, ROUTED_GATE, SECRETS_DIGEST, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
 from kubefly.placement.machines import Decision
 from kubefly.platform import PlatformSettings
 
@@ -65,6 +65,7 @@ class PodView:
     unschedulable: str | None
     ip: str | None
     checks_failing: str | None = None  # why the checks gate is not passed (None: passed, or no checks)
+    unpublished: bool = False  # the routed gate: its host agent has not published it yet
 
 
 def _checks_failing(pod: dict, conds: dict) -> str | None:
@@ -98,6 +99,8 @@ def pod_view(pod: dict) -> PodView:
     conds = {c.get("type"): c for c in status.get("conditions") or []}
     sched = conds.get("PodScheduled") or {}
     failing = _checks_failing(pod, conds)
+    gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
+    unpublished = ROUTED_GATE in gates and (conds.get(ROUTED_GATE) or {}).get("status") != "True"
     return PodView(
         name=meta.get("name", ""),
         instance=ann.get(labels.INSTANCE_ID),
@@ -105,7 +108,7 @@ def pod_view(pod: dict) -> PodView:
         secrets_digest=ann.get(SECRETS_DIGEST),
         phase=status.get("phase") or "Pending",
         deleting=bool(meta.get("deletionTimestamp")),
-        ready=(conds.get("Ready") or {}).get("status") == "True" and failing is None,
+        ready=(conds.get("Ready") or {}).get("status") == "True" and failing is None and not unpublished,
         running="running" in state,
         restart_count=int(cs.get("restartCount") or 0),
         last_exit=_exit(state.get("terminated")) or _exit((cs.get("lastState") or {}).get("terminated")),
@@ -113,6 +116,7 @@ def pod_view(pod: dict) -> PodView:
         unschedulable=sched.get("message") if sched.get("status") == "False" else None,
         ip=status.get("podIP"),
         checks_failing=failing,
+        unpublished=unpublished,
     )
 
 
@@ -191,6 +195,7 @@ class World:
     secrets_missing: str = ""
     decision: Decision | None = None  # placement, when the machine has no host yet
     platform: PlatformSettings = field(default_factory=PlatformSettings)
+    agents: bool = False  # host agents run: a pod is Ready once its host's agent published it (the routed gate)
 
 
 @dataclass
@@ -501,7 +506,7 @@ def _start(b: _Builder, digest: str) -> None:
     claim = w.volume.claim if (spec.get("mounts") and w.volume) else None
     b.plan.create_pod = build_pod(
         b.w.machine, host=st["host"], region=st.get("region") or spec["region"], instance=st["instanceId"],
-        secrets=w.secrets or [], claim=claim,
+        secrets=w.secrets or [], claim=claim, routed_gate=w.agents,
     )
     st["restartCount"] = 0
     st.pop("retryWindowStart", None)
@@ -566,6 +571,9 @@ def _observe(b: _Builder, pod: PodView) -> None:
         if b.w.host is not None and b.w.host.ready:
             if pod.ready:
                 b.cond("Ready", True, "Started", "started and its checks pass")
+            elif pod.unpublished:
+                b.cond("Ready", False, "Publishing", "started; its host's agent has not yet published it to "
+                       "the proxies and .internal DNS (this takes under a second while the agent runs)")
             else:
                 why = f": {pod.checks_failing}" if pod.checks_failing else ""
                 b.cond("Ready", False, "ChecksFailing", f"started; its checks do not pass{why}; it gets no traffic "

@@ -30,6 +30,7 @@ CONTAINER = "machine"
 # lists the checks. Kubernetes allows one readiness probe per container, and a
 # probe failing in the kubelet would also hide the machine from the agent.
 CHECKS_GATE = labels.CHECKS
+ROUTED_GATE = labels.ROUTED
 RESTART_POLICY = {"no": "Never", "always": "Always", "on-failure": "OnFailure"}
 DEFAULT_STOP_SIGNAL = Stop().signal  # Fly's SIGINT
 
@@ -98,7 +99,9 @@ def build_pod(
     instance: str,
     secrets: list[SecretRef],
     claim: str | None = None,
+    routed_gate: bool = False,
 ) -> dict:
+    """`routed_gate`: host agents run, and the pod is Ready only once its host's agent published it."""
     meta, spec = machine["metadata"], machine["spec"]
     name, namespace = meta["name"], meta["namespace"]
     cpu_millis, memory_mib = guest_requests(spec.get("guest"))
@@ -176,7 +179,9 @@ def build_pod(
             "containers": [container],
             **prep,
             # Every check gates readiness (never liveness: a failing check never restarts the machine).
-            **({"readinessGates": [{"conditionType": CHECKS_GATE}]} if checks else {}),
+            # The agent writes the checks gate after publishing the verdict, so it also means routed.
+            **({"readinessGates": [{"conditionType": CHECKS_GATE}]} if checks else
+               {"readinessGates": [{"conditionType": ROUTED_GATE}]} if routed_gate else {}),
             "volumes": volumes,
             "restartPolicy": RESTART_POLICY[restart],
             "terminationGracePeriodSeconds": grace,

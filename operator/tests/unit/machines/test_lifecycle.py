@@ -16,7 +16,7 @@ from kubefly.machines.lifecycle import (
     pod_view,
     reconcile,
 )
-from kubefly.machines.pod import CHECKS_GATE, SECRETS_DIGEST, SecretRef, build_pod, spec_digest
+from kubefly.machines.pod import CHECKS_GATE, ROUTED_GATE, SECRETS_DIGEST, SecretRef, build_pod, spec_digest
 from kubefly.placement.machines import Decision
 from kubefly.platform import Maintenance, PlatformSettings
 
@@ -309,6 +309,28 @@ def test_pod_view_reads_exit_and_oom():
 def test_a_machine_without_checks_has_no_readiness_gate():
     pod = build_pod(machine(), host="a1", region="ams", instance="abc", secrets=[])
     assert "readinessGates" not in pod["spec"] and "readinessProbe" not in pod["spec"]["containers"][0]
+
+
+def test_with_host_agents_a_machine_is_ready_only_once_its_agent_published_it():
+    """Ready means routable: the pod's routed gate, which the host agent passes after publishing the row.
+    A machine with checks keeps the checks gate alone (the agent writes it after publishing the verdict)."""
+    m = machine(status={"host": "a1", "region": "ams"})
+    plan = run(m, agents=True)
+    assert plan.create_pod["spec"]["readinessGates"] == [{"conditionType": ROUTED_GATE}]
+    checked = build_pod(machine(checks=[{"name": "a", "type": "tcp", "port": 80}]), host="a1", region="ams",
+                        instance="abc", secrets=[], routed_gate=True)
+    assert checked["spec"]["readinessGates"] == [{"conditionType": CHECKS_GATE}]
+    pod = {"metadata": {"name": "m1"}, "spec": {"readinessGates": [{"conditionType": ROUTED_GATE}]},
+           "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                      "containerStatuses": [{"name": "machine", "state": {"running": {}}}]}}
+    v = pod_view(pod)
+    assert not v.ready and v.unpublished  # kwok-like: Ready written without the gate
+    waiting = run(m, agents=True, pod=pod_of(plan, ready=False, unpublished=True))
+    ready = cond(waiting, "Ready")
+    assert waiting.status["state"] == "started" and (ready["status"], ready["reason"]) == ("False", "Publishing")
+    pod["status"]["conditions"].append({"type": ROUTED_GATE, "status": "True"})
+    assert pod_view(pod).ready
+    assert cond(run(m, agents=True, pod=pod_of(plan)), "Ready")["status"] == "True"
 
 
 def _gated_pod(*conditions, gated=True):
