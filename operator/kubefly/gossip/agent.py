@@ -687,16 +687,23 @@ class Agent:
     async def _sync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.sync_interval * random.uniform(0.5, 1.5))
-            alive = [m for m in self.members.alive() if m.host not in self.dropped]
-            dead = [m for m in self.members.dead() if m.host not in self.dropped]
-            if dead and (not alive or random.random() < 0.25):
-                peer = random.choice(dead)  # how a healed partition or a restarted host is found again
-                await self._sync_with(peer.addr, peer.host)
-            elif alive:
-                peer = random.choice(alive)
-                await self._sync_with(peer.addr, peer.host)
-            elif self.cfg.seeds:
-                await self._join()
+            try:
+                await self._sync_round()
+            except Exception as exc:  # one bad exchange must not end anti-entropy for good
+                REJECTED.labels("error").inc()
+                log.warning("sync round failed", error=repr(exc)[:300])
+
+    async def _sync_round(self) -> None:
+        alive = [m for m in self.members.alive() if m.host not in self.dropped]
+        dead = [m for m in self.members.dead() if m.host not in self.dropped]
+        if dead and (not alive or random.random() < 0.25):
+            peer = random.choice(dead)  # how a healed partition or a restarted host is found again
+            await self._sync_with(peer.addr, peer.host)
+        elif alive:
+            peer = random.choice(alive)
+            await self._sync_with(peer.addr, peer.host)
+        elif self.cfg.seeds:
+            await self._join()
 
     def _sync_members(self, updates: object) -> None:
         for u in updates if isinstance(updates, list) else ():

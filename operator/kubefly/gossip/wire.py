@@ -88,7 +88,7 @@ def decode_dgram(keys: Keys, data: bytes, now: float | None = None) -> dict:
         raise WireError("bad_mac")
     try:
         msg = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: a deeply nested document
         raise WireError("malformed", "json") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("f"), str) or not isinstance(msg.get("t"), str):
         raise WireError("malformed", "fields")
@@ -134,7 +134,7 @@ def verify_record(keys: Keys, wire: object, parsed: dict | None = None) -> Recor
     try:
         doc = parsed if parsed is not None else json.loads(body)
         origin, hlc, key, row = doc["o"], doc["h"], doc["k"], doc["r"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise WireError("malformed", "record body") from exc
     if not (isinstance(origin, str) and isinstance(hlc, int) and hlc > 0
             and isinstance(key, list) and len(key) == 2 and all(isinstance(k, str) and k for k in key)
@@ -168,7 +168,7 @@ async def read_frame(keys: Keys, reader: asyncio.StreamReader) -> tuple[dict, in
         raise WireError("bad_mac", "frame")
     try:
         msg = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise WireError("malformed", "frame json") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("f"), str):
         raise WireError("malformed", "frame fields")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import pytest
@@ -122,3 +123,21 @@ async def test_frames_roundtrip_and_reject_bad_mac():
     reader2.feed_data(sink.buf)
     with pytest.raises(wire.WireError):
         await wire.read_frame(OTHER, reader2)
+
+
+async def test_a_deeply_nested_document_is_malformed_not_a_recursion_error():
+    """A key holder's frame, datagram or record nested past Python's recursion limit is refused
+    like any malformed input (it used to raise RecursionError out of the sync loop, ending it)."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    reader = asyncio.StreamReader()
+    reader.feed_data(wire._LEN.pack(len(deep)) + wire._mac(KEYS.frame, deep) + deep)
+    with pytest.raises(wire.WireError) as frame:
+        await wire.read_frame(KEYS, reader)
+    assert frame.value.reason == "malformed"
+    with pytest.raises(wire.WireError) as dgram:
+        wire.decode_dgram(KEYS, wire.MAGIC + wire._mac(KEYS.dgram, deep) + deep)
+    assert dgram.value.reason == "malformed"
+    body = deep.decode()
+    with pytest.raises(wire.WireError) as record:
+        wire.verify_record(KEYS, [body, base64.b64encode(wire._mac(KEYS.record, deep)).decode()])
+    assert record.value.reason == "malformed"
