@@ -162,7 +162,17 @@ def test_every_agent_host_runs_a_proxy_and_only_edges_take_clients(kube):
         roles[name] = pod["containers"][0]
     assert "--listen=0.0.0.0:8080" in roles["x-kubefly-proxy"]["args"] and roles["x-kubefly-proxy"]["ports"][0]["hostPort"] == 8080
     assert "--listen=none" in roles["x-kubefly-proxy-host"]["args"] and "ports" not in roles["x-kubefly-proxy-host"]
-    assert all("--hop-listen=0.0.0.0:4281" in c["args"] for c in roles.values())
+    # Hops only at the host's own address, with the operator's token mounted (never one the chart rendered).
+    for name, c in roles.items():
+        assert "--hop-listen=$(KUBEFLY_HOST_IP):4281" in c["args"] and "--hop-token-file=/etc/kubefly/hop/token" in c["args"]
+        assert {"name": "KUBEFLY_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}} in c["env"]
+        vols = {v["name"]: v for v in docs[("DaemonSet", name)]["spec"]["template"]["spec"]["volumes"]}
+        assert vols["hop-token"]["secret"] == {"secretName": "kubefly-hop-token"}
+    assert not [d for d in docs if d[0] == "Secret" and d[1] == "kubefly-hop-token"]
+    agent = docs[("DaemonSet", "x-kubefly-agent")]["spec"]["template"]["spec"]
+    assert "--load-token-file=/etc/kubefly/hop/token" in agent["containers"][0]["args"]
+    assert not [a for a in agent["containers"][0]["args"] if a.startswith("--admin-api")]
+    assert {"name": "hop-token", "secret": {"secretName": "kubefly-hop-token"}} in agent["volumes"]
     env = {e["name"]: e.get("value") for e in docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBEFLY_POSTGRES_IMAGE"] == "registry.example/kubefly-postgres:15"
     assert "KUBEFLY_POSTGRES_IMAGE" not in kube.helm("template", "x", str(kube.chart)).stdout

@@ -85,3 +85,36 @@ def test_the_proxy_answers_on_the_mapped_host_port(kind: KindCluster):
     err = kind.wait_for(f"the proxy at {url}", answer)
     # The kubefly proxy itself answered (not some other listener): its error header names the reason.
     assert err.code == 404 and err.headers["kubefly-error"] == "unknown-app"
+
+
+def test_a_hosts_hop_port_refuses_a_caller_without_the_platform_token(kind: KindCluster):
+    """Anyone on the hosts' network who reaches a proxy's hop port, naming an instance and forging
+    Fly-Client-IP, is refused; the token is the operator's Secret, not something the chart rendered."""
+    secret = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "secret", "kubefly-hop-token", "-o", "json").stdout)
+    assert len(secret["data"]["token"]) >= 40 and "meta.helm.sh/release-name" not in (secret["metadata"].get("annotations") or {})
+    pods = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component in (proxy,proxy-host)",
+                                   "-o", "json").stdout)["items"]
+    assert pods
+    for pod in pods:
+        ip = pod["status"]["hostIP"]
+        req = urllib.request.Request(f"http://{ip}:4281/", headers={
+            "Host": "web.kubefly.localhost", "kubefly-instance": "kind/web/web-0", "Fly-Client-IP": "6.6.6.6",
+            "kubefly-hop-token": "guessed"})
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError(f"the hop port of {pod['spec']['nodeName']} answered a caller without the token")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 403 and exc.headers["kubefly-error"] == "hop-token", (pod["spec"]["nodeName"], exc.code)
+    # A process on a host's network (here, run inside the agent's own pod) cannot report loads, nor
+    # partition the agent from its peers: the load API wants the proxies' token, fault injection is off.
+    agent = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=agent",
+                                    "-o", "json").stdout)["items"][0]["metadata"]["name"]
+    code = ("import urllib.request, urllib.error\n"
+            "for path, body in (('/v1/load', b'{\"loads\": []}'), ('/v1/admin/partition', b'{\"drop\": []}')):\n"
+            "    try:\n"
+            "        print(urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7947' + path, data=body,"
+            " headers={'Content-Type': 'application/json'}), timeout=5).status)\n"
+            "    except urllib.error.HTTPError as e:\n"
+            "        print(e.code)\n")
+    out = kind.kubectl("-n", RELEASE_NAMESPACE, "exec", agent, "--", "/opt/kubefly/bin/python", "-c", code).stdout.split()
+    assert out == ["401", "404"], out

@@ -65,7 +65,7 @@ for _resource in ACCEPT_ONLY:
     _register_acceptance(_resource)
 
 # Controllers; imported last because they use the metrics above.
-from kubefly.controllers import appsecret, machine, postgrescluster, volume  # noqa: E402,F401
+from kubefly.controllers import appsecret, hoptoken, machine, postgrescluster, volume  # noqa: E402,F401
 
 
 @kopf.on.cleanup()

@@ -2,10 +2,15 @@
 
 GET  /v1/instances[?org=&app=]  {"self", "instances", "rtt"}
 GET  /v1/watch                  NDJSON: a snapshot line, then upsert/delete/rtt lines
-POST /v1/load                   {"loads": [{"org", "machine_id", "load"}]} for this host's rows
+POST /v1/load                   {"loads": [{"org", "machine_id", "load"}]} for this host's rows;
+                                with a load token, only with `Authorization: Bearer <token>` (401)
 GET  /v1/members                membership as this agent sees it
-POST /v1/admin/partition        {"drop": [host, ...]}: drop all traffic to/from these peers (tests)
+POST /v1/admin/partition        {"drop": [host, ...]}: drop all traffic to/from these peers; only
+                                with --admin-api (fault injection for tests), else 404
 GET  /metrics, /healthz
+
+Loopback is not a trust boundary on a host whose network other host-network
+processes share: what can change routing is authenticated or switched off.
 
 `make_members_app` serves GET /v1/members alone (read-only) on the host's own
 address, for the operator: its view of host health beside the Node's.
@@ -14,6 +19,7 @@ address, for the operator: its view of host health beside the Node's.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 
 from aiohttp import web
@@ -46,7 +52,7 @@ def make_members_app(agent: Agent) -> web.Application:
     return app
 
 
-def make_app(agent: Agent) -> web.Application:
+def make_app(agent: Agent, *, admin: bool = False, load_token: str | None = None) -> web.Application:
     async def instances(req: web.Request) -> web.Response:
         org, app = req.query.get("org"), req.query.get("app")
         snap = agent.snapshot()
@@ -77,6 +83,10 @@ def make_app(agent: Agent) -> web.Application:
         return resp
 
     async def load(req: web.Request) -> web.Response:
+        if load_token is not None and not hmac.compare_digest(
+                req.headers.get("Authorization", "").encode(), f"Bearer {load_token}".encode()):
+            return web.json_response({"error": "POST /v1/load needs the proxies' token (Authorization: Bearer)"},
+                                     status=401)
         try:
             body = await req.json()
             loads = {(str(e["org"]), str(e["machine_id"])): int(e["load"]) for e in body["loads"]}
@@ -108,7 +118,8 @@ def make_app(agent: Agent) -> web.Application:
     app = web.Application()
     app.add_routes([
         web.get("/v1/instances", instances), web.get("/v1/watch", watch), web.post("/v1/load", load),
-        web.get("/v1/members", members), web.post("/v1/admin/partition", partition),
-        web.get("/metrics", prom), web.get("/healthz", healthz),
+        web.get("/v1/members", members), web.get("/metrics", prom), web.get("/healthz", healthz),
     ])
+    if admin:
+        app.add_routes([web.post("/v1/admin/partition", partition)])
     return app

@@ -90,11 +90,15 @@ def _node_region(node: str, give_up_after: float = 300.0) -> str:
 @click.option("--sync-interval", default=2.0, show_default=True)
 @click.option("--origin-rate", default=100.0, show_default=True, help="New record versions/s accepted per origin.")
 @click.option("--sender-rate", default=500.0, show_default=True, help="Datagrams/s accepted per sender.")
+@click.option("--admin-api", is_flag=True, help="Serve POST /v1/admin/partition (fault injection: tests, benches); off in the chart.")
+@click.option("--load-token-file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="POST /v1/load needs `Authorization: Bearer <this token>` (the chart mounts the proxies' hop token).")
 @click.option("--emulate-latency", default="", help="SAME_MS,CROSS_MS one-way delay on sends (benchmarks).")
 @click.option("--log-level", default="INFO", show_default=True)
 def agent_command(host, region, gossip, advertise, api, members_api, seeds, data_dir, key_file, source, machines_dir,
                   source_poll, tombstone_ttl, probe_interval, probe_timeout, suspicion_mult, origin_fanout, fanout, rounds,
-                  gossip_interval, sync_interval, origin_rate, sender_rate, emulate_latency, log_level):
+                  gossip_interval, sync_interval, origin_rate, sender_rate, admin_api, load_token_file, emulate_latency,
+                  log_level):
     """Gossip this host's instances; serve the cluster's replica to the proxy and DNS."""
     logs.configure(log_level, component="agent")
     try:
@@ -126,11 +130,15 @@ def agent_command(host, region, gossip, advertise, api, members_api, seeds, data
         keys = Keys.load(key_file)
     except (OSError, ValueError) as exc:
         raise click.UsageError(str(exc))
+    load_token = load_token_file.read_text().strip() if load_token_file is not None else None
+    if load_token == "":
+        raise click.BadParameter(f"{load_token_file} is empty", param_hint="--load-token-file")
     asyncio.run(_run(cfg, keys, _hostport(api), source, machines_dir, source_poll,
-                     _hostport(members_api) if members_api else None))
+                     _hostport(members_api) if members_api else None, admin_api, load_token))
 
 
-async def _run(cfg, keys, api_addr, source, machines_dir, source_poll, members_addr=None) -> None:
+async def _run(cfg, keys, api_addr, source, machines_dir, source_poll, members_addr=None, admin_api=False,
+               load_token=None) -> None:
     from aiohttp import web
 
     from kubefly.gossip.agent import Agent
@@ -147,7 +155,7 @@ async def _run(cfg, keys, api_addr, source, machines_dir, source_poll, members_a
         agent.on_checks = src.report_checks  # the machines' readiness gates
         agent.on_published = src.report_published
     src.start()
-    runner = web.AppRunner(make_app(agent), access_log=None)
+    runner = web.AppRunner(make_app(agent, admin=admin_api, load_token=load_token), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, api_addr[0], api_addr[1]).start()
     log.info("local api ready", api=f"http://{api_addr[0]}:{api_addr[1]}")

@@ -171,7 +171,8 @@ class ReplicaClient:
     for `replica.host_ip()`; only a reader that hops to other hosts (the proxy)
     needs it, so by default (None) nothing is polled and `host_ip()` knows no host."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float = 5.0, members_interval: float | None = None):
+    def __init__(self, base_url: str, *, connect_timeout: float = 5.0, members_interval: float | None = None,
+                 load_token: str = ""):
         if members_interval is not None and members_interval <= 0:
             raise ValueError(f"members_interval must be a positive number of seconds or None, got {members_interval}")
         self.base_url = base_url.rstrip("/")
@@ -184,6 +185,7 @@ class ReplicaClient:
         self._task: asyncio.Task | None = None
         self._first = asyncio.Event()
         self._last_refusal_log = -1e9
+        self._load_headers = {"Authorization": f"Bearer {load_token}"} if load_token else {}
 
     async def start(self, wait: float = 10.0) -> None:
         """Start following the agent; returns once the first snapshot arrived
@@ -220,7 +222,7 @@ class ReplicaClient:
         body = {"loads": [{"org": o, "machine_id": m, "load": int(v)} for (o, m), v in loads.items()]}
         try:
             async with self._session.post(
-                f"{self.base_url}/v1/load", json=body, timeout=aiohttp.ClientTimeout(total=2)
+                f"{self.base_url}/v1/load", json=body, headers=self._load_headers, timeout=aiohttp.ClientTimeout(total=2)
             ) as resp:
                 if resp.status >= 400 and time.monotonic() - self._last_refusal_log > 60:
                     # Rows of other hosts are refused (the rest is applied); say so once a minute.

@@ -70,7 +70,7 @@ class AgentCluster:
         cmd = [str(Path(sys.executable).parent / "kubefly"), "agent", "--host", a.host, "--region", a.region,
                "--gossip", f"127.0.0.1:{a.gossip_port}", "--api", f"127.0.0.1:{a.api_port}",
                "--data-dir", str(a.data), "--key-file", str(self.key_file), "--source", "dir",
-               "--machines-dir", str(a.machines), "--source-poll", "0.1", *self.extra_args]
+               "--machines-dir", str(a.machines), "--source-poll", "0.1", "--admin-api", *self.extra_args]
         for s in self.seed_addrs:
             if s != f"127.0.0.1:{a.gossip_port}":
                 cmd += ["--seed", s]

@@ -27,6 +27,9 @@ def _addr(spec: str) -> tuple[str, int]:
               help="Where clients connect (an edge host); `none`: no clients, only hops to this host's instances.")
 @click.option("--hop-listen", default="0.0.0.0:4281", show_default=True, help="Where other hosts' proxies reach instances on this host.")
 @click.option("--metrics-listen", default="0.0.0.0:9091", show_default=True, help="Prometheus /metrics.")
+@click.option("--hop-token-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The platform's hop token (the chart mounts the operator's Secret kubefly-hop-token): edges send "
+                   "it on every hop, and this host refuses hops without it.")
 @click.option("--agent", "agent_url", default="http://127.0.0.1:7947", show_default=True, help="The local host agent's API.")
 @click.option("--static", "static_file", type=click.Path(path_type=Path, exists=True), help="Read instance rows from this JSON file instead of an agent (standalone: benchmarks, development).")
 @click.option("--self-host", default="local", show_default=True, help="With --static: this host's name.")
@@ -37,8 +40,8 @@ def _addr(spec: str) -> tuple[str, int]:
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds in-flight requests get to finish on SIGTERM.")
 @click.option("--log-level", default="INFO", show_default=True)
 def proxy_command(
-    listen, hop_listen, metrics_listen, agent_url, static_file, self_host, self_region, config_file, domain,
-    starter_spec, drain_timeout, log_level,
+    listen, hop_listen, metrics_listen, hop_token_file, agent_url, static_file, self_host, self_region, config_file,
+    domain, starter_spec, drain_timeout, log_level,
 ):
     """Route HTTP requests to app instances, using only the local replica."""
     import uvloop
@@ -47,6 +50,11 @@ def proxy_command(
     overrides: dict = {}
     if domain:
         overrides["domain"] = domain
+    if hop_token_file is not None:
+        token = hop_token_file.read_text().strip()
+        if not token:
+            raise click.BadParameter(f"{hop_token_file} is empty", param_hint="--hop-token-file")
+        overrides["hop_token"] = token
     cfg = config_mod.load(config_file, overrides)
     maddr, mport = _addr(metrics_listen)
     metrics.serve(mport, maddr)
@@ -67,7 +75,8 @@ async def _run(cfg, config_file, overrides, listen, hop_listen, agent_url, stati
     else:
         from kubefly.gossip.client import ReplicaClient
 
-        client = ReplicaClient(agent_url, members_interval=MEMBERS_INTERVAL_S)
+        # The hop token also proves the load reports come from this host's proxy.
+        client = ReplicaClient(agent_url, members_interval=MEMBERS_INTERVAL_S, load_token=cfg.hop_token)
         await client.start()
         replica, report_load = client.replica, client.report_load
     proxy = Proxy(replica, cfg, starter=starters.from_spec(starter_spec), report_load=report_load, hop_port=hop_listen[1])

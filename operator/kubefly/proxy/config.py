@@ -41,6 +41,8 @@ class Config(BaseModel):
     # the address is the host's own, as its agent advertises it. Default: this
     # proxy's own --hop-listen port.
     hop_port: int | None = Field(default=None, ge=1, le=65535)
+    # Shared by the platform's proxies (--hop-token-file): edges send it on every hop; a host
+    # refuses hops without it. Empty (standalone): hops are taken, their forwarding headers dropped.
     hop_token: str = ""
 
     def strategy_for(self, org: str, app: str, n_instances: int) -> str:

@@ -14,6 +14,7 @@ hop); one on another host is reached through that host's proxy, which answers
 from __future__ import annotations
 
 import asyncio
+import hmac
 import operator
 import random
 import time
@@ -793,7 +794,7 @@ class Proxy:
     async def host(self, req: Request) -> None:
         """A hop from an edge proxy for an instance on this host: enforce its limit, forward."""
         cfg = self.config
-        if cfg.hop_token and req.header(http1.H_HOP_TOKEN) != cfg.hop_token.encode():
+        if cfg.hop_token and not hmac.compare_digest(req.header(http1.H_HOP_TOKEN) or b"", cfg.hop_token.encode()):
             self._answer(req, 403, "kubefly: not a kubefly edge\n", b"hop-token")
             return
         # org/app/machine: the app narrows the lookup to its own rows (org/machine,
@@ -822,7 +823,8 @@ class Proxy:
                 body, replayable = b"", True
             else:
                 body, replayable = await req.body.read_upto(cfg.replay_body_limit)
-            headers = http1.serialize_headers(http1.end_to_end(req.headers))
+            # Only an edge that proved itself asserts who the client is.
+            headers = http1.serialize_headers(http1.end_to_end(req.headers, http1.DROP if cfg.hop_token else EDGE_DROP))
             request_id = req.header(b"fly-request-id") or b""
             result = await self._exchange(
                 req, (inst.address, service.internal_port), headers, body, replayable, cfg, request_id, edge=False

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # starter.py: the operator's par
 KUBEFLY = str(Path(sys.executable).parent / "kubefly")
 STARTER = Path(__file__).with_name("starter.py")
 DOMAIN = "test"
+HOP_TOKEN = "the-platform-hop-token-for-these-tests"  # as the chart mounts the operator's Secret
 
 
 def wait_port(port: int, timeout: float = 20.0, ip: str = "127.0.0.1") -> None:
@@ -45,9 +46,10 @@ class HostsCluster(AgentCluster):
     (host-000 127.0.0.1, host-001 127.0.0.2, ...), so each host's proxy takes hops
     on the same port at its host's address, which the proxies learn from the agents."""
 
-    def __init__(self, n: int, **kw):
+    def __init__(self, n: int, *, load_token_file: Path | None = None, **kw):
         super().__init__(n, **kw)
         self.seed_addrs = [f"{self.ip(a)}:{a.gossip_port}" for a in self.agents[:2]]
+        self.load_token_file = load_token_file
 
     @staticmethod
     def ip(a: AgentProc) -> str:
@@ -58,6 +60,8 @@ class HostsCluster(AgentCluster):
         cmd = [KUBEFLY, "agent", "--host", a.host, "--region", a.region, "--gossip", me,
                "--api", f"127.0.0.1:{a.api_port}", "--data-dir", str(a.data), "--key-file", str(self.key_file),
                "--source", "dir", "--machines-dir", str(a.machines), "--source-poll", "0.1"]
+        if self.load_token_file is not None:  # as the chart runs them: load reports need the proxies' token
+            cmd += ["--load-token-file", str(self.load_token_file)]
         for s in self.seed_addrs:
             if s != me:
                 cmd += ["--seed", s]
@@ -211,7 +215,9 @@ class Platform:
 def platform(tmp_path_factory):
     root = tmp_path_factory.mktemp("proxy")
     (root / "agents").mkdir()
-    cluster = HostsCluster(2, regions=2, root=root / "agents")
+    token = root / "hop-token"
+    token.write_text(HOP_TOKEN + "\n")
+    cluster = HostsCluster(2, regions=2, root=root / "agents", load_token_file=token)
     for a in cluster.agents:
         cluster.spawn(a)
     for a in cluster.agents:
@@ -234,7 +240,7 @@ def platform(tmp_path_factory):
     for a, (port, met) in zip(cluster.agents, ports):
         hop_ip = cluster.ip(a)
         argv = [KUBEFLY, "proxy", "--listen", f"127.0.0.1:{port}", "--hop-listen", f"{hop_ip}:{hop}",
-                "--metrics-listen", f"127.0.0.1:{met}", "--agent", a.api, "--config", str(config),
+                "--hop-token-file", str(token), "--metrics-listen", f"127.0.0.1:{met}", "--agent", a.api, "--config", str(config),
                 "--starter", f"command:{sys.executable} {STARTER} {spec}", "--drain-timeout", "10"]
         proxies.append(ProxyProc(a.host, port, hop_ip, hop, met, argv, root / f"proxy-{a.host}.log"))
     p = Platform(cluster, proxies, config, spec)

@@ -17,6 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import HOP_TOKEN, KUBEFLY, ProxyProc
 from kubefly.gossip.harness import free_port
 
 pytestmark = pytest.mark.component
@@ -95,7 +96,8 @@ async def test_a_machine_with_only_private_services_is_not_served_at_the_edge(pl
     # Its host's hop listener does not serve it either, to a caller that names the instance.
     p0 = p.proxies[0]
     async with session.get(f"http://{p0.hop_ip}:{p0.hop_port}/",
-                           headers={"Host": "vault.test", "kubefly-instance": "acme/vault/vault-0"}) as r:
+                           headers={"Host": "vault.test", "kubefly-instance": "acme/vault/vault-0",
+                                    "kubefly-hop-token": HOP_TOKEN}) as r:
         assert r.status in (403, 503) and await r.read() != b"vault-0\n"
     # The same machine with a public http port routes: the 404 was the privacy rule, not a missing row.
     p.machine(0, "vault-0", "vault", p.backend("vault-0"))
@@ -157,7 +159,7 @@ async def test_host_answers_full_at_the_hard_limit(apps, session):
     async def hop(instance):
         """What an edge on another host sends to host-000's proxy."""
         async with session.get(f"http://127.0.0.1:{p0.hop_port}/",
-                               headers={"Host": "hot.test", "kubefly-instance": instance}) as r:
+                               headers={"Host": "hot.test", "kubefly-instance": instance, "kubefly-hop-token": HOP_TOKEN}) as r:
             return r.status, r.headers.get("kubefly-full")
 
     assert await hop("acme/hot/hot-a") == (503, "1")  # at its hard limit: "full" at once, no queue
@@ -270,6 +272,50 @@ async def test_forwarding_headers(apps, session):
     assert seen["x-app"] == "kept"
     for gone in ("x-hop", "proxy-authorization", "connection", "kubefly-instance"):
         assert gone not in seen
+
+
+async def test_a_hop_without_the_platform_token_is_refused_and_a_tokenless_host_trusts_no_forwarding_header(
+        apps, session, tmp_path):
+    """Anyone who reaches a host's hop port would skip the edge, its budgets and its header
+    rewriting: a hop without the token, or with a wrong one, is refused; with it, the edge's
+    forwarding headers are kept. A proxy run without a token (standalone) takes hops but drops
+    every forwarding header, since nothing proves who sent them."""
+    p0 = apps.proxies[0]
+    forged = {"Host": "web.test", "kubefly-instance": "acme/web/web-0", "Fly-Client-IP": "6.6.6.6",
+              "X-Forwarded-For": "6.6.6.6", "Forwarded": 'for="6.6.6.6"', "Fly-Region": "r9"}
+    for token in (None, "", "not-the-token", HOP_TOKEN + "x", HOP_TOKEN[:-1]):
+        headers = forged if token is None else {**forged, "kubefly-hop-token": token}
+        async with session.get(f"http://{p0.hop_ip}:{p0.hop_port}/headers", headers=headers) as r:
+            assert (r.status, r.headers.get("kubefly-error")) == (403, "hop-token"), token
+            assert b"6.6.6.6" not in await r.read()
+    async with session.get(f"http://{p0.hop_ip}:{p0.hop_port}/headers",
+                           headers={**forged, "kubefly-hop-token": HOP_TOKEN}) as r:
+        seen = dict(json.loads(await r.read()))
+        assert r.status == 200 and seen["fly-client-ip"] == "6.6.6.6" and "kubefly-hop-token" not in seen
+
+    # The agent takes load reports (which rank this host's instances everywhere) only from its proxy.
+    a0 = apps.agents[0]
+    body = {"loads": [{"org": "acme", "machine_id": "web-0", "load": 999}]}
+    for auth in ({}, {"Authorization": "Bearer guessed"}):
+        async with session.post(f"{a0.api}/v1/load", json=body, headers=auth) as r:
+            assert r.status == 401, auth
+    async with session.post(f"{a0.api}/v1/admin/partition", json={"drop": ["host-001"]}) as r:
+        assert r.status == 404  # fault injection is not served unless the agent runs with --admin-api
+    for proxy in apps.proxies:  # while the proxies' own reports, with the token, are taken
+        assert not [ln for ln in proxy.log.read_text().splitlines() if "load report refused" in ln and "401" in ln]
+    port, hop, met = free_port(), free_port(), free_port()
+    argv = [KUBEFLY, "proxy", "--listen", f"127.0.0.1:{port}", "--hop-listen", f"{p0.hop_ip}:{hop}",
+            "--metrics-listen", f"127.0.0.1:{met}", "--agent", a0.api, "--config", str(apps.config), "--starter", "none"]
+    bare = ProxyProc(a0.host, port, p0.hop_ip, hop, met, argv, tmp_path / "tokenless.log")
+    bare.start()
+    try:
+        async with session.get(f"http://{p0.hop_ip}:{hop}/headers", headers=forged) as r:
+            seen = dict(json.loads(await r.read()))
+        assert r.status == 200
+        for name in ("fly-client-ip", "x-forwarded-for", "forwarded", "fly-region"):
+            assert name not in seen, (name, seen)
+    finally:
+        bare.stop()
 
 
 async def test_force_instance_and_prefer_region(apps, session):
