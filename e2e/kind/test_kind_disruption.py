@@ -295,7 +295,12 @@ def api_up(kind: KindCluster) -> bool:
 def _pause_the_control_plane(kind: KindCluster, namespace: str, seconds: int) -> None:
     """`docker pause` of the control plane for longer than the leadership Lease: afterwards one operator
     replica is active, at no moment two; no Machine's pod replaced; every request through the proxy
-    answered; no Warning telling the user to delete a Machine (the agents saw every host alive)."""
+    answered; no Warning telling the user to delete a Machine (the agents saw every host alive).
+
+    The hosts must be fine to begin with: a case before this one restarted a worker, so first every
+    worker has been Ready, and every kubefly pod on it running, for a minute (a host that has just
+    booted is still settling its pods, its agent among them)."""
+    kind.wait_for("every worker settled for a minute", lambda: _settled_for(kind, 60), timeout=180, interval=2)
     app = f"calm{seconds}"
     names = {f"{app}-1": "ams", f"{app}-2": "iad"}
     specs = []
@@ -375,6 +380,24 @@ def _pause_the_control_plane(kind: KindCluster, namespace: str, seconds: int) ->
     for n in names:
         reasons = [e["reason"] for e in mine if e["involvedObject"]["name"] == n for _ in range(e.get("count") or 1)]
         assert reasons.count("HostRecovered") <= 1 and "Replacing" not in reasons, f"{n}: {reasons}"
+
+
+def _settled_for(kind: KindCluster, seconds: float) -> bool:
+    """Every Node Ready, and every running kubefly pod Ready, for at least `seconds`."""
+    now = datetime.now(timezone.utc)
+
+    def since(conds: list[dict]) -> float | None:
+        ready = next((c for c in conds if c.get("type") == "Ready"), None)
+        if not ready or ready.get("status") != "True":
+            return None
+        return (now - datetime.fromisoformat(ready["lastTransitionTime"].replace("Z", "+00:00"))).total_seconds()
+
+    nodes = json.loads(kind.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    pods = json.loads(kind.kubectl("-n", RELEASE_NAMESPACE, "get", "pods", "-o", "json").stdout)["items"]
+    # Finished one-shot pods (a Volume's wipe) and pods on their way out are no part of a host's health.
+    live = [p for p in pods if p["status"].get("phase") in ("Pending", "Running") and not p["metadata"].get("deletionTimestamp")]
+    ages = [since(o["status"].get("conditions") or []) for o in nodes + live]
+    return all(a is not None and a >= seconds for a in ages)
 
 
 def _gossip_account(kind: KindCluster) -> str:

@@ -28,7 +28,7 @@ from typing import Callable
 from kubefly import GROUP, VERSION, labels, logs
 from kubefly.gossip.checks import CheckSpec
 from kubefly.instances import InstanceState, Service
-from kubefly.machines.pod import services_annotation
+from kubefly.machines.pod import routed_condition, services_annotation
 
 log = logs.get("kubefly.gossip.sources")
 
@@ -259,13 +259,6 @@ def checks_condition(passing: bool, failing: list[str], now: str) -> dict:
             "lastTransitionTime": now}
 
 
-def routed_condition(now: str) -> dict:
-    """The pod condition behind the routed gate: the host agent has published the instance."""
-    return {"type": labels.ROUTED, "status": "True", "reason": "Published",
-            "message": "the host agent published this instance to the proxies and .internal DNS",
-            "lastTransitionTime": now}
-
-
 # Retry pace when the API cannot be reached: 0.1 s, doubling to at most 1 s,
 # jittered. Short on purpose: a host that boots (a worker started again)
 # reaches the API only once kube-proxy has written its rules, and every second
@@ -321,7 +314,7 @@ class PodSource:
 
         def write() -> None:
             try:
-                self._write_condition(*job, routed_condition)
+                self._write_condition(*job, lambda now: routed_condition(True, now))
             finally:
                 with self._lock:
                     self._publishing.discard(job)

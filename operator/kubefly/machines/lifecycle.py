@@ -66,6 +66,7 @@ class PodView:
     ip: str | None
     checks_failing: str | None = None  # why the checks gate is not passed (None: passed, or no checks)
     unpublished: bool = False  # the routed gate: its host agent has not published it yet
+    routed: bool = False  # the routed gate passed
 
 
 def _checks_failing(pod: dict, conds: dict) -> str | None:
@@ -117,6 +118,7 @@ def pod_view(pod: dict) -> PodView:
         ip=status.get("podIP"),
         checks_failing=failing,
         unpublished=unpublished,
+        routed=ROUTED_GATE in gates and not unpublished,
     )
 
 
@@ -203,6 +205,7 @@ class Plan:
     status: dict
     create_pod: dict | None = None
     delete_pod_grace: int | None = None  # delete the pod with this grace period
+    unroute_pod: bool = False  # set the pod's routed gate False: its host was lost
     attach_volume: VolumeView | None = None  # claim this volume before anything else
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     placement: Decision | None = None  # a placement made now (for the create metrics)
@@ -437,6 +440,10 @@ def _lifecycle(b: _Builder) -> None:
         if w.host is None or w.host.agents != "alive":
             # (Only the API side lost sight of it: the machine's Ready stands as last seen.)
             b.cond("Ready", False, "HostNotReady", f"host {st['host']} is not Ready")
+            if pod is not None and pod.routed:
+                # The kubelet keeps the gate's last value: when the host is back, Ready would come
+                # with its containers, before its (restarting) agent has published the machine.
+                b.plan.unroute_pod = True
         if pod is None:
             return  # a pod pinned to a lost host could only hang in Pending
 

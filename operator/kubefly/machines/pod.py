@@ -31,6 +31,19 @@ CONTAINER = "machine"
 # probe failing in the kubelet would also hide the machine from the agent.
 CHECKS_GATE = labels.CHECKS
 ROUTED_GATE = labels.ROUTED
+
+
+def routed_condition(routed: bool, now: str) -> dict:
+    """The pod condition behind the routed gate: True once the host agent has published the
+    instance; False (written by the operator) when its host was lost, so that a host that comes
+    back does not count its machines Ready before its agent has published them again."""
+    if routed:
+        return {"type": ROUTED_GATE, "status": "True", "reason": "Published",
+                "message": "the host agent published this instance to the proxies and .internal DNS",
+                "lastTransitionTime": now}
+    return {"type": ROUTED_GATE, "status": "False", "reason": "HostLost",
+            "message": "its host was lost; Ready again once the host's agent has published it",
+            "lastTransitionTime": now}
 RESTART_POLICY = {"no": "Never", "always": "Always", "on-failure": "OnFailure"}
 DEFAULT_STOP_SIGNAL = Stop().signal  # Fly's SIGINT
 

@@ -333,6 +333,21 @@ def test_with_host_agents_a_machine_is_ready_only_once_its_agent_published_it():
     assert cond(run(m, agents=True, pod=pod_of(plan)), "Ready")["status"] == "True"
 
 
+def test_a_lost_hosts_routed_pods_lose_the_gate_so_they_are_not_ready_before_their_agent_is_back():
+    """The kubelet keeps a gate's last value: a host that comes back would count its machines Ready
+    with their containers, before its restarting agent has published them."""
+    m = machine(status={"host": "a1", "region": "ams"})
+    plan = run(m, agents=True)
+    routed = pod_of(plan, routed=True)
+    assert not run(m, agents=True, pod=routed).unroute_pod
+    lost = run(m, agents=True, pod=routed, host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "dead"))
+    assert lost.unroute_pod and cond(lost, "Ready")["reason"] == "HostNotReady"
+    # Only the API side lost sight of it (its agent is alive in gossip): nothing to undo.
+    assert not run(m, agents=True, pod=routed, host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "alive")).unroute_pod
+    assert not run(m, agents=True, pod=pod_of(plan, ready=False, unpublished=True),
+                   host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "dead")).unroute_pod
+
+
 def _gated_pod(*conditions, gated=True):
     return {"metadata": {"name": "m1"},
             "spec": {"readinessGates": [{"conditionType": CHECKS_GATE}]} if gated else {},
