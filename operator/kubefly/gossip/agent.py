@@ -25,7 +25,7 @@ from kubefly.gossip.checks import MachineChecks
 from kubefly.gossip.membership import ALIVE, DEAD, SUSPECT, Member, Membership, parse_update
 from kubefly.gossip.sources import LocalMachine
 from kubefly.gossip.store import Store, validate
-from kubefly.gossip.wire import (MAX_DATAGRAM, Keys, Record, WireError, decode_dgram, encode_dgram, read_frame,
+from kubefly.gossip.wire import (HELLO_FRAME, MAX_DATAGRAM, Keys, Record, WireError, decode_dgram, encode_dgram, read_frame,
                                  sign_record, verify_record, write_frame)
 from kubefly.instances import Instance, InstanceState
 
@@ -41,6 +41,8 @@ REJECTED = Counter("kubefly_gossip_rejected_total", "Messages or records refused
 BACKLOG = Gauge("kubefly_gossip_own_backlog", "This host's changed rows waiting for their first push (paced)")
 LAG = Histogram("kubefly_gossip_propagation_lag_seconds", "From a row's write at its origin to its merge here",
                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+# Sync connections served at once (a peer syncs every ~2 s, so a few at a time is normal).
+MAX_SYNC_CONNS = 32
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Agent:
         self._origin_limit = TokenBuckets(cfg.origin_rate, cfg.origin_burst)
         self._sender_limit = TokenBuckets(cfg.sender_rate, cfg.sender_burst)
         self._sync_limit = TokenBuckets(2.0, 6.0)
+        self._sync_conns = 0  # sync connections being served
         # Our own pushes stay under what receivers accept from one origin; rows that
         # change again while waiting are coalesced (the queue is keyed by row).
         self._own_pace = TokenBuckets(cfg.origin_rate * 0.8, cfg.origin_burst * 0.8)
@@ -754,8 +757,13 @@ class Agent:
             writer.close()
 
     async def _serve_sync(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._sync_conns >= MAX_SYNC_CONNS:  # each may buffer a hello frame: memory stays bounded
+            REJECTED.labels("sync_conns").inc()
+            writer.close()
+            return
+        self._sync_conns += 1
         try:
-            msg, n = await asyncio.wait_for(read_frame(self.keys, reader), 5.0)
+            msg, n = await asyncio.wait_for(read_frame(self.keys, reader, HELLO_FRAME), 5.0)
             BYTES.labels("in").inc(n)
             MESSAGES.labels("in", "sync").inc()
             peer = msg["f"]
@@ -782,6 +790,7 @@ class Agent:
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, KeyError, TypeError, AttributeError):
             pass
         finally:
+            self._sync_conns -= 1
             writer.close()
 
     # == housekeeping ===================================================================

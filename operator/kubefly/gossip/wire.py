@@ -29,6 +29,9 @@ MAGIC = b"KF1"
 MAC_LEN = 16
 MAX_DATAGRAM = 8192  # fits loopback and pod networks (IP fragments above the MTU)
 MAX_FRAME = 16 * 1024 * 1024
+# The first frame a sync server reads (the caller's members and digest: ~100 bytes a host) is
+# bounded far below MAX_FRAME: a caller not yet authenticated makes us buffer at most this.
+HELLO_FRAME = 1024 * 1024
 # Datagrams and frames older or newer than this are refused (replay window).
 MAX_SKEW_S = 30.0
 
@@ -158,10 +161,11 @@ async def write_frame(keys: Keys, writer: asyncio.StreamWriter, msg: dict) -> in
     return len(data)
 
 
-async def read_frame(keys: Keys, reader: asyncio.StreamReader) -> tuple[dict, int]:
+async def read_frame(keys: Keys, reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> tuple[dict, int]:
+    """One authenticated frame of at most `limit` bytes (refused before it is read)."""
     head = await reader.readexactly(_LEN.size + MAC_LEN)
     (n,) = _LEN.unpack(head[:_LEN.size])
-    if n > MAX_FRAME:
+    if n > limit:
         raise WireError("too_large", "frame")
     body = await reader.readexactly(n)
     if not hmac.compare_digest(head[_LEN.size:], _mac(keys.frame, body)):

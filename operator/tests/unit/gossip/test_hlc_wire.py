@@ -141,3 +141,13 @@ async def test_a_deeply_nested_document_is_malformed_not_a_recursion_error():
     with pytest.raises(wire.WireError) as record:
         wire.verify_record(KEYS, [body, base64.b64encode(wire._mac(KEYS.record, deep)).decode()])
     assert record.value.reason == "malformed"
+
+
+async def test_a_frame_over_the_limit_is_refused_before_its_body_is_read():
+    """A sync server reads a caller's first frame with the small hello limit: a 16 MiB length from
+    someone without the key costs the length prefix, not 16 MiB of buffer."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(wire._LEN.pack(wire.HELLO_FRAME + 1) + b"\0" * wire.MAC_LEN)  # and no body at all
+    with pytest.raises(wire.WireError) as refused:
+        await asyncio.wait_for(wire.read_frame(KEYS, reader, wire.HELLO_FRAME), 2)
+    assert refused.value.reason == "too_large"
