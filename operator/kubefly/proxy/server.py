@@ -19,6 +19,8 @@ from kubefly.proxy import http1
 BODY_HIGH_WATER = 256 * 1024
 BODY_LOW_WATER = 64 * 1024
 MAX_PIPELINED = 16
+# A head's raw bytes beyond its URL and header limits: line ends, the method, the version.
+HEAD_SLACK = 1024
 
 
 class Body:
@@ -155,6 +157,11 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        # Raw bytes of a head still being read: httptools holds a header value until its line
+        # ends, so a client sending one endless value is stopped by this count, not on_header.
+        self._head_raw = 0
+        self._in_head = False
+        self._heads_begun = 0
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._reading = True
@@ -205,8 +212,15 @@ class Connection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel(data)
             return
+        begun = self._heads_begun
         try:
             self._parser.feed_data(data)
+            if self._in_head:
+                # A head that began in this chunk counts from the next one: where in the chunk it
+                # began is unknown, and counting all of it could refuse a pipelined request.
+                self._head_raw = self._head_raw + len(data) if begun == self._heads_begun else 0
+                if self._head_raw > self.limits.max_url + self.limits.max_header_bytes + HEAD_SLACK:
+                    raise http1.BadRequest(431, "request headers too large")
         except httptools.HttpParserUpgrade as exc:
             # Bytes after the upgrade request belong to the new protocol.
             self.tunnel_head = data[exc.args[0]:]
@@ -227,6 +241,8 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._head_raw, self._in_head = 0, True
+        self._heads_begun += 1
         self._arm(self.timeouts.header)
 
     def on_url(self, url: bytes):
@@ -243,6 +259,7 @@ class Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self):
+        self._in_head = False
         self._disarm()
         p = self._parser
         try:

@@ -82,6 +82,36 @@ async def test_malformed_requests_refused_and_closed(echo, raw, status):
     assert b"connection: close" in out
 
 
+async def test_an_endless_header_value_is_refused_while_it_arrives_not_buffered_whole(echo):
+    """httptools holds a header value until its line ends: a client that never ends it (or sends
+    16 MiB of it) is refused once the head's raw bytes pass the limits, in whatever pieces they come."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    sent = 0
+    try:
+        async with asyncio.timeout(5):
+            while not reader.at_eof() and sent < 1 << 20:
+                writer.write(b"a" * 512)
+                await writer.drain()
+                sent += 512
+                await asyncio.sleep(0.001)
+                if reader._buffer:  # the answer came
+                    break
+            out = await reader.read(-1)
+    except (ConnectionResetError, BrokenPipeError):
+        out = bytes(reader._buffer)
+    finally:
+        writer.close()
+    assert statuses(out) == [431] and sent < 8 * 1024, (sent, out[:80])
+
+
+async def test_pipelined_body_in_the_same_chunk_as_the_next_head_is_not_counted_as_head(echo):
+    body = b"b" * 4000  # longer than the fixture's head limits
+    raw = (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body +
+           b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert statuses(await exchange(echo, raw)) == [200, 200]
+
+
 async def test_slow_headers_time_out_with_408(echo):
     out = await exchange(echo, b"GET / HTTP/1.1\r\nHost: x\r\n")
     assert statuses(out) == [408]
