@@ -21,6 +21,9 @@ class Config(BaseModel):
     retry_budget_s: float = Field(default=1.0, gt=0)
     # Bodies up to this size are buffered so the request can be retried or replayed.
     replay_body_limit: int = Field(default=1024 * 1024, ge=0)
+    # All bodies held at once for a retry, across every request of this proxy: past it a body
+    # streams (no retry on another instance) instead of growing memory with the clients.
+    replay_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_replays: int = Field(default=10, ge=0)
     connect_timeout_s: float = Field(default=3.0, gt=0)
     header_timeout_s: float = Field(default=10.0, gt=0)  # client must send headers within

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -19,6 +19,7 @@ RETRIES = Counter("kubefly_proxy_retries", "Requests reissued to another instanc
 FULL = Counter("kubefly_proxy_full", "'full' answers: an instance at its hard limit", ["org", "app"])
 AUTOSTARTS = Counter("kubefly_proxy_autostarts", "Stopped machines started for a request", ["org", "app"])
 AUTOSTOPS = Counter("kubefly_proxy_autostops", "Idle machines stopped", ["org", "app"])
+REPLAY_HELD = Gauge("kubefly_proxy_replay_buffered_bytes", "Request bodies held in memory for a retry (replay budget in use)")
 
 
 class AppStats:

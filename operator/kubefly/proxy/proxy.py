@@ -192,6 +192,7 @@ class Proxy:
         self.rng = rng or random.Random()
         self.hop_port = hop_port  # this proxy's own: every host's proxy listens on the same one
         self._unaddressed: set[str] = set()
+        self._replay_held = 0  # bytes of request bodies held for a retry (Config.replay_budget_bytes)
         self.pool = Pool(connect_timeout=config.connect_timeout_s, idle_timeout=config.pool_idle_s)
         # Exact concurrency of instances on this host (edge and host roles share it).
         self.local_load: dict[tuple[str, str], int] = defaultdict(int)
@@ -423,12 +424,37 @@ class Proxy:
             host, port, client, port, self._region, request_id,
         )
 
-    async def _route(self, req: Request, app: AppKey, cfg: Config, started: float) -> int:
-        org, name = app
+    async def _read_for_replay(self, req: Request, cfg: Config) -> tuple[bytes, bool, int]:
+        """The body, whole if it fits the per-request replay limit and what is left of the proxy's
+        replay budget (else it streams, not replayable); and the bytes held against the budget."""
         if req.body.empty:
-            body, replayable = b"", True
-        else:
-            body, replayable = await req.body.read_upto(cfg.replay_body_limit)
+            return b"", True, 0
+        reserved = max(0, min(cfg.replay_body_limit, cfg.replay_budget_bytes - self._replay_held))
+        self._replay_held += reserved
+        try:
+            body, replayable = await req.body.read_upto(reserved)
+        except BaseException:
+            self._replay_held -= reserved
+            raise
+        self._replay_held -= reserved - len(body)
+        metrics.REPLAY_HELD.set(self._replay_held)
+        return body, replayable, len(body)
+
+    def _release_replay(self, held: int) -> None:
+        if held:
+            self._replay_held -= held
+            metrics.REPLAY_HELD.set(self._replay_held)
+
+    async def _route(self, req: Request, app: AppKey, cfg: Config, started: float) -> int:
+        body, replayable, held = await self._read_for_replay(req, cfg)
+        try:
+            return await self._route_body(req, app, cfg, started, body, replayable)
+        finally:
+            self._release_replay(held)
+
+    async def _route_body(self, req: Request, app: AppKey, cfg: Config, started: float, body: bytes,
+                          replayable: bool) -> int:
+        org, name = app
         # Unique enough to follow a request through logs; not a secret, so no syscall for entropy.
         request_id = b"%016x-%s" % (self.rng.getrandbits(64), self._region)
         base = head = None  # built at the first attempt: a request refused at once never needs it
@@ -818,11 +844,9 @@ class Proxy:
             return
         if per_conn and not held:
             bindings[inst.key] = Binding((inst.org, inst.app), lambda: self.release(inst))
+        held = 0
         try:
-            if req.body.empty:
-                body, replayable = b"", True
-            else:
-                body, replayable = await req.body.read_upto(cfg.replay_body_limit)
+            body, replayable, held = await self._read_for_replay(req, cfg)
             # Only an edge that proved itself asserts who the client is.
             headers = http1.serialize_headers(http1.end_to_end(req.headers, http1.DROP if cfg.hop_token else EDGE_DROP))
             request_id = req.header(b"fly-request-id") or b""
@@ -837,6 +861,7 @@ class Proxy:
                 if binding is not None:
                     binding.release()
         finally:
+            self._release_replay(held)
             if not per_conn:
                 self.release(inst)
 

@@ -82,3 +82,41 @@ def test_strategy_choice_and_validation(tmp_path):
     bad.write_text("strategies: {o/web: fastest}\n")
     with pytest.raises(ValueError, match="unknown strategy"):
         config_mod.load(bad, {})
+
+
+class _Body:
+    """A request body of `size` bytes that arrives when released (the proxy reads it with read_upto)."""
+
+    def __init__(self, size: int):
+        self.size, self.empty, self.arrived = size, size == 0, asyncio.Event()
+
+    async def read_upto(self, limit: int) -> tuple[bytes, bool]:
+        await self.arrived.wait()
+        return (b"x" * self.size, True) if self.size <= limit else (b"", False)
+
+
+class _Req:
+    def __init__(self, size: int):
+        self.body = _Body(size)
+
+
+async def test_bodies_held_for_a_retry_share_one_budget_and_past_it_stream(tmp_path):
+    """Each body up to replay_body_limit is held so the request can be retried elsewhere, but all
+    of them together stay within replay_budget_bytes: past it, a body streams (not replayable)."""
+    path = tmp_path / "rows.json"
+    path.write_text("[]")
+    cfg = config_mod.Config(replay_body_limit=600, replay_budget_bytes=1000)
+    proxy = Proxy(StaticReplica(path, "h1", "ams"), cfg)
+    reqs = [_Req(500), _Req(500), _Req(500)]
+    reads = [asyncio.create_task(proxy._read_for_replay(r, cfg)) for r in reqs]
+    await asyncio.sleep(0)
+    assert proxy._replay_held == 1000  # reserved before reading: 600 + 400, the third gets nothing
+    for r in reqs:
+        r.body.arrived.set()
+    (b1, ok1, h1), (b2, ok2, h2), (b3, ok3, h3) = await asyncio.gather(*reads)
+    assert (ok1, h1, ok2, ok3, h3) == (True, 500, False, False, 0) and h2 == 0
+    assert proxy._replay_held == 500  # what was not used went back at once
+    proxy._release_replay(h1)
+    assert proxy._replay_held == 0
+    body, ok, held = await proxy._read_for_replay(_Req(0), cfg)
+    assert (body, ok, held) == (b"", True, 0)
