@@ -32,7 +32,7 @@ from kubefly.controllers.common import update_status, wait_woken
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.machines import lifecycle
-from kubefly.machines.pod import SecretRef, routed_condition
+from kubefly.machines.pod import SecretRef
 from kubefly.placement import machines as placement
 
 MACHINE_CREATES = Counter(
@@ -383,10 +383,9 @@ async def _apply(machine: dict, plan: lifecycle.Plan, logger) -> dict | None:
         kopf.event(machine, type=type_, reason=reason, message=message)
     if patch.get("state"):
         log.info("machine state", namespace=ns, name=name, state=patch["state"], host=plan.status.get("host"))
-    if plan.unroute_pod:
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        await k.patch(core_path(ns, "pods", name) + "/status",
-                      {"status": {"conditions": [routed_condition(False, now)]}}, missing_ok=True)
+    if plan.pod_conditions:
+        await k.patch(core_path(ns, "pods", name) + "/status", {"status": {"conditions": plan.pod_conditions}},
+                      missing_ok=True)
     if plan.delete_pod_grace is not None:
         await k.delete(core_path(ns, "pods", name), grace_period_seconds=plan.delete_pod_grace, missing_ok=True)
     if plan.create_pod is not None:

@@ -28,7 +28,7 @@ from typing import Callable
 from kubefly import GROUP, VERSION, labels, logs
 from kubefly.gossip.checks import CheckSpec
 from kubefly.instances import InstanceState, Service
-from kubefly.machines.pod import routed_condition, services_annotation
+from kubefly.machines.pod import readiness_gates, routed_condition, services_annotation
 
 log = logs.get("kubefly.gossip.sources")
 
@@ -306,9 +306,8 @@ class PodSource:
         job = (m.org, m.machine_id, m.instance_id)
         with self._lock:
             pod = self._pods.get(f"{m.org}/{m.machine_id}") or {}
-            gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
             conds = {c.get("type"): c.get("status") for c in (pod.get("status") or {}).get("conditions") or []}
-            if labels.ROUTED not in gates or conds.get(labels.ROUTED) == "True" or job in self._publishing:
+            if labels.ROUTED not in readiness_gates(pod) or conds.get(labels.ROUTED) == "True" or job in self._publishing:
                 return
             self._publishing.add(job)
 

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from kubefly import labels
 from kubefly.conditions import get_condition, set_condition
-from kubefly.machines.pod import CHECKS_GATE, ROUTED_GATE, SECRETS_DIGEST, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
+from kubefly.machines.pod import CHECKS_GATE, ROUTED_GATE, SECRETS_DIGEST, readiness_gates, routed_condition, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
 from kubefly.placement.machines import Decision
 from kubefly.platform import PlatformSettings
 
@@ -69,12 +69,11 @@ class PodView:
     routed: bool = False  # the routed gate passed
 
 
-def _checks_failing(pod: dict, conds: dict) -> str | None:
+def _checks_failing(gates: set[str], conds: dict) -> str | None:
     """The readiness gate as the host agent wrote it.
 
     Read directly, not only through Ready: a kubelet folds the gate into Ready, but
     kwok hosts write Ready once and never recompute it."""
-    gates = [g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []]
     if CHECKS_GATE not in gates:
         return None
     gate = conds.get(CHECKS_GATE)
@@ -99,8 +98,8 @@ def pod_view(pod: dict) -> PodView:
     state = cs.get("state") or {}
     conds = {c.get("type"): c for c in status.get("conditions") or []}
     sched = conds.get("PodScheduled") or {}
-    failing = _checks_failing(pod, conds)
-    gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
+    gates = readiness_gates(pod)
+    failing = _checks_failing(gates, conds)
     unpublished = ROUTED_GATE in gates and (conds.get(ROUTED_GATE) or {}).get("status") != "True"
     return PodView(
         name=meta.get("name", ""),
@@ -205,7 +204,7 @@ class Plan:
     status: dict
     create_pod: dict | None = None
     delete_pod_grace: int | None = None  # delete the pod with this grace period
-    unroute_pod: bool = False  # set the pod's routed gate False: its host was lost
+    pod_conditions: list[dict] = field(default_factory=list)  # to write into the pod's status
     attach_volume: VolumeView | None = None  # claim this volume before anything else
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     placement: Decision | None = None  # a placement made now (for the create metrics)
@@ -443,7 +442,7 @@ def _lifecycle(b: _Builder) -> None:
             if pod is not None and pod.routed:
                 # The kubelet keeps the gate's last value: when the host is back, Ready would come
                 # with its containers, before its (restarting) agent has published the machine.
-                b.plan.unroute_pod = True
+                b.plan.pod_conditions.append(routed_condition(False, _ts(w.now)))
         if pod is None:
             return  # a pod pinned to a lost host could only hang in Pending
 

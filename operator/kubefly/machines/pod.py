@@ -33,6 +33,11 @@ CHECKS_GATE = labels.CHECKS
 ROUTED_GATE = labels.ROUTED
 
 
+def readiness_gates(pod: dict) -> set[str]:
+    """The condition types a pod (API JSON) names in spec.readinessGates."""
+    return {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
+
+
 def routed_condition(routed: bool, now: str) -> dict:
     """The pod condition behind the routed gate: True once the host agent has published the
     instance; False (written by the operator) when its host was lost, so that a host that comes

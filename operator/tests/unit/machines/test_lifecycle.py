@@ -339,13 +339,14 @@ def test_a_lost_hosts_routed_pods_lose_the_gate_so_they_are_not_ready_before_the
     m = machine(status={"host": "a1", "region": "ams"})
     plan = run(m, agents=True)
     routed = pod_of(plan, routed=True)
-    assert not run(m, agents=True, pod=routed).unroute_pod
+    assert not run(m, agents=True, pod=routed).pod_conditions
     lost = run(m, agents=True, pod=routed, host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "dead"))
-    assert lost.unroute_pod and cond(lost, "Ready")["reason"] == "HostNotReady"
+    assert [(c["type"], c["status"], c["reason"]) for c in lost.pod_conditions] == [(ROUTED_GATE, "False", "HostLost")]
+    assert cond(lost, "Ready")["reason"] == "HostNotReady"
     # Only the API side lost sight of it (its agent is alive in gossip): nothing to undo.
-    assert not run(m, agents=True, pod=routed, host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "alive")).unroute_pod
+    assert not run(m, agents=True, pod=routed, host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "alive")).pod_conditions
     assert not run(m, agents=True, pod=pod_of(plan, ready=False, unpublished=True),
-                   host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "dead")).unroute_pod
+                   host=HostHealth("a1", False, "2026-11-23T11:59:00Z", "dead")).pod_conditions
 
 
 def _gated_pod(*conditions, gated=True):
