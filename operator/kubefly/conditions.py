@@ -6,7 +6,21 @@ from datetime import datetime, timezone
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.now(timezone.utc))
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(t: str | None) -> datetime | None:
+    return datetime.fromisoformat(t.replace("Z", "+00:00")) if t else None
+
+
+def is_ready(obj: dict | None) -> bool:
+    """Whether an object (a Node, a Pod) reports condition Ready True; False for None."""
+    return bool(obj) and any(c.get("type") == "Ready" and c.get("status") == "True"
+                             for c in (obj.get("status") or {}).get("conditions") or [])
 
 
 def set_condition(

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from kubefly import platform
 from kubefly.conditions import set_condition
 from kubefly.controllers.kubeapi import custom_path, kube
 
@@ -52,6 +53,11 @@ def condition_patch(body: dict, updates: list[tuple[str, bool, str, str]], extra
     if _essence(conditions) != _essence(status.get("conditions") or []):
         patch["conditions"] = conditions
     return patch or None
+
+
+def home_namespace(memo: kopf.Memo) -> str:
+    """The operator's own namespace, where its one-shot pods and platform Secrets live."""
+    return getattr(memo, "home_namespace", None) or platform.home_namespace()
 
 
 def _essence(conditions: list[dict]) -> list[tuple]:

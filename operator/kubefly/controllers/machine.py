@@ -28,7 +28,7 @@ from kubefly import labels as kflabels
 from kubefly.api.machine import Machine
 from kubefly.conditions import set_condition
 from kubefly.controllers import acceptance, gossipview
-from kubefly.controllers.common import update_status, wait_woken
+from kubefly.controllers.common import home_namespace, update_status, wait_woken
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.machines import lifecycle
@@ -284,7 +284,7 @@ async def _watch_platform(ns: str, stop: asyncio.Event) -> None:
 @kopf.on.startup()
 async def start_platform_watch(memo: kopf.Memo, **_) -> None:
     memo.platform_stop = asyncio.Event()
-    home = getattr(memo, "home_namespace", None) or platform.home_namespace()
+    home = home_namespace(memo)
     memo.platform_task = asyncio.create_task(_watch_platform(home, memo.platform_stop))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from kubefly.conditions import is_ready
 from kubefly.labels import HOST, VOLUME
 from kubefly.volumes.objects import HOST_ROOT, NAMESPACE_LABEL
 
@@ -130,10 +131,6 @@ class Verdict:
     message: str
 
 
-def _ready(node: dict) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in (node.get("status") or {}).get("conditions") or [])
-
-
 def _pod_state(pod: dict) -> str:
     """The pod's phase and, when a container waits or ended, why (ErrImagePull, the script's message)."""
     status = pod.get("status") or {}
@@ -163,10 +160,10 @@ def verdict(*, pod: dict, node: dict | None, path: str, now: datetime) -> Verdic
     created = datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
     waited = (now - created).total_seconds()
     if waited < WAIT_SECONDS:
-        state = "Ready" if _ready(node) else "NotReady"
+        state = "Ready" if is_ready(node) else "NotReady"
         return Verdict("waiting", "WipingData", f"waiting for the wipe pod {where} on host {host} ({state}) to remove "
                        f"{path}: {_pod_state(pod)}")
-    if not _ready(node):
+    if not is_ready(node):
         return Verdict("left", "DataLeftOnHost", f"host {host} is NotReady: the directory {path} stays on it until it "
                        f"returns; the wipe pod {where} waits there and removes it then (no other Volume can mount it)")
     return Verdict("left", "DataLeftOnHost", f"the wipe pod {where} on host {host} did not finish within "
