@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The kubefly image: one package, one entry point (`kubefly operator|agent|proxy|dns`).
+# The kubefly image: one package, one entry point (`kubefly operator|agent|proxy|dns`),
+# and restic, which the snapshot pods run against the object store (docs/objectstore.md).
 #
 # BASE_IMAGE is any Debian bookworm image: the registry's debian:bookworm-slim
 # where one is reachable, a locally built debootstrap rootfs where none is.
@@ -15,7 +16,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates restic \
  && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md /src/

@@ -6,7 +6,8 @@ import urllib.request
 import pytest
 import yaml
 
-CRDS = ["machines.kubefly.dev", "volumes.kubefly.dev", "appsecrets.kubefly.dev", "postgresclusters.kubefly.dev"]
+CRDS = ["machines.kubefly.dev", "volumes.kubefly.dev", "appsecrets.kubefly.dev", "postgresclusters.kubefly.dev",
+        "snapshots.kubefly.dev"]
 
 
 def sa_user(kube) -> str:
@@ -48,6 +49,7 @@ def test_operator_identity_can_do_its_work_and_nothing_more(kube):
     for verb, resource in [
         ("watch", "machines.kubefly.dev"), ("patch", "machines.kubefly.dev/status"),
         ("create", "pods"), ("create", "persistentvolumes"), ("list", "nodes"), ("get", "nodes"), ("create", "events"),
+        ("delete", "snapshots.kubefly.dev"), ("update", "snapshots.kubefly.dev"), ("update", "snapshots.kubefly.dev/status"),
     ]:
         assert can(verb, resource, "-A") == "yes", f"operator cannot {verb} {resource}"
     # Its leadership Lease, in its own namespace only.
@@ -238,3 +240,89 @@ def test_admission_policies_bind_each_process_to_its_service_account_and_the_vol
     # Without the proxy or agent there is no ServiceAccount to narrow; without rbac.create, no policies at all.
     assert {name for kind, name in render() if kind == "ValidatingAdmissionPolicy"} == {"x-kubefly-operator-volumes"}
     assert not [k for k in render("rbac.create=false", "agent.enabled=true", "proxy.enabled=true") if k[0].startswith("ValidatingAdmission")]
+
+
+PIN = "objectStore.bundled.nodeSelector.kubernetes\\.io/hostname=kubefly-worker"
+
+
+def test_the_bundled_object_store_runs_pinned_with_its_data_on_the_host_and_the_operator_is_told_where(kube):
+    ns = kube.release_namespace
+    out = kube.helm("template", "x", str(kube.chart), "--namespace", ns, "--set", "objectStore.bundled.enabled=true",
+                    "--set", PIN, "--set", "image.pullPolicy=Never", "--set", "objectStore.bucket=copies",
+                    "--set-json", 'objectStore.bundled.tolerations=[{"key":"node-role.kubernetes.io/control-plane",'
+                                  '"operator":"Exists","effect":"NoSchedule"}]').stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    deployment = docs[("Deployment", "x-kubefly-objectstore")]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "kubefly-worker"}
+    assert pod["tolerations"] == [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["hostPath"] == {"path": "/var/lib/kubefly/objectstore", "type": "DirectoryOrCreate"}
+    # The identity file comes from the Secret the operator makes; the chart renders none.
+    assert volumes["credentials"]["secret"] == {"secretName": "kubefly-objectstore-credentials",
+                                                "items": [{"key": "s3.json", "path": "s3.json"}]}
+    assert not [k for k in docs if k[0] == "Secret"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    for c in [*containers.values(), *pod["initContainers"]]:
+        assert c["image"] == "kubefly-objectstore:0.1.0" and c["imagePullPolicy"] == "Never"
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    store = containers["objectstore"]
+    assert {"name": "credentials", "mountPath": "/etc/kubefly-objectstore", "readOnly": True} in store["volumeMounts"]
+    assert {"name": "KUBEFLY_OBJECTSTORE_BUCKET", "value": "copies"} in store["env"]
+    assert store["securityContext"]["runAsUser"] == 65532 and store["securityContext"]["runAsNonRoot"]
+    # Only the init step is root, and it may only chown the data directory.
+    init = pod["initContainers"][0]
+    assert init["command"] == ["chown", "65532:65532", "/data"] and init["securityContext"]["capabilities"]["add"] == ["CHOWN"]
+    # S3 leaves the pod through the relay; metrics are scraped from the store.
+    assert containers["s3"]["args"] == ["relay"] and containers["s3"]["ports"] == [{"name": "s3", "containerPort": 8333}]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9327"
+    assert {"name": "metrics", "containerPort": 9327} in store["ports"]
+    svc = docs[("Service", "x-kubefly-objectstore")]["spec"]
+    assert svc["ports"] == [{"name": "s3", "port": 8333, "targetPort": "s3"}]
+    assert svc["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+    env = {e["name"]: e.get("value") for e in docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEFLY_OBJECT_STORE_ENDPOINT"] == f"http://x-kubefly-objectstore.{ns}.svc:8333"
+    assert env["KUBEFLY_OBJECT_STORE_BUCKET"] == "copies"
+    assert env["KUBEFLY_OBJECT_STORE_SECRET"] == "kubefly-objectstore-credentials"
+    assert env["KUBEFLY_OBJECT_STORE_BUNDLED"] == "true"
+    assert "KUBEFLY_OBJECT_STORE_REGION" not in env
+    # Applied to the real API server, the store's manifests are valid (server-side dry run).
+    store = yaml.safe_dump_all([docs[("Deployment", "x-kubefly-objectstore")], docs[("Service", "x-kubefly-objectstore")]])
+    proc = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=store, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_an_external_object_store_is_passed_to_the_operator_and_no_store_is_run(kube):
+    def render(*sets: str) -> tuple[dict, list]:
+        out = kube.helm("template", "x", str(kube.chart), *[a for s in sets for a in ("--set", s)]).stdout
+        docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+        env = docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]
+        return {e["name"]: e.get("value") for e in env}, [name for _, name in docs if "objectstore" in name]
+
+    env, stores = render("objectStore.endpoint=https://s3.example.com", "objectStore.region=eu-west-1",
+                         "objectStore.credentialsSecret=s3-keys")
+    assert (env["KUBEFLY_OBJECT_STORE_ENDPOINT"], env["KUBEFLY_OBJECT_STORE_BUCKET"], env["KUBEFLY_OBJECT_STORE_REGION"],
+            env["KUBEFLY_OBJECT_STORE_SECRET"], env["KUBEFLY_OBJECT_STORE_BUNDLED"]) == \
+        ("https://s3.example.com", "kubefly", "eu-west-1", "s3-keys", "false")
+    assert stores == []
+    # The default: no store, which the operator reports on every Snapshot.
+    env, stores = render()
+    assert env["KUBEFLY_OBJECT_STORE_ENDPOINT"] == "" and env["KUBEFLY_OBJECT_STORE_BUNDLED"] == "false"
+    assert "KUBEFLY_OBJECT_STORE_REGION" not in env and stores == []
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["objectStore.bundled.enabled=true", PIN, "objectStore.endpoint=https://s3.example.com",
+      "objectStore.credentialsSecret=k"], "set one"),
+    (["objectStore.endpoint=https://s3.example.com"], "needs objectStore.credentialsSecret"),
+    (["objectStore.bundled.enabled=true", PIN, "objectStore.credentialsSecret=k"], "the operator makes"),
+    (["objectStore.bundled.enabled=true"], "nodeSelector must pin the store to one host"),
+    (["objectStore.endpoint=https://s3.example.com/kubefly", "objectStore.credentialsSecret=k"], "endpoint"),
+])
+def test_object_store_settings_that_cannot_work_are_refused_with_the_fix(kube, sets, message):
+    proc = kube.helm("template", "x", str(kube.chart), *[a for s in sets for a in ("--set", s)], check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+

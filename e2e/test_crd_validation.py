@@ -107,9 +107,10 @@ INVALID = {
     "machine-missing-image": (obj("Machine", "no-image", {"app": "web", "region": "ams"}), "spec.image"),
     "volume-too-small": (volume(sizeGb=0), "spec.sizeGb"),
     "volume-too-big": (volume(sizeGb=501), "spec.sizeGb"),
-    # Accepted and acted on by nothing would be a lie: refused, naming the field, until snapshots exist.
-    "volume-snapshot-retention": (volume(snapshotRetention=5), "spec.snapshotRetention is not implemented yet"),
-    "volume-fork-from": (volume(forkFrom="other"), "spec.forkFrom is not implemented yet"),
+    "volume-snapshot-retention-too-long": (volume(snapshotRetention=61), "spec.snapshotRetention"),
+    "volume-snapshots-more-than-hourly": (volume(snapshotIntervalHours=0), "spec.snapshotIntervalHours"),
+    "volume-two-sources": (volume(forkFrom="other", restoreFrom="snap"), "spec.restoreFrom and spec.forkFrom are exclusive"),
+    "snapshot-without-volume": (obj("Snapshot", "s1", {}), "spec.volume"),
     "appsecret-key-not-env-name": (appsecret(data={"1BAD-KEY": "c2VhbGVk"}), "spec.data keys must be environment"),
     "appsecret-value-not-base64": (appsecret(data={"TOKEN": "plain text!"}), "spec.data.TOKEN"),
     "postgres-too-many-members": (postgres(members=8), "spec.members"),
@@ -143,7 +144,10 @@ TRANSITIONS = {
     ),
     "volume-shrinks": (volume(), {"sizeGb": 5}, "spec.sizeGb may only grow"),
     "volume-region-immutable": (volume(), {"region": "syd"}, "spec.region is immutable"),
-    "volume-fork-from-added": (volume(), {"forkFrom": "other"}, "spec.forkFrom is not implemented yet"),
+    "volume-fork-from-added": (volume(), {"forkFrom": "other"}, "can only be set when a Volume is created"),
+    "volume-restore-from-added": (volume(), {"restoreFrom": "snap"}, "can only be set when a Volume is created"),
+    "volume-fork-from-changed": (volume(forkFrom="a"), {"forkFrom": "b"}, "spec.forkFrom is immutable"),
+    "snapshot-volume-immutable": (obj("Snapshot", "s1", {"volume": "a"}), {"volume": "b"}, "spec.volume is immutable"),
     "appsecret-app-immutable": (appsecret(), {"app": "other"}, "spec.app is immutable"),
     "postgres-region-immutable": (postgres(), {"region": "iad"}, "spec.region is immutable"),
     "postgres-volume-shrinks": (postgres(volumeSizeGb=20), {"volumeSizeGb": 10}, "spec.volumeSizeGb may only grow"),
@@ -167,7 +171,8 @@ def test_valid_objects_get_defaults(kube, namespace):
     assert spec["stop"] == {"signal": "SIGINT", "timeoutSeconds": 5}
     assert spec["state"] == "started"
     assert spec["services"][0]["autostop"] == "off" and spec["services"][0]["concurrency"]["type"] == "connections"
-    assert "snapshotRetention" not in get(kube, namespace, volume())["spec"]
+    vol = get(kube, namespace, volume())["spec"]
+    assert (vol["snapshotRetention"], vol["scheduledSnapshots"], vol["snapshotIntervalHours"], vol["requireUniqueHost"]) == (5, True, 24, True)
     assert get(kube, namespace, appsecret())["spec"]["stage"] is False
     pg = get(kube, namespace, postgres())["spec"]
     assert (pg["members"], pg["version"], pg["deletePolicy"]) == (3, 15, "keepVolumes")

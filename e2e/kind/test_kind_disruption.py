@@ -424,3 +424,37 @@ def test_a_control_plane_paused_30s_leaves_one_operator_and_every_machine_alone(
 
 def test_a_control_plane_paused_90s_leaves_one_operator_and_every_machine_alone(kind: KindCluster, namespace: str):
     _pause_the_control_plane(kind, namespace, 90)
+
+
+def test_a_volume_forked_while_its_host_is_stopped_restores_its_stored_snapshot_on_another_host(kind: KindCluster, namespace: str):
+    """The Volumes issue's case: write data and its checksum, snapshot, `docker stop` the host, fork the
+    volume onto another ams host from the stored copy, and read the same checksum there."""
+    from .test_kind_snapshots import CHECKSUM, machine_with_data, take, volume, with_volume
+    from .test_kind_volumes import get, in_machine, started_or_mount_failure
+
+    host, digest = machine_with_data(kind, namespace, "fork-1", "fork", "forksrc")
+    taken = take(kind, namespace, "fork-a", "forksrc")["status"]
+
+    def node_ready() -> bool:
+        node = json.loads(kind.kubectl("get", "node", host, "-o", "json").stdout)
+        return (cond(node, "Ready") or {}).get("status") == "True"
+
+    subprocess.run(["docker", "stop", host], check=True, capture_output=True)
+    try:
+        kind.wait_for(f"{host} NotReady", lambda: not node_ready(), timeout=HOST_LOSS_WITHIN_S + 30, interval=2)
+        kind.apply(volume("forked", "fork", "ams", forkFrom="forksrc"), namespace)
+        asked = time.monotonic()
+        v = kind.wait_for("the fork Ready", lambda: (cond(v := get(kind, namespace, "volume", "forked") or {}, "Ready") or {})
+                          .get("status") == "True" and v, timeout=180)
+        print(f"[kind] fork from the stored copy Ready {time.monotonic() - asked:.1f}s after it was applied "
+              f"(restore {v['status']['restoredFrom']['durationSeconds']} s)")
+        restored = v["status"]["restoredFrom"]
+        assert restored["snapshot"] == "fork-a" and restored["volume"] == "forksrc", restored
+        assert restored["takenAt"] == taken["takenAt"] and restored["dataAgeSeconds"] >= 0
+        assert v["status"]["host"] != host
+        kind.apply(with_volume(kind, "fork-2", "fork", "ams", "forked"), namespace)
+        kind.wait_for("fork-2 started on the fork", lambda: started_or_mount_failure(kind, namespace, "fork-2", 1), timeout=180)
+        assert in_machine(kind, namespace, "fork-2", CHECKSUM) == digest
+    finally:
+        subprocess.run(["docker", "start", host], check=True, capture_output=True)
+    kind.wait_for(f"{host} Ready again", node_ready, timeout=240, interval=2)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds kubefly's images without pulling: the kubefly image (operator, agent,
 # proxy, dns), the Postgres member image when docker/postgres.Dockerfile
-# exists, and the test app image, all on the local Debian base (debootstrap).
+# exists, the bundled object store's image, and the test app image, all on the
+# local Debian base (debootstrap).
 # Builds that reach PyPI get this machine's CA bundle as a BuildKit secret,
 # never a layer. Tags are content hashes, so an unchanged tree is not rebuilt
 # and a changed one never reuses a stale image.
-# Prints "NAME=IMAGE" lines: kubefly, testapp[, postgres].
+# Prints "NAME=IMAGE" lines: kubefly, testapp[, postgres], objectstore.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$repo"
@@ -42,3 +43,7 @@ if [ -f docker/postgres.Dockerfile ]; then
   build postgres docker/postgres.Dockerfile "$postgres"
   echo "postgres=$postgres"
 fi
+
+objectstore="kubefly-objectstore:$SEAWEEDFS_VERSION-$(tree_key docker/objectstore.Dockerfile docker/objectstore-entrypoint.sh)"
+build objectstore docker/objectstore.Dockerfile "$objectstore" --build-arg "SEAWEEDFS_VERSION=$SEAWEEDFS_VERSION"
+echo "objectstore=$objectstore"

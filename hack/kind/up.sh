@@ -73,9 +73,13 @@ log "Service CIDR $svc_cidr: refused on every node unless kube-proxy rewrote it"
 # kubefly's images, loaded into every node (no registry between them).
 declare -A img
 while IFS='=' read -r k v; do img[$k]=$v; done < <(bash "$repo/hack/kind/kubefly-images.sh")
-# Workers only: the control plane is tainted against kubefly's pods.
+# Workers only: the control plane is tainted against kubefly's pods. The bundled
+# object store is the exception: it runs on the control plane (a toleration), since
+# tests stop workers and the snapshots in it must outlive any of them.
 workers=$(kind get nodes --name "$name" | grep -v control-plane | paste -sd, -)
-timed "kind load ${img[*]}" kind load docker-image --name "$name" --nodes "$workers" "${img[@]}" >/dev/null
+worker_images=(); for k in "${!img[@]}"; do [ "$k" = objectstore ] || worker_images+=("${img[$k]}"); done
+timed "kind load ${worker_images[*]}" kind load docker-image --name "$name" --nodes "$workers" "${worker_images[@]}" >/dev/null
+timed "kind load ${img[objectstore]}" kind load docker-image --name "$name" --nodes "$name-control-plane" "${img[objectstore]}" >/dev/null
 
 # The agents reach the API server at its own address (as kube-proxy does), so a worker
 # that boots lists its machines before its kube-proxy has written the Service rules.
@@ -85,6 +89,9 @@ values=(--set "image.repository=${img[kubefly]%%:*}" --set "image.tag=${img[kube
         --set agent.enabled=true --set proxy.enabled=true --set dns.enabled=true --set operator.replicas=2
         --set "agent.apiServer=$apiserver")
 [ -n "${img[postgres]:-}" ] && values+=(--set "postgres.image=${img[postgres]}")
+values+=(--set objectStore.bundled.enabled=true --set "objectStore.bundled.image=${img[objectstore]}"
+         --set-json 'objectStore.bundled.nodeSelector={"node-role.kubernetes.io/control-plane":""}'
+         --set-json 'objectStore.bundled.tolerations=[{"key":"node-role.kubernetes.io/control-plane","operator":"Exists","effect":"NoSchedule"}]')
 timed "helm install" helm --kubeconfig "$kubeconfig" upgrade --install "$release" "$repo/charts/kubefly" \
   --namespace "$ns" --create-namespace "${values[@]}" --wait --timeout 180s >/dev/null
 kubectl -n "$ns" rollout status "deployment/$release-operator" --timeout=120s >/dev/null

@@ -3,10 +3,11 @@
 from kubefly.api.appsecret import AppSecret, AppSecretSpec, AppSecretStatus
 from kubefly.api.machine import Machine, MachineSpec, MachineState, MachineStatus
 from kubefly.api.postgrescluster import PostgresCluster, PostgresClusterSpec, PostgresClusterStatus
+from kubefly.api.snapshot import Snapshot, SnapshotSpec, SnapshotStatus
 from kubefly.api.volume import Volume, VolumeSpec, VolumeStatus
 
 # Every kind, in the order the CRDs are written and documented.
-KINDS = (Machine, Volume, AppSecret, PostgresCluster)
+KINDS = (Machine, Volume, Snapshot, AppSecret, PostgresCluster)
 
 __all__ = [
     "KINDS",
@@ -20,6 +21,9 @@ __all__ = [
     "PostgresCluster",
     "PostgresClusterSpec",
     "PostgresClusterStatus",
+    "Snapshot",
+    "SnapshotSpec",
+    "SnapshotStatus",
     "Volume",
     "VolumeSpec",
     "VolumeStatus",

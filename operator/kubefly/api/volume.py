@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubefly.api.common import (
     AGE,
@@ -22,36 +23,61 @@ from kubefly.api.common import (
 )
 
 SIZE_GROWS_RULE = cel("self >= oldSelf", "spec.sizeGb may only grow: set it to at least its current value")
-# Snapshots and forks are not built yet (issue 13): a field nothing acts on is
-# refused, never silently accepted. The rule sits on the field itself, so the API
-# server's validation ratcheting still lets Volumes stored before this rule (when
-# snapshotRetention defaulted to 5) be updated as long as the value is unchanged;
-# for the same reason it is not a pydantic validator: the operator must keep
-# reconciling those Volumes.
-SNAPSHOT_RETENTION_RULE = cel(
-    "false", "spec.snapshotRetention is not implemented yet: kubefly takes no snapshots; remove the field"
+ONE_SOURCE_RULE = cel(
+    "!has(self.restoreFrom) || !has(self.forkFrom)",
+    "spec.restoreFrom and spec.forkFrom are exclusive: a new Volume's data comes from one snapshot or one volume; remove one",
 )
-FORK_FROM_RULE = cel(
-    "false",
-    "spec.forkFrom is not implemented yet: kubefly cannot copy a Volume, and a fork would start empty; remove the field",
+# A source is chosen when the Volume is made: set later, it would overwrite data the Volume already has.
+SOURCE_AT_CREATION_RULE = cel(
+    "has(self.restoreFrom) == has(oldSelf.restoreFrom) && has(self.forkFrom) == has(oldSelf.forkFrom)",
+    "spec.restoreFrom and spec.forkFrom can only be set when a Volume is created: create a new Volume from the source",
 )
 SIZE_NOT_ENFORCED = "not enforced"
 
 
 class VolumeSpec(ApiModel):
+    model_config = {"json_schema_extra": validations(ONE_SOURCE_RULE, SOURCE_AT_CREATION_RULE)}
+
     app: AppName = Field(json_schema_extra=immutable("spec.app", "create a new Volume in the other app"))
     region: RegionName = Field(json_schema_extra=immutable("spec.region", "create a new Volume in the other region"))
     size_gb: int = Field(
         default=1, ge=1, le=500, json_schema_extra=validations(SIZE_GROWS_RULE),
         description="Size in GB, reserved on the host at placement. Not a limit: the data may grow past it (status.sizeLimit).",
     )
-    snapshot_retention: int | None = Field(
-        default=None, description="Not implemented yet: refused by the API server.",
-        json_schema_extra=validations(SNAPSHOT_RETENTION_RULE),
+    snapshot_retention: int = Field(
+        default=5, ge=1, le=60, description="Days each snapshot of this volume is kept (Fly's default: 5).",
+    )
+    scheduled_snapshots: bool = Field(default=True, description="Take a snapshot every snapshotIntervalHours.")
+    snapshot_interval_hours: int = Field(
+        default=24, ge=1, le=24, description="Hours between scheduled snapshots: 24 (daily, the default) down to 1 (hourly).",
+    )
+    restore_from: DnsLabel | None = Field(
+        default=None, description="A Snapshot in this namespace whose data the new Volume starts with.",
+        json_schema_extra=immutable("spec.restoreFrom", "create a new Volume from the other snapshot"),
     )
     fork_from: DnsLabel | None = Field(
-        default=None, description="Not implemented yet: refused by the API server.", json_schema_extra=validations(FORK_FROM_RULE),
+        default=None,
+        description="A Volume in this namespace to copy: a new snapshot of it if its host is up, else its newest stored one.",
+        json_schema_extra=immutable("spec.forkFrom", "create a new Volume from the other volume"),
     )
+    require_unique_host: bool = Field(
+        default=True, description="A fork is placed on another host than its source (Fly's require_unique_zone).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.restore_from and self.fork_from:
+            raise ValueError(ONE_SOURCE_RULE["message"])
+        return self
+
+
+class RestoredFrom(ApiModel):
+    snapshot: str = Field(description="The Snapshot whose copy the data came from.")
+    volume: str | None = Field(default=None, description="The Volume that copy was taken of.")
+    taken_at: datetime | None = Field(default=None, description="When the copy was taken: the data's age.")
+    data_age_seconds: int | None = Field(default=None, ge=0, description="How old the data was when restored.")
+    bytes: int | None = Field(default=None, ge=0)
+    duration_seconds: float | None = Field(default=None, ge=0)
 
 
 class VolumeStatus(StatusModel):
@@ -60,6 +86,10 @@ class VolumeStatus(StatusModel):
     persistent_volume: str | None = None
     claim: str | None = None
     path: str | None = Field(default=None, description="The directory on the host that holds the data; wiped when the Volume is deleted.")
+    restored_from: RestoredFrom | None = Field(default=None, description="Where the data came from, for a restore or fork.")
+    last_snapshot: str | None = Field(default=None, description="The newest Snapshot taken on schedule.")
+    last_snapshot_at: datetime | None = None
+    next_snapshot_at: datetime | None = Field(default=None, description="When the next scheduled snapshot is due.")
     size_limit: Literal["not enforced"] | None = Field(
         default=None,
         description="Whether spec.sizeGb bounds the data: 'not enforced', the directory can grow until the host's disk is full.",

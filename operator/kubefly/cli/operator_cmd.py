@@ -35,6 +35,7 @@ def operator_command(namespaces, metrics_port, health_port, lease, leader_identi
     import uvloop
 
     import kubefly.controllers.main  # noqa: F401  (importing it registers every handler)
+    from kubefly.volumes.snapshots import ObjectStore
 
     logs.configure(log_level, component="operator")
     metrics.serve(metrics_port)
@@ -59,7 +60,8 @@ def operator_command(namespaces, metrics_port, health_port, lease, leader_identi
         # The Lease decides who runs; Kopf's own peering would only pause us again behind a dead record.
         standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
-        memo=kopf.Memo(home_namespace=home_namespace),
+        # Read once here: where Volume snapshots go (the chart's objectStore values; None: nowhere).
+        memo=kopf.Memo(home_namespace=home_namespace, object_store=ObjectStore.from_env()),
     )
     if elector is not None:
         elector.stop()

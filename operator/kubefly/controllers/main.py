@@ -23,6 +23,12 @@ ACCEPT_ONLY: tuple = ()
 
 RECONCILES = Counter("kubefly_reconciles_total", "Reconciles by kind and outcome", ["kind", "outcome"])
 RECONCILE_SECONDS = Histogram("kubefly_reconcile_seconds", "Reconcile latency by kind", ["kind"])
+# A Volume's copies to and from the object store, as restic timed them (operation: snapshot, restore).
+VOLUME_COPY_SECONDS = Histogram("kubefly_volume_copy_seconds", "Snapshot and restore copies, restic's own time",
+                                ["operation"], buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 900))
+VOLUME_COPY_BYTES = Counter("kubefly_volume_copy_bytes_total",
+                            "Bytes a copy moved: new to the store for snapshot, written to the host for restore",
+                            ["operation"])
 
 
 @kopf.on.startup()
@@ -65,7 +71,7 @@ for _resource in ACCEPT_ONLY:
     _register_acceptance(_resource)
 
 # Controllers; imported last because they use the metrics above.
-from kubefly.controllers import appsecret, hoptoken, machine, postgrescluster, volume  # noqa: E402,F401
+from kubefly.controllers import appsecret, machine, platformkeys, postgrescluster, snapshot, volume  # noqa: E402,F401
 
 
 @kopf.on.cleanup()

@@ -18,17 +18,17 @@ from datetime import datetime, timezone
 
 import kopf
 
-from kubefly import GROUP, VERSION, platform
+from kubefly import GROUP, VERSION
 from kubefly.api.volume import SIZE_NOT_ENFORCED, Volume
 from kubefly.conditions import get_condition
-from kubefly.controllers import acceptance
-from kubefly.controllers.common import condition_patch, update_status
+from kubefly.controllers import acceptance, restore
+from kubefly.controllers.common import condition_patch, home_namespace, update_status
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.labels import VOLUME as VOLUME_LABEL
 from kubefly.machines.volume_prep import IMAGE_ENV
 from kubefly.placement import volumes as placement
-from kubefly.volumes import objects, redundancy, wipe
+from kubefly.volumes import objects, redundancy, snapshots, wipe
 
 PLURAL = "volumes"
 # Placements are decided one at a time so two Volumes never both take a host's last room.
@@ -76,9 +76,15 @@ async def _place(body: dict, logger) -> str | None:
     pv = await _read_pv(objects.pv_name(meta["namespace"], meta["name"], meta["uid"]))
     if pv is not None and objects.host_of_pv(pv):
         return objects.host_of_pv(pv)
+    # Placed before, its PV not made yet (a restore fills the directory first): the recorded host stands.
+    recorded = ((await _get(meta["namespace"], meta["name"]) or body).get("status") or {}).get("host")
+    if recorded:
+        return recorded
+    avoid = await restore.avoid_host(body)
     async with _PLACING:
         hosts, placed = await _snapshot()
-        request = placement.VolumeRequest(meta["namespace"], meta["name"], spec["app"], spec["region"], spec["sizeGb"])
+        request = placement.VolumeRequest(meta["namespace"], meta["name"], spec["app"], spec["region"], spec["sizeGb"],
+                                          avoid_host=avoid)
         decision = placement.place(request, hosts, placed)
         if isinstance(decision, placement.Refused):
             await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
@@ -193,7 +199,7 @@ def _redundancy_patch(body: dict, sibling: redundancy.Sibling, siblings: list[re
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="volume")
 @kopf.on.create(GROUP, VERSION, PLURAL, id="volume")
 @kopf.on.update(GROUP, VERSION, PLURAL, id="volume")
-async def reconcile(body: kopf.Body, logger, **_) -> None:
+async def reconcile(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     started = time.monotonic()
     body = dict(body)
     meta = body["metadata"]
@@ -214,6 +220,8 @@ async def reconcile(body: kopf.Body, logger, **_) -> None:
         await refresh_redundancy(meta["namespace"], body["spec"]["app"])
         message = get_condition((await _get(meta["namespace"], meta["name"]) or {}).get("status", {}).get("conditions"), "Placed")
         raise kopf.TemporaryError(f"not placed: {message['message'] if message else 'no host'}; retrying", delay=30)
+    # A restore or fork fills the directory before there is a claim a Machine could mount.
+    await restore.ensure_data(await _get(meta["namespace"], meta["name"]) or body, host, memo, logger)
     pv, pvc = await _ensure_objects(body, host)
     resized = await _grow(body, pv)
     pvc = await _wait_bound(meta["namespace"], pvc["metadata"]["name"], pvc)
@@ -225,6 +233,11 @@ async def reconcile(body: kopf.Body, logger, **_) -> None:
     ]
     if resized:
         updates.append(resized)
+    spec, fresh_status = body["spec"], ((await _get(meta["namespace"], meta["name"])) or body).get("status") or {}
+    updates.append(snapshots.schedule_condition(
+        store_configured=memo.object_store is not None, enabled=spec.get("scheduledSnapshots", True),
+        interval_hours=spec.get("snapshotIntervalHours", 24), retention_days=spec.get("snapshotRetention", 5),
+        next_at=fresh_status.get("nextSnapshotAt")))
     await _release_if_gone(await _get(meta["namespace"], meta["name"]) or body)
     extra = {"host": host, "persistentVolume": pv["metadata"]["name"], "claim": pvc["metadata"]["name"],
              "path": objects.path_of_pv(pv), "observedGeneration": meta.get("generation")}
@@ -286,7 +299,7 @@ async def _wipe(body: kopf.Body, host: str, path: str, memo: kopf.Memo, logger) 
         kopf.warn(body, reason="DataLeftOnHost", message=left)
         logger.warning(left)
         return
-    home = getattr(memo, "home_namespace", None) or platform.home_namespace()
+    home = home_namespace(memo)
     k = kube()
     wanted = wipe.build_pod(home_namespace=home, namespace=meta["namespace"], volume=meta["name"], uid=meta["uid"],
                             host=host, path=path, image=image)

@@ -362,9 +362,10 @@ def _host_health(b: _Builder) -> None:
     w, host, spec = b.w, b.st["host"], b.spec
     mounts = spec.get("mounts") or []
     stays = (
-        f"its volume {mounts[0]['volume']} is on that host and its data exists only there (kubefly keeps no "
-        f"copies yet), so the machine is not moved: it runs again, with its data, when the host is back; "
-        f"a Machine on a new Volume elsewhere would start with an empty volume"
+        f"its volume {mounts[0]['volume']} is on that host, so the machine is not moved: it runs again, with "
+        f"its data, when the host is back. To run elsewhere now, from the volume's newest stored snapshot: "
+        f"create a Volume with spec.forkFrom: {mounts[0]['volume']} (its status says how old the data is) "
+        f"and a Machine that mounts it"
         if mounts
         else "the machine stays bound to it; to run elsewhere now, delete this Machine and create a new one"
     )

@@ -52,6 +52,8 @@ class VolumeRequest:
     app: str
     region: str
     size_gb: int
+    # A fork's source host, with require_unique_host: the copy goes to other hardware.
+    avoid_host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,10 @@ def free_gb(host: Host, placed: Iterable[PlacedVolume], *, ignore: tuple[str, st
 
 def place(request: VolumeRequest, hosts: Iterable[Host], placed: Iterable[PlacedVolume]) -> Placed | Refused:
     placed = [v for v in placed if (v.namespace, v.name) != (request.namespace, request.name)]
-    in_region = [h for h in hosts if h.region == request.region and h.schedulable]
+    in_region = [h for h in hosts if h.region == request.region and h.schedulable and h.name != request.avoid_host]
     if not in_region:
-        return Refused("NoHostInRegion", f"no ready, schedulable host in region {request.region}")
+        other = f" other than {request.avoid_host} (the source's host; spec.requireUniqueHost)" if request.avoid_host else ""
+        return Refused("NoHostInRegion", f"no ready, schedulable host in region {request.region}{other}")
     free = {h.name: free_gb(h, placed) for h in in_region}
     fitting = [h for h in in_region if free[h.name] >= request.size_gb]
     if not fitting:

@@ -35,7 +35,7 @@ def test_autostop_suspend_is_refused_naming_the_field():
 
 def test_other_defaults():
     volume = VolumeSpec.model_validate({"app": "web", "region": "ams"})
-    assert (volume.size_gb, volume.snapshot_retention, volume.fork_from) == (1, None, None)
+    assert (volume.size_gb, volume.snapshot_retention, volume.snapshot_interval_hours, volume.fork_from) == (1, 5, 24, None)
     assert AppSecretSpec.model_validate({"app": "web", "data": {}}).stage is False
     pg = PostgresClusterSpec.model_validate({"app": "db", "region": "ams"})
     assert (pg.members, pg.version, pg.synchronous, pg.delete_policy, pg.switchover_to) == (3, 15, False, "keepVolumes", None)

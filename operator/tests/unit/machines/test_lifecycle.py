@@ -232,8 +232,8 @@ def test_lost_host_is_reported_with_remedy_and_volume_machine_not_moved():
     m = machine(status={"host": "a1", "region": "ams"}, mounts=[{"volume": "data", "path": "/data"}])
     plan = run(m, host=HostHealth("a1", False, "2026-11-23T11:59:00Z"), volume=vol)
     c = cond(plan, "HostReady")
-    assert c["reason"] == "HostNotReady" and "data exists only there" in c["message"]
-    assert "forkFrom" not in c["message"], "no remedy that would give an empty volume"
+    assert c["reason"] == "HostNotReady" and "runs again, with its data, when the host is back" in c["message"]
+    assert "spec.forkFrom: data" in c["message"], "the remedy that works: a fork from the stored snapshot"
     assert plan.create_pod is None and m["status"]["host"] == "a1"
     assert cond(run(m, host=None, volume=vol), "HostReady")["reason"] == "HostGone"
 

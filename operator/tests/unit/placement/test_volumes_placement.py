@@ -105,3 +105,11 @@ def test_node_to_host():
     assert host_of_node(node()) == Host("n", "ams", 100, True)
     assert not host_of_node(node(ready="Unknown")).schedulable
     assert not host_of_node(node(unschedulable=True)).schedulable
+
+
+def test_a_fork_goes_to_another_host_than_its_source_or_is_refused_naming_it():
+    fork = VolumeRequest("org", "copy", "web", "ams", 10, avoid_host="a1")
+    assert place(fork, HOSTS, []) == Placed("a2")
+    only = [Host("a1", "ams", 100), Host("i1", "iad", 100)]
+    refused = place(fork, only, [])
+    assert isinstance(refused, Refused) and "other than a1" in refused.message and "requireUniqueHost" in refused.message
