@@ -80,7 +80,7 @@ test-kind: venv ## the kind tier only (builds what it needs, deletes its cluster
 	@$(PYTEST_RUN) e2e/kind
 
 # ---- benchmarks (figures in bench/results/*.json, not committed) ---------
-.PHONY: bench-gossip bench-proxy bench-failover bench-machines soak
+.PHONY: bench-gossip bench-proxy bench-failover bench-machines bench-volumes soak
 bench-gossip: venv ## gossip propagation latency at 20/50/100 agents
 	@$(PY) bench/gossip.py
 bench-proxy: os-deps venv ## kubefly proxy vs nginx: throughput and overload
@@ -89,5 +89,7 @@ bench-failover: os-deps venv ## Postgres primary kills under write load
 	@$(PY) bench/failover.py
 bench-machines: tools venv ## 1,000 machines on the local control plane
 	@$(PY) bench/machines.py
+bench-volumes: tools venv ## 1 GiB snapshot, incremental, restore on another host, on kind: bench/results/volumes.json
+	@$(PY) bench/volumes.py $(BENCH_ARGS)
 soak: tools venv ## random faults under traffic on kind for 15 min (SOAK_ARGS='--duration 300 --seed 2'): bench/results/soak.json
 	@$(PY) bench/soak.py $(SOAK_ARGS)
