@@ -79,7 +79,7 @@ def test_deleting_a_machine_keeps_its_volume_and_a_new_machine_reattaches_on_the
     kube.wait_for("reattached", lambda: status(kube.get(namespace, "volume", "keep")).get("attachedMachine") == "db-b")
 
 
-def test_host_loss_keeps_a_volume_machine_on_its_host_and_says_its_data_is_only_there(kube, namespace):
+def test_host_loss_keeps_a_volume_machine_on_its_host_and_names_the_fork_from_its_stored_snapshot(kube, namespace):
     import uuid
 
     region = f"v{uuid.uuid4().hex[:6]}"
@@ -101,7 +101,8 @@ def test_host_loss_keeps_a_volume_machine_on_its_host_and_says_its_data_is_only_
         # The controller-manager's 40 s grace, then the operator's reaction (the issue allows 60 s in all).
         mm = kube.wait_for("host loss reported", lost, timeout=90)
         hr = get_condition(status(mm)["conditions"], "HostReady")
-        assert hr["status"] == "False" and "data exists only there" in hr["message"] and "pinned" in hr["message"]
+        assert hr["status"] == "False" and "runs again, with its data, when the host is back" in hr["message"]
+        assert "spec.forkFrom: pinned" in hr["message"], "the remedy that works: a fork from the stored snapshot"
         assert status(mm)["host"] == host, "a machine bound to a volume is never moved"
         pod = kube.get(namespace, "pod", "db-pinned")
         assert pod is not None and pod["spec"]["nodeName"] == host and not pod["metadata"].get("deletionTimestamp")
