@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,8 @@ class KindCluster:
     name: str
     kubeconfig: Path
     images: dict[str, str] = field(default_factory=dict)
+    # Mapped host ports, fixed when the cluster is made (kind-config.yaml's hostPort plus the offset).
+    _ports: dict[int, int] = field(default_factory=dict, repr=False)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = subprocess.run(
@@ -74,6 +78,8 @@ class KindCluster:
     def host_port(self, container_port: int) -> int:
         """The host port mapped to a node's `container_port` (kind-config.yaml's
         extraPortMappings), as Docker reports it for this cluster's nodes."""
+        if container_port in self._ports:
+            return self._ports[container_port]
         ports = subprocess.run(
             ["docker", "ps", "--filter", f"label=io.x-k8s.kind.cluster={self.name}", "--format", "{{.Ports}}"],
             capture_output=True, text=True, check=True,
@@ -81,5 +87,16 @@ class KindCluster:
         for mapping in ports.replace("\n", ",").split(","):
             host, _, target = mapping.strip().partition("->")
             if target == f"{container_port}/tcp":
-                return int(host.rpartition(":")[2])
+                self._ports[container_port] = int(host.rpartition(":")[2])
+                return self._ports[container_port]
         raise AssertionError(f"no host port maps to {container_port} on cluster {self.name}: {ports!r}")
+
+    def ask(self, host_header: str, timeout: float = 5) -> int:
+        """One GET through the edge proxy's mapped port for `host_header`: its status, 0 when it did not answer."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.host_port(8080)}/", headers={"Host": host_header})
+        try:
+            return urllib.request.urlopen(request, timeout=timeout).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0

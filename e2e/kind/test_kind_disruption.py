@@ -9,8 +9,6 @@ import json
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timedelta, timezone
 
 from .kindlib import RELEASE_NAMESPACE, KindCluster
@@ -311,18 +309,12 @@ def _pause_the_control_plane(kind: KindCluster, namespace: str, seconds: int) ->
     kind.apply(specs, namespace)
     kind.wait_for(f"{', '.join(names)} started", lambda: all(settled(get_machine(kind, namespace, n)) for n in names), timeout=180)
     uids = {n: kind.kubectl("-n", namespace, "get", "pod", n, "-o", "jsonpath={.metadata.uid}").stdout for n in names}
-    url = f"http://127.0.0.1:{kind.host_port(8080)}/"
-    headers = {"Host": f"{app}.{namespace}.{DOMAIN}"}
+    where = f"{app}.{namespace}.{DOMAIN}"
 
     def answer() -> int:
-        try:
-            return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5).status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
+        return kind.ask(where)
 
-    kind.wait_for(f"{url} routed to {app}", lambda: answer() == 200, timeout=120)
+    kind.wait_for(f"{where} routed", lambda: answer() == 200, timeout=120)
     kind.wait_for("an active operator replica", lambda: active_operator(kind), timeout=60)
     results: list[tuple[float, int]] = []
     stop = threading.Event()

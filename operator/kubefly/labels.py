@@ -24,5 +24,11 @@ CHECKS = f"{PREFIX}/checks"
 # Ready then means routable by every proxy and in .internal DNS, not only "containers ready".
 ROUTED = f"{PREFIX}/routed"
 
+# Machine annotation: the host a drain asks the Machine to leave (kubefly host drain); the Machine
+# is stopped there and started anew on another host of its region. Ignored once it is elsewhere.
+MOVE_FROM = f"{PREFIX}/move-from"
+# Node annotation: the drain's state as JSON (kubefly.placement.drain.DrainPlan.summary).
+DRAIN = f"{PREFIX}/drain"
+
 # The standard node label that names a host's region.
 NODE_REGION = "topology.kubernetes.io/region"

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "proxy": "kubefly.proxy.cli:proxy_command",
     "postgres": "kubefly.postgres.cli:postgres_group",
     "secrets": "kubefly.cli.secrets_cmd:secrets_group",
+    "host": "kubefly.cli.host_cmd:host_group",
     "crds": "kubefly.api.crdgen:crds_command",
 }
 

@@ -77,33 +77,15 @@ def wake(key: tuple[str, str]) -> None:
 
 
 @kopf.index("nodes")
-async def hosts(name, labels: dict, spec, status, **_):
+async def hosts(name, body, status, **_):
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    alloc = status.get("allocatable") or {}
-    tainted = any(t.get("effect") in ("NoSchedule", "NoExecute") and not t.get("key", "").startswith("node.kubernetes.io/")
-                  for t in spec.get("taints") or [])
-    return {name: (
-        placement.Host(
-            name=name,
-            region=labels.get(kflabels.NODE_REGION),
-            cpu_millis=_cpu_millis(alloc.get("cpu", "0")),
-            memory_mib=_memory_mib(alloc.get("memory", "0")),
-            pods=int(alloc.get("pods", "0") or 0),
-            ready=ready.get("status") == "True",
-            cordoned=bool(spec.get("unschedulable")) or tainted,
-        ),
-        ready.get("lastTransitionTime"),
-    )}
-
+    return {name: (placement.Host.of_node(body), ready.get("lastTransitionTime"))}
 
 
 @kopf.index(GROUP, VERSION, "machines")
-async def placed_machines(namespace, name, spec, status, **_):
-    host = status.get("host")
-    if not host or status.get("state") == "failed":
-        return None
-    cpu, mem = placement.guest_requests(spec.get("guest"))
-    return {(namespace, name): placement.Placed((namespace, name), f"{namespace}/{spec.get('app')}", host, cpu, mem)}
+async def placed_machines(namespace, name, body, **_):
+    placed = placement.Placed.of_machine(body)
+    return {(namespace, name): placed} if placed else None
 
 
 @kopf.index("pods", labels={kflabels.MANAGED_BY: kflabels.MANAGED_BY_VALUE})
@@ -123,20 +105,6 @@ async def volumes(namespace, name, spec, status, meta, **_):
 @kopf.index(GROUP, VERSION, "appsecrets")
 async def app_secrets(namespace, name, spec, status, **_):
     return {(namespace, spec.get("app")): (name, status.get("secretName"), status.get("digest") or "")}
-
-
-def _cpu_millis(q: str) -> int:
-    q = str(q)
-    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
-
-
-def _memory_mib(q: str) -> int:
-    q = str(q)
-    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024, "k": 1000 / 2**20, "M": 10**6 / 2**20, "G": 10**9 / 2**20}
-    for suffix, factor in units.items():
-        if q.endswith(suffix):
-            return int(float(q[: -len(suffix)]) * factor)
-    return int(int(q) / 2**20)
 
 
 def _one(index, key):
@@ -329,12 +297,15 @@ def _world(machine: dict, *, hosts, placed_machines, machine_pods, volumes, app_
     mounts = spec.get("mounts") or []
     volume = _one(volumes, (key[0], mounts[0]["volume"])) if mounts else None
     secrets, missing = _secrets(spec, key[0], app_secrets)
+    pod = _one(machine_pods, key)
     decision = None
-    if not status.get("host") and (not mounts or (volume and volume.host and volume.claim)):
+    # A machine a drain moves is placed again once its pod on the old host is gone.
+    leave = lifecycle.moving_off(machine) if pod is None else None
+    if (leave or not status.get("host")) and (not mounts or (volume and volume.host and volume.claim)):
         cpu, mem = placement.guest_requests(spec.get("guest"))
         request = placement.Request(key, f"{key[0]}/{spec['app']}", spec["region"], cpu, mem,
                                     volume=mounts[0]["volume"] if mounts else None,
-                                    volume_host=volume.host if volume else None)
+                                    volume_host=volume.host if volume else None, avoid_host=leave)
         taken = {k: p for k, store in placed_machines.items() for p in store}
         taken.update(RESERVED)
         decision = placement.place(request, (h for h, _ in (next(iter(s)) for s in hosts.values())),
@@ -346,7 +317,7 @@ def _world(machine: dict, *, hosts, placed_machines, machine_pods, volumes, app_
               if host_entry else None)
     return lifecycle.World(
         machine, True, verdict.message, datetime.now(timezone.utc),
-        pod=_one(machine_pods, key), host=health, volume=volume, secrets=secrets, secrets_missing=missing,
+        pod=pod, host=health, volume=volume, secrets=secrets, secrets_missing=missing,
         decision=decision, platform=PLATFORM, agents=bool(AGENT_MEMBERS_PORT),
     )
 

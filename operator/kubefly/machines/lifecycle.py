@@ -235,6 +235,7 @@ class _Builder:
         self.st = {k: old[k] for k in OWNED_STATUS if k in old}
         self.st["observedGeneration"] = self.gen
         self.plan = Plan(status=self.st)
+        self.moved_from: str | None = None  # the host this round moved the machine off (a drain)
 
     def cond(self, type_: str, ok: bool, reason: str, message: str) -> None:
         self.st["conditions"] = set_condition(self.st.get("conditions"), type_, ok, reason, message, self.gen, _ts(self.w.now))
@@ -270,6 +271,8 @@ def reconcile(w: World) -> Plan:
         return b.plan
     b.cond("Accepted", True, "SpecValid", "spec is valid")
 
+    if _move(b):
+        return b.plan
     if not st.get("host"):
         if not _place(b):
             return b.plan
@@ -295,6 +298,47 @@ def _stopped(b: _Builder) -> None:
         b.cond("Stopped", True, "Stopped", "stopped: nothing runs")
     else:
         b.cond("Stopped", False, str(state).capitalize(), f"the machine is {state}")
+
+
+def moving_off(machine: dict) -> str | None:
+    """The host a drain asked this Machine to leave, while it is still placed there (labels.MOVE_FROM).
+
+    Only a Machine without a volume moves this way: its volume's data is on that host."""
+    leave = (machine["metadata"].get("annotations") or {}).get(labels.MOVE_FROM)
+    if leave and (machine.get("status") or {}).get("host") == leave and not (machine.get("spec") or {}).get("mounts"):
+        return leave
+    return None
+
+
+def _move(b: _Builder) -> bool:
+    """Asked off its host: stop the machine there, then place it on another host of its region and
+    start a new instance (same name, next version). True: nothing more this round."""
+    w, st = b.w, b.st
+    leave = moving_off(w.machine)
+    if leave is None:
+        return False
+    region = st.get("region") or b.spec["region"]
+    if w.pod is not None:
+        if not w.pod.deleting:
+            b.plan.delete_pod_grace = (b.spec.get("stop") or {}).get("timeoutSeconds", 5)
+            b.log("move", "requested", message=f"leaving host {leave} (drain)")
+            b.event("Normal", "Moving", f"stopping on host {leave} to start again on another host of region {region} (drain)")
+        b.state("replacing")
+        b.cond("Ready", False, "Moving", f"moving off host {leave} (drain): stopping the machine there")
+        return True
+    decision = w.decision
+    if decision is None or not decision.ok:
+        why = decision.message if decision else "waiting for a placement"
+        b.cond("Ready", False, "MoveBlocked", f"cannot move off host {leave} (drain): {why}")
+        if decision is not None and (get_condition(b.old.get("conditions"), "Ready") or {}).get("reason") != "MoveBlocked":
+            b.event("Warning", "MoveBlocked", f"cannot move off host {leave}: {why}")
+        return True
+    st.pop("host", None)
+    st.pop("address", None)
+    st["version"] = int(st.get("version") or 0) + 1
+    st["instanceId"] = instance_id(b.meta["uid"], st["version"])
+    b.moved_from = leave
+    return False
 
 
 def _fail_volume(b: _Builder, reason: str, message: str) -> Plan:
@@ -351,8 +395,13 @@ def _place(b: _Builder) -> bool:
         b.plan.attach_volume = None
         return False
     st["host"], st["region"] = decision.host, spec["region"]
-    b.state("created")
     b.cond("Placed", True, "Placed", decision.message)
+    if b.moved_from:
+        moved = f"moved from host {b.moved_from} to host {decision.host} (drain)"
+        b.event("Normal", "Moved", moved)
+        b.log("move", "moved", message=moved)
+        return True
+    b.state("created")
     b.event("Normal", "Placed", decision.message)
     b.log("launch", "placed", source="user", message=decision.message)
     return True

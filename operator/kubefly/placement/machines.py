@@ -14,8 +14,27 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from kubefly.conditions import is_ready
+from kubefly.labels import NODE_REGION
+
 # Fly's shared vCPU is a 1/16 slice of a core; a performance vCPU is a whole one.
 SHARED_CPU_MILLIS = 1000 // 16
+
+
+def cpu_millis(q: str) -> int:
+    """A Kubernetes CPU quantity ("2", "1500m") in millicores."""
+    q = str(q)
+    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
+
+
+def memory_mib(q: str) -> int:
+    """A Kubernetes memory quantity ("8Gi", "512Mi", bytes) in MiB."""
+    q = str(q)
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024, "k": 1000 / 2**20, "M": 10**6 / 2**20, "G": 10**9 / 2**20}
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return int(float(q[: -len(suffix)]) * factor)
+    return int(int(q) / 2**20)
 
 
 @dataclass(frozen=True)
@@ -28,6 +47,18 @@ class Host:
     ready: bool = True
     cordoned: bool = False
 
+    @classmethod
+    def of_node(cls, node: dict) -> "Host":
+        """A Node as placement sees it: cordoned when unschedulable or tainted by anyone but Kubernetes itself."""
+        meta, spec, status = node["metadata"], node.get("spec") or {}, node.get("status") or {}
+        alloc = status.get("allocatable") or {}
+        tainted = any(t.get("effect") in ("NoSchedule", "NoExecute") and not t.get("key", "").startswith("node.kubernetes.io/")
+                      for t in spec.get("taints") or [])
+        return cls(name=meta["name"], region=(meta.get("labels") or {}).get(NODE_REGION),
+                   cpu_millis=cpu_millis(alloc.get("cpu", "0")), memory_mib=memory_mib(alloc.get("memory", "0")),
+                   pods=int(alloc.get("pods", "0") or 0), ready=is_ready(node),
+                   cordoned=bool(spec.get("unschedulable")) or tainted)
+
 
 @dataclass(frozen=True)
 class Placed:
@@ -39,6 +70,15 @@ class Placed:
     cpu_millis: int
     memory_mib: int
 
+    @classmethod
+    def of_machine(cls, machine: dict) -> "Placed | None":
+        """The room a Machine holds: any placed Machine but a failed one."""
+        meta, spec, status = machine["metadata"], machine.get("spec") or {}, machine.get("status") or {}
+        if not status.get("host") or status.get("state") == "failed":
+            return None
+        cpu, mem = guest_requests(spec.get("guest"))
+        return cls((meta["namespace"], meta["name"]), f"{meta['namespace']}/{spec.get('app')}", status["host"], cpu, mem)
+
 
 @dataclass(frozen=True)
 class Request:
@@ -49,6 +89,7 @@ class Request:
     memory_mib: int
     volume: str | None = None  # name of the mounted volume, if any
     volume_host: str | None = None
+    avoid_host: str | None = None  # the host a moving machine leaves (a drain)
 
 
 @dataclass(frozen=True)
@@ -85,6 +126,12 @@ def place(request: Request, hosts: Iterable[Host], placed: Iterable[Placed], clo
                 None, "VolumeHostGone",
                 f"volume {request.volume}'s host {request.volume_host} is not a host of region {request.region} any more",
             )
+
+    if request.avoid_host is not None:
+        in_region = [h for h in in_region if h.name != request.avoid_host]
+        if not in_region:
+            return Decision(None, "NoOtherHost", f"region {request.region} has no host but {request.avoid_host}, "
+                                                 f"which the machine is leaving: add a host to the region")
 
     used_cpu: Counter[str] = Counter()
     used_mem: Counter[str] = Counter()

@@ -382,3 +382,57 @@ def test_failing_checks_gate_readiness_and_never_restart_the_machine():
     assert "failing: b (tcp 81)" in ready["message"]
     assert plan.delete_pod_grace is None and plan.create_pod is None  # checks never restart the machine
     assert cond(run(m, pod=running), "Ready")["status"] == "True"
+
+
+# ---- a drain moves a machine off its host -------------------------------------------------
+
+
+def started_on_a1():
+    m = machine()
+    plan = run(m, decision=Decision("a1", "Placed", "placed on a1"))
+    run(m, pod=pod_of(plan))
+    assert m["status"]["state"] == "started"
+    return m, pod_of(plan)
+
+
+def test_a_machine_asked_off_its_host_stops_there_then_starts_a_new_instance_elsewhere():
+    m, pod = started_on_a1()
+    first = m["status"]["instanceId"]
+    m["metadata"]["annotations"][labels.MOVE_FROM] = "a1"
+    stopping = run(m, pod=pod)
+    assert stopping.delete_pod_grace == 5 and stopping.create_pod is None
+    assert m["status"]["state"] == "replacing" and cond(stopping, "Ready")["reason"] == "Moving"
+    assert m["status"]["host"] == "a1", "it holds its host until its pod there is gone"
+    # The stop is under way: nothing more is asked.
+    assert run(m, pod=PodView(**{**pod.__dict__, "deleting": True})).delete_pod_grace is None
+    # Gone from a1: placed on a2 and started there, same name, a new instance.
+    moved = run(m, pod=None, host=HostHealth("a2", True, None), decision=Decision("a2", "Placed", "placed on a2"))
+    assert m["status"]["host"] == "a2" and moved.create_pod is not None
+    assert moved.create_pod["metadata"]["name"] == "m1"
+    assert m["status"]["instanceId"] != first and m["status"]["version"] == 2
+    assert m["status"]["state"] == "starting"
+    log = [(e["type"], e["status"]) for e in m["status"]["events"]]
+    assert ("move", "requested") in log and ("move", "moved") in log
+    assert [r for _, r, _ in moved.events] == ["Moved", "Starting"]
+    # Elsewhere now: the annotation naming a1 asks nothing more.
+    again = run(m, pod=pod_of(moved), host=HostHealth("a2", True, None))
+    assert again.delete_pod_grace is None and m["status"]["state"] == "started"
+
+
+def test_a_move_with_no_room_elsewhere_keeps_the_machine_where_it_is_and_says_why():
+    m, pod = started_on_a1()
+    m["metadata"]["annotations"][labels.MOVE_FROM] = "a1"
+    run(m, pod=pod)
+    blocked = run(m, pod=None, decision=Decision(None, "InsufficientCapacity", "no room in region ams: memory short"))
+    assert m["status"]["host"] == "a1" and blocked.create_pod is None
+    assert cond(blocked, "Ready")["reason"] == "MoveBlocked" and "memory short" in cond(blocked, "Ready")["message"]
+    assert [r for _, r, _ in blocked.events] == ["MoveBlocked"]
+    assert run(m, pod=None, decision=Decision(None, "InsufficientCapacity", "no room")).events == [], "said once"
+
+
+def test_a_volume_machine_is_not_moved_by_the_annotation():
+    vol = VolumeView("data", "web", "ams", "a1", "c", "m1", "1")
+    m = machine(status={"host": "a1", "region": "ams", "state": "started"}, mounts=[{"volume": "data", "path": "/data"}],
+                annotations={labels.MOVE_FROM: "a1"})
+    plan = run(m, volume=vol)
+    assert plan.delete_pod_grace is None and m["status"]["host"] == "a1"

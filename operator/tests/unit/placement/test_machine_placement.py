@@ -68,3 +68,10 @@ def test_closed_and_unknown_regions_are_refused():
 def test_pod_limit_counts():
     d = place(req(), [host("a1", pods=1)], [Placed(("o", "x"), "o/api", "a1", 0, 0)])
     assert d.reason == "InsufficientCapacity" and "pod limit" in d.message
+
+
+def test_a_moving_machine_goes_anywhere_in_its_region_but_the_host_it_leaves():
+    hosts = [host("a1", mem=4096), host("a2")]
+    assert place(req(avoid_host="a1"), hosts, []).host == "a2"
+    d = place(req(avoid_host="a1"), [host("a1"), host("i1", region="iad")], [])
+    assert not d.ok and d.reason == "NoOtherHost" and "but a1" in d.message

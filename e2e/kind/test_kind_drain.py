@@ -1,0 +1,102 @@
+"""`kubefly host drain` on kind, as a platform operator runs it, with traffic through the proxy.
+
+A two-machine app answers through the edge proxy's mapped port the whole time;
+its machine on the drained host moves to another ams host (a new instance, the
+same name) and no request fails. A machine with a volume on that host cannot
+move (its data is there): the drain says so in its first round and ends at its
+deadline, leaving it running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+from kubefly import labels
+
+from .kindlib import KindCluster
+from .test_kind_appsecrets import KUBEFLY, settled
+from .test_kind_machines import DOMAIN, machine
+from .test_kind_snapshots import volume, with_volume
+from .test_kind_volumes import get, started_or_mount_failure
+
+
+def cli(kind: KindCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KUBEFLY), *args], capture_output=True, text=True, timeout=240, check=check,
+                          env={**os.environ, "KUBECONFIG": str(kind.kubeconfig)})
+
+
+def ams_hosts(kind: KindCluster) -> list[str]:
+    out = kind.kubectl("get", "nodes", "-l", "topology.kubernetes.io/region=ams", "-o", "jsonpath={.items[*].metadata.name}")
+    return out.stdout.split()
+
+
+def test_drain_moves_a_machine_of_a_two_machine_app_without_a_failed_request_and_says_why_a_volume_machine_stays(
+        kind: KindCluster, namespace: str):
+    kind.apply(volume("drainvol", "drainvol", "ams"), namespace)
+    kind.apply(with_volume(kind, "drainvol-1", "drainvol", "ams", "drainvol"), namespace)
+    host = kind.wait_for("drainvol-1 started", lambda: started_or_mount_failure(kind, namespace, "drainvol-1", 1),
+                         timeout=180)["status"]["host"]
+    others = [h for h in ams_hosts(kind) if h != host]
+    app, names = "drainweb", ("drainweb-1", "drainweb-2")
+    specs = []
+    for name in names:
+        spec = machine(kind, name, "ams")
+        spec["spec"]["app"] = app
+        specs.append(spec)
+    try:
+        # drainweb-1 on the volume machine's host (the others cordoned), drainweb-2 elsewhere.
+        for h in others:
+            cli(kind, "host", "cordon", h)
+        kind.apply(specs[0], namespace)
+        first = kind.wait_for("drainweb-1 started", lambda: settled(m := get(kind, namespace, "machine", names[0]) or {}) and m,
+                              timeout=180)
+        assert first["status"]["host"] == host
+        for h in others:
+            cli(kind, "host", "uncordon", h)
+        cli(kind, "host", "cordon", host)
+        kind.apply(specs[1], namespace)
+        kind.wait_for("drainweb-2 started", lambda: settled(get(kind, namespace, "machine", names[1]) or {}), timeout=180)
+
+        where = f"{app}.{namespace}.{DOMAIN}"
+        kind.wait_for(f"{where} routed", lambda: kind.ask(where) == 200, timeout=120)
+        results: list[int] = []
+        stop = threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                results.append(kind.ask(where))
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=traffic, daemon=True)
+        sender.start()
+        try:
+            out = cli(kind, "host", "drain", host, "--deadline", "40s", check=False)
+            # The moved machine keeps serving after the drain, too.
+            time.sleep(2)
+        finally:
+            stop.set()
+            sender.join()
+        print(f"[kind] drain of {host}:\n{out.stdout}{out.stderr}")
+        failed = [code for code in results if code != 200]
+        print(f"[kind] {len(results)} requests through the proxy during the drain, {len(failed)} failed")
+        assert out.returncode == 1, "the volume machine keeps the host from being drained"
+        blocked = next(ln for ln in out.stdout.splitlines() if f"{namespace}/drainvol-1: blocked" in ln)
+        assert float(blocked.split("s]")[0].strip("[ ")) < 5 and "spec.forkFrom: drainvol" in blocked
+        assert f"{namespace}/drainweb-1: moved to host" in out.stdout
+        moved = get(kind, namespace, "machine", names[0])
+        assert settled(moved) and moved["status"]["host"] != host
+        assert moved["status"]["instanceId"] != first["status"]["instanceId"]
+        assert ("move", "moved") in [(e["type"], e["status"]) for e in moved["status"]["events"]]
+        assert not failed, f"{len(failed)} of {len(results)} requests failed: {sorted(set(failed))}"
+        stays = get(kind, namespace, "machine", "drainvol-1")
+        assert settled(stays) and stays["status"]["host"] == host and stays["status"]["version"] == 1
+        node = json.loads(kind.kubectl("get", "node", host, "-o", "json").stdout)
+        state = json.loads(node["metadata"]["annotations"][labels.DRAIN])
+        assert state["state"] == "timed-out" and any("drainvol-1" in b for b in state["blocked"])
+    finally:
+        for h in (host, *others):
+            cli(kind, "host", "uncordon", h, check=False)

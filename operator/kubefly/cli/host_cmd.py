@@ -1,0 +1,154 @@
+"""`kubefly host cordon|uncordon|drain HOST`: take a host out of placement and empty it.
+
+    kubefly host drain ams-3 --deadline 5m
+
+A host is a Kubernetes Node. Cordon marks it unschedulable: no new Machine or
+Volume is placed there. Drain cordons it, then moves its Machines off, round by
+round, as kubefly.placement.drain plans: a Machine is asked to leave with the
+annotation kubefly.dev/move-from, and the operator stops it there and starts a
+new instance of it on another host of its region. Every change is printed as
+it happens; a Machine that cannot move says why in the first round. The Node's
+kubefly.dev/drain annotation holds the drain's state (draining, drained,
+blocked, timed-out) for anyone to read. Exit status: 0 drained, 1 not drained
+by the deadline (what is left, and why, is printed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import click
+from kubernetes.client.exceptions import ApiException
+
+from kubefly import labels
+from kubefly.conditions import now_rfc3339
+from kubefly.controllers.kubeapi import KubeAPI, core_path, custom_path, load_config
+from kubefly.placement import drain
+from kubefly.placement.machines import Host, Placed
+
+ROUND_S = 1.0
+DURATION = re.compile(r"^(\d+)(s|m|h)?$")
+
+
+def _seconds(value: str) -> float:
+    match = DURATION.match(value.strip())
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a duration: use 90, 90s, 5m or 1h", param_hint="--deadline")
+    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, None: 1}[match[2]]
+
+
+@click.group("host")
+def host_group() -> None:
+    """Cordon, uncordon and drain hosts (Kubernetes Nodes)."""
+
+
+async def _node(api: KubeAPI, host: str) -> dict:
+    node = await api.get(core_path(None, "nodes", host), missing_ok=True)
+    if node is None:
+        names = sorted(n["metadata"]["name"] for n in await api.list(core_path(None, "nodes")))
+        raise click.ClickException(f"there is no host {host}; hosts: {', '.join(names) or 'none'}")
+    return node
+
+
+async def _mark(api: KubeAPI, host: str, *, unschedulable: bool, state: dict | None) -> None:
+    annotation = json.dumps({**state, "updatedAt": now_rfc3339()}, separators=(",", ":")) if state else None
+    await api.patch(core_path(None, "nodes", host),
+                    {"spec": {"unschedulable": unschedulable}, "metadata": {"annotations": {labels.DRAIN: annotation}}})
+
+
+def _run(work) -> None:
+    async def main():
+        api = KubeAPI(load_config())
+        try:
+            return await work(api)
+        except ApiException as exc:
+            raise click.ClickException(f"the API server refused: {exc.status} {exc.reason}: {(exc.body or '')[:300]}")
+        finally:
+            await api.close()
+    asyncio.run(main())
+
+
+@host_group.command("cordon")
+@click.argument("host")
+def cordon(host: str) -> None:
+    """No new Machine or Volume is placed on HOST; what runs there stays."""
+    async def work(api: KubeAPI):
+        await _node(api, host)
+        await _mark(api, host, unschedulable=True, state={"state": "cordoned"})
+        click.echo(f"host {host} cordoned")
+    _run(work)
+
+
+@host_group.command("uncordon")
+@click.argument("host")
+def uncordon(host: str) -> None:
+    """HOST takes new Machines and Volumes again."""
+    async def work(api: KubeAPI):
+        await _node(api, host)
+        await _mark(api, host, unschedulable=False, state=None)
+        click.echo(f"host {host} uncordoned")
+    _run(work)
+
+
+async def _round(api: KubeAPI, host: str) -> tuple[drain.DrainPlan, list[dict]]:
+    nodes = await api.list(core_path(None, "nodes"))
+    machines = await api.list(custom_path(None, "machines"))
+    views = [drain.MachineView.of(m) for m in machines]
+    placed = [p for p in (Placed.of_machine(m) for m in machines) if p is not None]
+    return drain.plan(host, views, [Host.of_node(n) for n in nodes], placed), machines
+
+
+async def _set_move(api: KubeAPI, key: tuple[str, str], host: str | None) -> None:
+    await api.patch(custom_path(key[0], "machines", key[1]), {"metadata": {"annotations": {labels.MOVE_FROM: host}}},
+                    missing_ok=True)
+
+
+@host_group.command("drain")
+@click.argument("host")
+@click.option("--deadline", default="5m", show_default=True, help="Give up after this long (90s, 5m, 1h).")
+def drain_command(host: str, deadline: str) -> None:
+    """Cordon HOST and move every Machine off it."""
+    limit = _seconds(deadline)
+
+    async def work(api: KubeAPI):
+        await _node(api, host)
+        started = time.monotonic()
+        await _mark(api, host, unschedulable=True, state={"state": "draining"})
+        click.echo(f"host {host} cordoned; draining (deadline {deadline})")
+        said: dict[tuple[str, str], tuple[str, str]] = {}
+        moved, marked = 0, None
+        while True:
+            p, machines = await _round(api, host)
+            elapsed = time.monotonic() - started
+            for step in p.steps:
+                if said.get(step.machine) != (step.state, step.message):
+                    said[step.machine] = (step.state, step.message)
+                    click.echo(f"[{elapsed:6.1f}s] {step.machine[0]}/{step.machine[1]}: {step.state}: {step.message}")
+                if step.state == "move":
+                    await _set_move(api, step.machine, host)
+            # Moved and routable elsewhere: the request is done; it leaves no annotation behind.
+            for m in machines:
+                v = drain.MachineView.of(m)
+                if v.moving_from == host and v.host != host and v.ready:
+                    await _set_move(api, v.key, None)
+                    moved += 1
+                    said.pop(v.key, None)
+                    click.echo(f"[{elapsed:6.1f}s] {v.namespace}/{v.name}: moved to host {v.host}, routable")
+            summary = {**p.summary(), "moved": moved}
+            if p.done:
+                await _mark(api, host, unschedulable=True, state=summary)
+                click.echo(f"host {host} drained in {elapsed:.1f}s: {moved} machine(s) moved")
+                return
+            if elapsed > limit:
+                await _mark(api, host, unschedulable=True, state={**summary, "state": "timed-out"})
+                left = "\n".join(f"  {ns}/{name}: {s.state}: {s.message}" for s in p.steps for ns, name in [s.machine])
+                raise click.ClickException(f"host {host} not drained after {deadline}; {len(p.steps)} machine(s) left:\n{left}")
+            if summary != marked:
+                await _mark(api, host, unschedulable=True, state=summary)
+                marked = summary
+            await asyncio.sleep(ROUND_S)
+
+    _run(work)

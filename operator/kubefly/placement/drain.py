@@ -1,0 +1,148 @@
+"""Emptying a host (`kubefly host drain`): which of its Machines move now, which wait, which cannot.
+
+A pure function of the host's Machines, their apps' other Machines and the
+region's room. A Machine without a volume moves (kubefly.machines.lifecycle:
+stopped on the host, started as a new instance on another host of its region).
+An app never loses its last routable Machine to the drain: one Machine of an
+app moves at a time, and a Machine whose app has others waits until one of
+them is routable. A Machine is asked to move only when the region
+has room for it now; else the drain says what is short. A Machine with a
+volume is not moved: its data is on this host (migrating a volume is not
+built), and the drain says so at once with what the user can do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kubefly import labels
+from kubefly.placement.machines import Host, Placed, Request, guest_requests, place
+
+POSTGRES_CLUSTER_LABEL = f"{labels.PREFIX}/pg-cluster"
+
+
+@dataclass(frozen=True)
+class MachineView:
+    namespace: str
+    name: str
+    app: str
+    region: str
+    host: str | None
+    ready: bool  # routable: Ready True
+    volume: str | None
+    postgres_cluster: str | None
+    moving_from: str | None  # labels.MOVE_FROM
+    cpu_millis: int
+    memory_mib: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    @property
+    def app_key(self) -> tuple[str, str]:
+        return self.namespace, self.app
+
+    @classmethod
+    def of(cls, machine: dict) -> "MachineView":
+        meta, spec, status = machine["metadata"], machine.get("spec") or {}, machine.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        mounts = spec.get("mounts") or []
+        cpu, mem = guest_requests(spec.get("guest"))
+        return cls(namespace=meta["namespace"], name=meta["name"], app=spec.get("app", ""),
+                   region=spec.get("region", ""), host=status.get("host"), ready=ready,
+                   volume=mounts[0]["volume"] if mounts else None,
+                   postgres_cluster=(meta.get("labels") or {}).get(POSTGRES_CLUSTER_LABEL),
+                   moving_from=(meta.get("annotations") or {}).get(labels.MOVE_FROM), cpu_millis=cpu, memory_mib=mem)
+
+
+@dataclass(frozen=True)
+class Step:
+    machine: tuple[str, str]
+    state: Literal["move", "moving", "waiting", "blocked"]
+    reason: str
+    message: str
+
+
+@dataclass
+class DrainPlan:
+    host: str
+    steps: list[Step] = field(default_factory=list)
+
+    def of(self, state: str) -> list[Step]:
+        return [s for s in self.steps if s.state == state]
+
+    @property
+    def done(self) -> bool:
+        """Nothing of the drain is left on the host (moves under way count until the new instance is routable)."""
+        return not self.steps
+
+    @property
+    def stuck(self) -> bool:
+        """Only blocked steps remain: waiting longer changes nothing until the user acts."""
+        return bool(self.steps) and all(s.state == "blocked" for s in self.steps)
+
+    def summary(self) -> dict:
+        """The Node annotation's value (labels.DRAIN), without the time (the caller stamps it)."""
+        counts = {state: len(self.of(state)) for state in ("move", "moving", "waiting", "blocked")}
+        state = "drained" if self.done else "blocked" if self.stuck else "draining"
+        return {"state": state, "machinesLeft": len(self.steps), **counts,
+                "blocked": [f"{ns}/{name}: {s.message}" for s in self.of("blocked") for ns, name in [s.machine]][:20]}
+
+
+def _blocked_volume(m: MachineView, host: str) -> Step:
+    if m.postgres_cluster:
+        message = (f"member of PostgresCluster {m.postgres_cluster}: its volume {m.volume} is on host {host} and a member "
+                   f"moves only with its data (volume migration and a planned switchover are not built yet); "
+                   f"add a member elsewhere and remove this one, or stop it")
+        return Step(m.key, "blocked", "PostgresMember", message)
+    message = (f"mounts volume {m.volume}, whose data is on host {host}: moving a volume is not built yet; "
+               f"stop the machine (spec.state: stopped) to drain the host, or fork the volume "
+               f"(a Volume with spec.forkFrom: {m.volume}) and start a machine on the fork")
+    return Step(m.key, "blocked", "VolumeOnHost", message)
+
+
+def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list[Placed]) -> DrainPlan:
+    """The next round of a drain of `host`: every Machine on it (or moving off it) gets one step."""
+    out = DrainPlan(host)
+    by_app: dict[tuple[str, str], list[MachineView]] = {}
+    for m in machines:
+        by_app.setdefault(m.app_key, []).append(m)
+    # A move is under way until its new instance is routable on another host.
+    in_flight = {m.app_key for m in machines if m.moving_from == host and (m.host == host or not m.ready)}
+    reserved = list(placed)
+    for m in sorted(machines, key=lambda m: m.key):
+        if m.moving_from == host and m.host != host and not m.ready:
+            where = f"on host {m.host}" if m.host else "waiting for a host"
+            out.steps.append(Step(m.key, "moving", "Starting", f"moved off {host}: starting {where}"))
+            continue
+        if m.host != host:
+            continue
+        if m.volume:
+            out.steps.append(_blocked_volume(m, host))
+            continue
+        if m.moving_from == host:
+            out.steps.append(Step(m.key, "moving", "Stopping", f"stopping on host {host}"))
+            continue
+        others = [o for o in by_app[m.app_key] if o.key != m.key]
+        if m.app_key in in_flight:
+            out.steps.append(Step(m.key, "waiting", "OneAtATime",
+                                  f"app {m.app} moves one machine at a time: waiting for the one under way to be routable"))
+            continue
+        # Another routable machine of the app serves while this one moves (one at a time, above).
+        if m.ready and others and not any(o.ready for o in others):
+            out.steps.append(Step(m.key, "waiting", "LastRoutable",
+                                  f"app {m.app} has no other routable machine: waiting for one, so the app is never "
+                                  f"without one"))
+            continue
+        decision = place(Request(m.key, f"{m.namespace}/{m.app}", m.region, m.cpu_millis, m.memory_mib, avoid_host=host),
+                         hosts, reserved)
+        if not decision.ok:
+            out.steps.append(Step(m.key, "blocked", decision.reason, decision.message))
+            continue
+        # Its room elsewhere is taken for the rest of this round, as the placement will take it.
+        reserved.append(Placed(m.key, f"{m.namespace}/{m.app}", decision.host, m.cpu_millis, m.memory_mib))
+        in_flight.add(m.app_key)
+        out.steps.append(Step(m.key, "move", "Placed", f"moving to host {decision.host}"))
+    return out

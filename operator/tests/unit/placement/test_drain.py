@@ -1,0 +1,93 @@
+"""The drain planner: what moves off a host now, what waits for its app, what cannot move and why."""
+
+from kubefly import labels
+from kubefly.placement.drain import MachineView, plan
+from kubefly.placement.machines import Host, Placed
+
+
+def host(name, region="ams", mem=1024):
+    return Host(name, region, 4000, mem, 110)
+
+
+def m(name, app="web", on="a1", ready=True, volume=None, pg=None, moving=None, mem=256):
+    return MachineView("o", name, app, "ams", on, ready, volume, pg, moving, 62, mem)
+
+
+def placed(*ms):
+    return [Placed(x.key, f"o/{x.app}", x.host, x.cpu_millis, x.memory_mib) for x in ms if x.host]
+
+
+def states(p):
+    return {s.machine[1]: (s.state, s.reason) for s in p.steps}
+
+
+HOSTS = [host("a1"), host("a2"), host("a3")]
+
+
+def test_stateless_machines_of_different_apps_move_at_once_one_per_app():
+    ms = [m("w1"), m("w2"), m("api1", app="api"), m("w3", on="a2")]
+    p = plan("a1", ms, HOSTS, placed(*ms))
+    assert states(p) == {"w1": ("move", "Placed"), "w2": ("waiting", "OneAtATime"), "api1": ("move", "Placed")}
+    assert not p.done and p.summary()["state"] == "draining" and p.summary()["machinesLeft"] == 3
+
+
+def test_the_next_machine_of_an_app_moves_once_the_first_is_routable_elsewhere():
+    first = [m("w1", moving="a1", on="a2", ready=False), m("w2")]
+    assert states(plan("a1", first, HOSTS, placed(*first)))["w2"] == ("waiting", "OneAtATime")
+    assert states(plan("a1", first, HOSTS, placed(*first)))["w1"] == ("moving", "Starting")
+    routable = [m("w1", moving="a1", on="a2", ready=True), m("w2")]
+    p = plan("a1", routable, HOSTS, placed(*routable))
+    assert states(p) == {"w2": ("move", "Placed")}, "a moved, routable machine is done"
+
+
+def test_an_app_with_all_its_machines_on_the_host_moves_them_one_by_one_the_rest_serving():
+    ms = [m("w1"), m("w2")]
+    assert states(plan("a1", ms, HOSTS, placed(*ms))) == {"w1": ("move", "Placed"), "w2": ("waiting", "OneAtATime")}
+
+
+def test_an_app_whose_other_machines_are_not_routable_keeps_this_one_until_one_is():
+    ms = [m("w1"), m("w2", on="a2", ready=False)]
+    assert states(plan("a1", ms, HOSTS, placed(*ms)))["w1"] == ("waiting", "LastRoutable")
+    # A single-machine app cannot avoid a gap: it moves (as on Fly).
+    solo = [m("solo", app="one")]
+    assert states(plan("a1", solo, HOSTS, placed(*solo)))["solo"] == ("move", "Placed")
+    # A machine that is not routable anyway moves at once.
+    down = [m("w1", ready=False), m("w2", on="a2", ready=False)]
+    assert states(plan("a1", down, HOSTS, placed(*down)))["w1"] == ("move", "Placed")
+
+
+def test_volume_machines_and_postgres_members_are_blocked_at_once_with_what_to_do():
+    ms = [m("v1", volume="data"), m("pg-0", app="db", volume="pg-0", pg="pg")]
+    p = plan("a1", ms, HOSTS, placed(*ms))
+    assert states(p) == {"v1": ("blocked", "VolumeOnHost"), "pg-0": ("blocked", "PostgresMember")}
+    msgs = {s.machine[1]: s.message for s in p.steps}
+    assert "spec.forkFrom: data" in msgs["v1"] and "spec.state: stopped" in msgs["v1"]
+    assert "PostgresCluster pg" in msgs["pg-0"]
+    assert p.stuck and p.summary()["state"] == "blocked" and len(p.summary()["blocked"]) == 2
+
+
+def test_no_room_in_the_region_blocks_with_what_is_short_and_room_is_counted_across_one_round():
+    ms = [m("big1", app="a", mem=700), m("big2", app="b", mem=700)]
+    p = plan("a1", ms, [host("a1"), host("a2")], placed(*ms))
+    assert states(p)["big1"] == ("move", "Placed")
+    assert states(p)["big2"][0] == "blocked" and states(p)["big2"][1] == "InsufficientCapacity"
+    assert "memory" in next(s.message for s in p.steps if s.machine[1] == "big2")
+    alone = [m("w1")]
+    p = plan("a1", alone, [host("a1"), host("i1", region="iad")], placed(*alone))
+    assert states(p)["w1"] == ("blocked", "NoOtherHost")
+
+
+def test_an_empty_host_is_drained_and_machines_elsewhere_are_not_touched():
+    ms = [m("w1", on="a2"), m("w2", on="a3")]
+    p = plan("a1", ms, HOSTS, placed(*ms))
+    assert p.done and p.summary()["state"] == "drained" and p.summary()["machinesLeft"] == 0
+
+
+def test_a_view_reads_the_machine_object():
+    obj = {"metadata": {"namespace": "o", "name": "pg-1", "labels": {"kubefly.dev/pg-cluster": "pg"},
+                        "annotations": {labels.MOVE_FROM: "a1"}},
+           "spec": {"app": "db", "region": "ams", "mounts": [{"volume": "pg-1", "path": "/data"}],
+                    "guest": {"memoryMb": 512}},
+           "status": {"host": "a1", "conditions": [{"type": "Ready", "status": "True"}]}}
+    v = MachineView.of(obj)
+    assert (v.host, v.ready, v.volume, v.postgres_cluster, v.moving_from, v.memory_mib) == ("a1", True, "pg-1", "pg", "a1", 512)
