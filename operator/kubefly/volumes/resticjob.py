@@ -59,9 +59,10 @@ def ensure_repository() -> None:
         raise JobError(f"cannot open or create the repository: {_tail(made.stderr)}")
 
 
-def _summary(proc: subprocess.CompletedProcess) -> dict:
-    # restic exits 3 when some files could not be read: the copy would be silently partial.
-    if proc.returncode != 0:
+def _summary(proc: subprocess.CompletedProcess, partial_ok: bool = False) -> dict:
+    # restic exits 3 when some files could not be read: the copy would be silently partial. Only the
+    # live pass before a frozen one may be (a running Machine's files come and go as it is read).
+    if proc.returncode != 0 and not (partial_ok and proc.returncode == 3):
         raise JobError(f"restic backup failed (exit {proc.returncode}): {_tail(proc.stderr)}")
     for line in reversed(proc.stdout.splitlines()):
         try:
@@ -69,18 +70,19 @@ def _summary(proc: subprocess.CompletedProcess) -> dict:
         except ValueError:
             continue
         if msg.get("message_type") == "summary":
-            return msg
+            return {**msg, "kubefly_partial": proc.returncode == 3}
     raise JobError("restic backup printed no summary")
 
 
-def _backup(directory: str, host_id: str, tag: str, parent: str | None = None, timeout: float | None = None) -> dict:
+def _backup(directory: str, host_id: str, tag: str, parent: str | None = None, timeout: float | None = None,
+            partial_ok: bool = False) -> dict:
     args = ["backup", "--json", "--host", host_id, "--tag", tag]
     if parent:
         args += ["--parent", parent]
     # The directory itself, named from its parent: the copy keeps the volume's own owner and mode,
     # and an empty volume is still a copy (restic refuses a snapshot of nothing, as "." would be).
     top = Path(directory).resolve()
-    return _summary(_restic(*args, top.name, cwd=str(top.parent), timeout=timeout))
+    return _summary(_restic(*args, top.name, cwd=str(top.parent), timeout=timeout), partial_ok)
 
 
 # ---- the freezer --------------------------------------------------------------
@@ -134,8 +136,8 @@ class Freezer:
 def backup(directory: str, host_id: str, tag: str, freeze_pod: str | None, cgroup_root: str | None) -> dict:
     ensure_repository()
     started = time.monotonic()
-    first = _backup(directory, host_id, tag)
     freezer = Freezer.find(cgroup_root, freeze_pod) if freeze_pod and cgroup_root else None
+    first = _backup(directory, host_id, tag, partial_ok=freezer is not None)
     result = {"consistency": "stopped" if not freeze_pod else "live", "frozenSeconds": 0.0}
     final = first
     if freezer is not None:
@@ -146,6 +148,9 @@ def backup(directory: str, host_id: str, tag: str, freeze_pod: str | None, cgrou
             final = _backup(directory, host_id, tag, parent=first["snapshot_id"], timeout=FREEZE_LIMIT_S)
             result["consistency"] = "crash-consistent"
         except subprocess.TimeoutExpired:
+            if first.get("kubefly_partial"):
+                raise JobError(f"the frozen pass took over {FREEZE_LIMIT_S:.0f} s and the live pass missed files "
+                               "that changed while it read them: no complete copy") from None
             result["note"] = f"the frozen pass took over {FREEZE_LIMIT_S:.0f} s: kept the live pass"
         finally:
             freezer.thaw()
