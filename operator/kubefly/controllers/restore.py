@@ -47,6 +47,15 @@ async def _hold(body: dict, reason: str, message: str, delay: float) -> None:
     raise kopf.TemporaryError(message, delay=delay)
 
 
+async def _refuse_foreign(body: dict, field: str, *, app: str, region: str, size_gb: int, what: str) -> None:
+    """Hold, naming `field`, when the source is another app's, another region's, or larger than this Volume."""
+    spec = body["spec"]
+    refused = snapshots.check_source(app=spec["app"], region=spec["region"], size_gb=spec["sizeGb"], source_app=app,
+                                     source_region=region, source_size_gb=size_gb, what=what)
+    if refused:
+        await _hold(body, refused.reason, f"{field}: {refused.message}", 30)
+
+
 async def _copies(namespace: str) -> list[snapshots.StoredCopy]:
     found = [snapshots.StoredCopy.of(s) for s in await kube().list(custom_path(namespace, "snapshots"))]
     return [c for c in found if c is not None]
@@ -60,11 +69,8 @@ async def _fork_copy(body: dict) -> snapshots.StoredCopy:
     if src is None:
         await _hold(body, "SourceNotFound", f"spec.forkFrom: there is no Volume {source} in namespace {ns}", 10)
     sspec, sstatus = src["spec"], src.get("status") or {}
-    refused = snapshots.check_source(app=spec["app"], region=spec["region"], size_gb=spec["sizeGb"],
-                                     source_app=sspec["app"], source_region=sspec["region"],
-                                     source_size_gb=sspec.get("sizeGb", 1), what=f"volume {source}")
-    if refused:
-        await _hold(body, refused.reason, f"spec.forkFrom: {refused.message}", 30)
+    await _refuse_foreign(body, "spec.forkFrom", app=sspec["app"], region=sspec["region"],
+                          size_gb=sspec.get("sizeGb", 1), what=f"volume {source}")
     fresh_name = f"{meta['name'][:40]}-fork-{meta['uid'][:8]}"
     fresh = await kube().get(custom_path(ns, "snapshots", fresh_name), missing_ok=True)
     host_up = bool(sstatus.get("host")) and is_ready(await kube().get(core_path(None, "nodes", sstatus["host"]), missing_ok=True))
@@ -99,10 +105,8 @@ async def _snapshot_copy(body: dict) -> snapshots.StoredCopy:
             await _hold(body, "SnapshotFailed", f"spec.restoreFrom: snapshot {name} failed ({st.get('message')}): "
                                                 f"nothing to restore; create the Volume from another snapshot", 30)
         await _hold(body, "SnapshotPending", f"spec.restoreFrom: snapshot {name} is still being taken", 2)
-    refused = snapshots.check_source(app=spec["app"], region=spec["region"], size_gb=spec["sizeGb"], source_app=copy.app,
-                                     source_region=copy.region, source_size_gb=copy.size_gb, what=f"snapshot {name}")
-    if refused:
-        await _hold(body, refused.reason, f"spec.restoreFrom: {refused.message}", 30)
+    await _refuse_foreign(body, "spec.restoreFrom", app=copy.app, region=copy.region, size_gb=copy.size_gb,
+                          what=f"snapshot {name}")
     return copy
 
 
