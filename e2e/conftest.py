@@ -50,6 +50,8 @@ class Kube:
     release: str = RELEASE
     release_namespace: str = RELEASE_NAMESPACE
     service_account: str = SERVICE_ACCOUNT
+    # Where the kube-apiserver (a local process here) calls the session operator's Volume webhook.
+    webhook_port: int = 0
 
     @property
     def kubeconfig(self) -> Path:
@@ -100,13 +102,16 @@ def kube() -> Kube:
         cluster.up()
     except ClusterUnavailable as exc:
         pytest.fail(f"the local control plane could not start: {exc}", pytrace=False)
-    kube = Kube(cluster)
+    kube = Kube(cluster, webhook_port=free_port())
     # The platform is installed the way users install it: the chart (CRDs, RBAC,
     # ServiceAccounts, the agent DaemonSet, simulated here); the operator runs as
     # a local process (fixture `operator`), agents too where a test needs them.
+    # The API server runs on this machine too: it calls the operator's Volume
+    # admission webhook at 127.0.0.1 (the chart's operator.webhook.url).
     kube.helm(
         "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
         "--create-namespace", "--set", "operator.enabled=false", "--set", "agent.enabled=true",
+        "--set", f"operator.webhook.url=https://127.0.0.1:{kube.webhook_port}/validate/volumes",
         "--wait", "--timeout", "120s",
     )
     kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
@@ -136,6 +141,9 @@ class OperatorProcess:
     # Its name in the leadership Lease: kept across restart(), as a pod's is across container restarts,
     # so a restarted operator takes its own Lease back at once.
     identity: str = "session-operator"
+    # Its admission webhook's port: the one the chart registered for the session operator,
+    # else a free one (kept across restart()); every process shares the certificate's Secret.
+    webhook_port: int = 0
     process: subprocess.Popen | None = None
 
     @property
@@ -154,11 +162,14 @@ class OperatorProcess:
 
         self.kube.cluster.service_account_kubeconfig(RELEASE_NAMESPACE, SERVICE_ACCOUNT, self.kubeconfig)
         health, metrics = free_port(), free_port()
+        self.webhook_port = self.webhook_port or free_port()
         self.health_url = f"http://127.0.0.1:{health}/healthz"
         self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        webhook = [f"--webhook-port={self.webhook_port}", "--webhook-host=127.0.0.1",
+                   f"--webhook-secret={RELEASE}-webhook-tls", f"--webhook-config={RELEASE}-volumes"]
         self.process = subprocess.Popen(
             [str(KUBEFLY), "operator", f"--leader-identity={self.identity}",
-             f"--health-port={health}", f"--metrics-port={metrics}", *self.extra_args],
+             f"--health-port={health}", f"--metrics-port={metrics}", *webhook, *self.extra_args],
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
@@ -218,6 +229,6 @@ def standby_operator(kube: Kube, operator: OperatorProcess, tmp_path):
 @pytest.fixture(scope="session")
 def operator(kube: Kube, tmp_path_factory):
     """The operator for the whole session; tests may kill() and restart() it."""
-    handle = OperatorProcess(kube, tmp_path_factory.mktemp("operator")).start()
+    handle = OperatorProcess(kube, tmp_path_factory.mktemp("operator"), webhook_port=kube.webhook_port).start()
     yield handle
     handle.stop()

@@ -55,6 +55,10 @@ def test_operator_identity_can_do_its_work_and_nothing_more(kube):
     # Its leadership Lease, in its own namespace only.
     assert can("update", "leases.coordination.k8s.io/kubefly-operator", "-n", kube.release_namespace) == "yes"
     assert can("update", "leases.coordination.k8s.io/other", "-n", kube.release_namespace) == "no"
+    # The Volume webhook's own configuration (its caBundle), and no other.
+    hooks = "validatingwebhookconfigurations.admissionregistration.k8s.io"
+    assert can("patch", f"{hooks}/{kube.release}-volumes") == "yes"
+    assert can("patch", f"{hooks}/other") == "no" and can("create", hooks) == "no"
     for verb, resource in [
         ("delete", "nodes"), ("create", "clusterrolebindings"), ("delete", "customresourcedefinitions"),
         ("create", "deployments"), ("delete", "namespaces"), ("escalate", "clusterroles"),

@@ -28,8 +28,18 @@ from kubefly import logs, metrics
     show_default=True,
     help="The operator's own namespace: the sealing key Secret, its public ConfigMap and the Lease live there.",
 )
+@click.option("--webhook-port", default=9443, show_default=True,
+              help="HTTPS port of the Volume admission webhook, served by every replica (leader or not); 0: none.")
+@click.option("--webhook-secret", default="kubefly-webhook-tls", show_default=True,
+              help="The Secret (home namespace) holding the webhook's CA and certificate, shared by all replicas.")
+@click.option("--webhook-config", default="", help="The ValidatingWebhookConfiguration whose caBundle to keep "
+              "equal to the webhook's CA (the chart's); empty: none.")
+@click.option("--webhook-service", default="", help="The Service in front of the webhook: its DNS names go in the certificate.")
+@click.option("--webhook-host", "webhook_hosts", multiple=True,
+              help="Another name or IP address the API server dials the webhook at (an operator outside the cluster: 127.0.0.1).")
 @click.option("--log-level", default="INFO", show_default=True)
-def operator_command(namespaces, metrics_port, health_port, lease, leader_identity, standalone, home_namespace, log_level):
+def operator_command(namespaces, metrics_port, health_port, lease, leader_identity, standalone, home_namespace,
+                     webhook_port, webhook_secret, webhook_config, webhook_service, webhook_hosts, log_level):
     """Run the kubefly operator (Kopf); with replicas, only the holder of the leadership Lease."""
     import kopf
     import uvloop
@@ -39,6 +49,7 @@ def operator_command(namespaces, metrics_port, health_port, lease, leader_identi
 
     logs.configure(log_level, component="operator")
     metrics.serve(metrics_port)
+    webhook = _start_webhook(webhook_port, home_namespace, webhook_secret, webhook_config, webhook_service, webhook_hosts)
     elector = None
     if not standalone:
         from kubefly.controllers import kubeapi, leadership
@@ -63,12 +74,25 @@ def operator_command(namespaces, metrics_port, health_port, lease, leader_identi
         # Read once here: where Volume snapshots go (the chart's objectStore values; None: nowhere).
         memo=kopf.Memo(home_namespace=home_namespace, object_store=ObjectStore.from_env()),
     )
+    if webhook is not None:
+        webhook.stop()
     if elector is not None:
         elector.stop()
         try:
             elector.api.release(leader_identity, 2.0)
         except Exception:  # the next leader then waits for the Lease to expire, as after a crash
             pass
+
+
+def _start_webhook(port, namespace, secret, config, service, hosts):
+    """The Volume admission webhook, before the election: every replica answers it (admission/server.py)."""
+    if not port:
+        return None
+    from kubefly.admission.server import AdmissionWebhook
+
+    names = [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"] if service else []
+    names = [*names, *hosts] or ["localhost", "127.0.0.1"]
+    return AdmissionWebhook(port=port, namespace=namespace, secret=secret, config=config or None, hosts=names).start()
 
 
 def _restart_as_candidate() -> None:
