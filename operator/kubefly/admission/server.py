@@ -22,6 +22,7 @@ import ssl
 import threading
 from datetime import datetime, timezone
 
+import aiohttp
 import structlog
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
@@ -41,6 +42,8 @@ WEBHOOK_CONFIGS = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfig
 # Below the webhook's timeoutSeconds (the chart's, 5 s): an answer, rather than the API server giving up.
 LOOKUP_TIMEOUT_S = 3.0
 RESYNC_S = 60.0
+# What an API call may raise: an answer (ApiException), or no answer (aiohttp's own errors are not all OSErrors).
+API_ERRORS = (ApiException, OSError, asyncio.TimeoutError, aiohttp.ClientError)
 
 
 class AdmissionWebhook:
@@ -87,7 +90,7 @@ class AdmissionWebhook:
             while self._bundle is None:
                 try:
                     await self._refresh_certificate()
-                except (ApiException, OSError, asyncio.TimeoutError) as exc:
+                except API_ERRORS as exc:
                     log.warning("cannot set up the webhook certificate yet; retrying", error=str(exc),
                                 secret=f"{self.namespace}/{self.secret}")
                     if await self._sleep(5):
@@ -107,7 +110,7 @@ class AdmissionWebhook:
                     return
                 try:
                     await self._refresh_certificate()
-                except (ApiException, OSError, asyncio.TimeoutError) as exc:
+                except API_ERRORS as exc:
                     log.warning("cannot re-read the webhook certificate", error=str(exc))
         finally:
             if runner is not None:
@@ -134,7 +137,11 @@ class AdmissionWebhook:
             if why is None:
                 self._use(stored)
                 return
-            hosts = list(dict.fromkeys([*self.hosts, *(stored.hosts() if stored else [])]))
+            try:
+                kept = stored.hosts() if stored else []
+            except ValueError:
+                kept = []
+            hosts = list(dict.fromkeys([*self.hosts, *kept]))
             fresh = tls.issue(hosts, datetime.now(timezone.utc), stored)
             body = {"metadata": {"name": self.secret, "namespace": self.namespace,
                                  "labels": {"app.kubernetes.io/managed-by": "kubefly",
@@ -193,7 +200,7 @@ class AdmissionWebhook:
                                                                     for n in stale]},
                                        content_type="application/strategic-merge-patch+json")
                 log.info("webhook caBundle set", config=self.config, webhooks=stale)
-        except (ApiException, OSError, asyncio.TimeoutError) as exc:
+        except API_ERRORS as exc:
             log.warning("cannot set the webhook caBundle", config=self.config, error=str(exc))
 
     # -- requests --
