@@ -102,9 +102,18 @@ def test_operator_deployment_renders_and_rolls_out(kube):
     assert pod["serviceAccountName"] == kube.service_account
     assert pod["containers"][0]["args"][0] == "operator"
     assert deployment["spec"]["replicas"] == 2
-    # Applied to the real API server, the manifests are valid (server-side dry run).
-    proc = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
+    # Applied to the real API server, the manifests are valid (server-side dry run). The webhook
+    # configuration installed here calls the local operator by url, this one the Service: it is
+    # checked as a new object (applied over the other, a client-side apply would keep both).
+    hooks = [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]
+    rest = [d for d in docs if d["kind"] != "ValidatingWebhookConfiguration"]
+    proc = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(rest), check=False)
     assert proc.returncode == 0, proc.stderr
+    assert [h["webhooks"][0]["clientConfig"]["service"]["name"] for h in hooks] == [f"{kube.release}-operator-webhook"]
+    for hook in hooks:
+        hook["metadata"]["name"] += "-dry-run"
+        proc = kube.kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(hook), check=False)
+        assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.disruptive
