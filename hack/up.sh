@@ -49,6 +49,8 @@ release=kubefly
 ns=kubefly-system
 health_port=${KUBEFLY_HEALTH_PORT:-29180}
 metrics_port=${KUBEFLY_METRICS_PORT:-29190}
+# The Volume admission webhook: the local kube-apiserver calls the local operator here (docs/volumes.md).
+webhook_port=${KUBEFLY_WEBHOOK_PORT:-29143}
 mkdir -p "$state"
 say() { printf '[up] %s\n' "$*"; }
 
@@ -57,7 +59,8 @@ export KUBECONFIG=$kubeconfig
 
 say "installing the chart (CRDs, RBAC, ServiceAccount; the operator runs locally)"
 helm upgrade --install "$release" charts/kubefly --namespace "$ns" --create-namespace \
-  --set operator.enabled=false --wait --timeout 120s >/dev/null
+  --set operator.enabled=false --set "operator.webhook.url=https://127.0.0.1:$webhook_port/validate/volumes" \
+  --wait --timeout 120s >/dev/null
 
 if [ -f "$state/operator.pid" ] && kill -0 "$(cat "$state/operator.pid")" 2>/dev/null; then
   say "stopping the previous operator (pid $(cat "$state/operator.pid"))"
@@ -66,7 +69,9 @@ fi
 $PY -m kubefly.devcluster sa-kubeconfig --namespace "$ns" --service-account "$release" \
   --out "$state/operator.kubeconfig" >/dev/null
 KUBECONFIG="$state/operator.kubeconfig" setsid nohup .venv/bin/kubefly operator \
-  --health-port "$health_port" --metrics-port "$metrics_port" >>"$state/operator.log" 2>&1 < /dev/null &
+  --health-port "$health_port" --metrics-port "$metrics_port" --webhook-port "$webhook_port" \
+  --webhook-host 127.0.0.1 --webhook-config "$release-volumes" --webhook-secret "$release-webhook-tls" \
+  >>"$state/operator.log" 2>&1 < /dev/null &
 echo $! > "$state/operator.pid"
 
 for _ in $(seq 60); do
