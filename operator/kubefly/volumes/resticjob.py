@@ -1,7 +1,7 @@
 """What a snapshot, restore or forget pod runs: restic against a Volume's repository.
 
     python -m kubefly.volumes.resticjob backup  DIR --host-id ID --tag TAG [--freeze-pod UID --cgroup-root DIR]
-    python -m kubefly.volumes.resticjob restore DIR --snapshot ID
+    python -m kubefly.volumes.resticjob restore DIR (--snapshot ID | --wait-for-tag TAG) [--since ID]
     python -m kubefly.volumes.resticjob forget  --snapshot ID
 
 The repository, its key and the store's credentials come from the environment
@@ -16,6 +16,14 @@ the copy is of one instant of the whole directory, as a crash would leave it
 lasts as long as the delta takes). A second pass that would hold the freeze
 past FREEZE_LIMIT_S is stopped, the pod thawed, and the live first pass kept
 and reported as such.
+
+A restore `--since` an older copy already in the directory (a migration's
+second pass) brings only what changed between the two: `restic diff` names
+the paths, removed ones are deleted, changed ones restored by name. restic
+0.14 cannot skip unchanged files in a whole restore, and reading a 1 GiB copy
+again is what the machine's downtime would wait on. For the same reason that
+pod can start before its copy exists (`--wait-for-tag`): it waits for the
+copy to appear in the repository, so its start is not part of the downtime.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 FREEZE_LIMIT_S = 30.0
@@ -205,6 +214,157 @@ def restore(directory: str, snapshot: str) -> dict:
     return {"snapshotId": snapshot, "bytes": size, "seconds": round(time.monotonic() - started, 3)}
 
 
+# Past this many changed paths one restore of everything is quicker than naming them (and argv stays bounded).
+DELTA_PATH_LIMIT = 2000
+
+
+def _changes(since: str, snapshot: str) -> list[tuple[str, str, bool]]:
+    """(modifier, path below the volume directory, is a directory) for each entry that differs;
+    path '' is the volume directory itself."""
+    proc = _restic("diff", "--json", "--metadata", since, snapshot)
+    if proc.returncode != 0:
+        raise JobError(f"restic diff failed (exit {proc.returncode}): {_tail(proc.stderr)}")
+    out = []
+    for line in proc.stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("message_type") != "change":
+            continue
+        # Paths are /<volume directory>/...: the copy is of the directory by its name. Directories end in /.
+        raw = msg["path"]
+        parts = raw.strip("/").split("/", 1)
+        out.append((msg["modifier"], parts[1] if len(parts) > 1 else "", raw.endswith("/")))
+    return out
+
+
+def _directories(snapshot: str) -> dict[str, dict]:
+    """The copy's directories (path below the volume directory -> restic's node): their owners, modes and times."""
+    proc = _restic("ls", "--json", snapshot)
+    if proc.returncode != 0:
+        raise JobError(f"restic ls failed (exit {proc.returncode}): {_tail(proc.stderr)}")
+    found = {}
+    for line in proc.stdout.splitlines():
+        try:
+            node = json.loads(line)
+        except ValueError:
+            continue
+        if node.get("struct_type") == "node" and node.get("type") == "dir":
+            parts = node["path"].strip("/").split("/", 1)
+            found[parts[1] if len(parts) > 1 else ""] = node
+    return found
+
+
+# Go's os.FileMode keeps setuid, setgid and sticky apart from the permission bits.
+_GO_SPECIAL = ((1 << 23, stat.S_ISUID), (1 << 22, stat.S_ISGID), (1 << 20, stat.S_ISVTX))
+
+
+def _mode(go_mode: int) -> int:
+    return (go_mode & 0o777) | sum(bit for go, bit in _GO_SPECIAL if go_mode & go)
+
+
+def _mtime_ns(text: str) -> int:
+    """restic's RFC 3339 time with nanoseconds, as integer nanoseconds since the epoch."""
+    head, _, rest = text.partition(".")
+    digits = "".join(c for c in rest if c.isdigit()) if rest else ""
+    zone = rest[len(digits):] if rest else head[19:]
+    whole = datetime.fromisoformat(head[:19] + (zone.replace("Z", "+00:00") or "+00:00"))
+    return int(whole.timestamp()) * 1_000_000_000 + int((digits + "000000000")[:9])
+
+
+def _set_directory(path: Path, node: dict) -> None:
+    os.chown(path, int(node.get("uid", 0)), int(node.get("gid", 0)))
+    os.chmod(path, _mode(int(node.get("mode", 0o755))))
+    mtime = _mtime_ns(node["mtime"]) if node.get("mtime") else None
+    if mtime is not None:
+        os.utime(path, ns=(mtime, mtime))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _pattern(top: str, rel: str) -> str:
+    """An include naming exactly one path (restic's patterns are globs)."""
+    escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in rel)
+    return f"/{top}/{escaped}"
+
+
+def restore_delta(directory: str, snapshot: str, since: str) -> dict:
+    """Bring `directory`, holding copy `since`, to copy `snapshot`: only what changed in between.
+
+    Changed files are restored by name into a staging directory and moved into place; a directory
+    is never restored as a whole (that would read its unchanged files too): new ones are made, and
+    every changed one takes its owner, mode and time from the copy, after its entries are in."""
+    started = time.monotonic()
+    target = Path(directory)
+    changes = _changes(since, snapshot)
+    files = sorted({rel for mod, rel, is_dir in changes if not is_dir and rel and mod != "-"})
+    if len(files) > DELTA_PATH_LIMIT:
+        result = restore(directory, snapshot)
+        return {**result, "delta": False, "changedPaths": len(changes), "seconds": round(time.monotonic() - started, 3)}
+    # Deepest first, so a removed directory's entries go before it does.
+    for rel in sorted((rel for mod, rel, _ in changes if mod == "-" and rel), key=lambda r: -r.count("/")):
+        _remove(target / rel)
+    # A file that became a directory: restic lists the directory alone, so it comes back whole.
+    # Modifiers combine ("TU": type and metadata).
+    whole = sorted(rel for mod, rel, is_dir in changes if is_dir and "T" in mod and rel)
+    dirs = sorted({rel for mod, rel, is_dir in changes if is_dir and mod != "-" and "T" not in mod},
+                  key=lambda r: (r.count("/"), r))
+    for rel in dirs:
+        dest = target / rel
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            _remove(dest)  # a file that became a directory
+        dest.mkdir(parents=True, exist_ok=True)
+    staging = target / ".kubefly-restore"
+    _remove(staging)
+    if files or whole:
+        top = target.resolve().name
+        includes = [arg for rel in files + whole for arg in ("--include", _pattern(top, rel))]
+        proc = _restic("restore", snapshot, "--target", str(staging), *includes)
+        if proc.returncode != 0:
+            raise JobError(f"restic restore failed (exit {proc.returncode}): {_tail(proc.stderr)}")
+        for rel in files:
+            source, dest = staging / top / rel, target / rel
+            if dest.is_dir() and not dest.is_symlink():
+                _remove(dest)  # a directory that became a file
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, dest)
+        for rel in whole:
+            _remove(target / rel)
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / top / rel, target / rel)
+        _remove(staging)
+    if dirs or whole:
+        nodes = _directories(snapshot)
+        for rel in sorted(dirs + whole, key=lambda r: -r.count("/")):
+            if rel in nodes:
+                _set_directory(target / rel if rel else target, nodes[rel])
+    return {"snapshotId": snapshot, "since": since, "delta": True, "changedPaths": len(changes), "files": len(files),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+WAIT_POLL_S = 0.25
+
+
+def wait_for_tag(tag: str, timeout: float) -> str:
+    """The id of the copy tagged `tag`, once another pod has made it (read without a lock, as often as cheap)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = _restic("--no-lock", "snapshots", "--json", "--tag", tag)
+        if proc.returncode == 0:
+            found = json.loads(proc.stdout or "[]")
+            if found:
+                return max(found, key=lambda s: s.get("time", ""))["id"]
+        if time.monotonic() > deadline:
+            raise JobError(f"no copy tagged {tag} appeared within {timeout:.0f} s")
+        time.sleep(WAIT_POLL_S)
+
+
 def forget(snapshot: str) -> dict:
     started = time.monotonic()
     proc = _restic("forget", "--prune", snapshot)
@@ -233,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cgroup-root")
     r = sub.add_parser("restore")
     r.add_argument("directory")
-    r.add_argument("--snapshot", required=True)
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--snapshot")
+    which.add_argument("--wait-for-tag", help="restore the copy with this tag, waiting for it to be made")
+    r.add_argument("--wait-timeout", type=float, default=600.0)
+    r.add_argument("--since", help="the copy already in DIR: restore only what changed since it")
     f = sub.add_parser("forget")
     f.add_argument("--snapshot", required=True)
     parser.add_argument("--report", default=TERMINATION_LOG)
@@ -242,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.job == "backup":
             result = backup(args.directory, args.host_id, args.tag, args.freeze_pod, args.cgroup_root)
         elif args.job == "restore":
-            result = restore(args.directory, args.snapshot)
+            snapshot = args.snapshot or wait_for_tag(args.wait_for_tag, args.wait_timeout)
+            result = restore_delta(args.directory, snapshot, args.since) if args.since else restore(args.directory, snapshot)
         else:
             result = forget(args.snapshot)
     except (JobError, subprocess.TimeoutExpired) as exc:

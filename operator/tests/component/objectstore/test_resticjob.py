@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -150,3 +151,65 @@ def test_the_final_pass_is_taken_with_the_machine_frozen_so_the_copy_is_of_one_i
                     break
                 except OSError:
                     time.sleep(0.1)
+
+
+def full_tree(root: Path) -> dict[str, tuple]:
+    """Every entry below root with what a migration must carry: content or target, owner, mode, and a
+    directory's mtime (a file's content and mode stand for it)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = ("dir", st.st_mode, st.st_uid, st.st_mtime_ns // 1000)
+        else:
+            out[rel] = ("file", p.read_bytes(), st.st_mode, st.st_uid)
+    top = root.stat()
+    out["."] = ("dir", top.st_mode, top.st_uid)
+    return out
+
+
+def test_a_delta_restore_brings_a_copy_to_the_next_one_reading_only_what_changed(object_store, tmp_path):
+    """A migration's second pass: the target holds copy 1; after it, it equals copy 2 exactly."""
+    repo = f"volumes/ns/mig.{uuid.uuid4().hex}"
+    src = tmp_path / "mig.uid"
+    (src / "pgdata" / "base").mkdir(parents=True)
+    (src / "pgdata" / "base" / "big").write_bytes(os.urandom(16 << 20))
+    (src / "pgdata" / "wal").write_bytes(b"w1")
+    (src / "gone-dir" / "inner").mkdir(parents=True)
+    (src / "gone-dir" / "inner" / "f").write_text("x")
+    (src / "becomes-dir").write_text("file")
+    (src / "odd[1]*?").write_text("glob characters")
+    (src / "same").write_bytes(os.urandom(1 << 20))
+    first = job(object_store, repo, "backup", str(src), "--host-id", "uid", "--tag", "snapshot=m1")
+    target = tmp_path / "target" / "mig.uid"
+    job(object_store, repo, "restore", str(target), "--snapshot", first["snapshotId"])
+
+    (src / "pgdata" / "wal").write_bytes(b"w2-longer")
+    (src / "pgdata" / "new").write_text("added")
+    (src / "fresh" / "deep").mkdir(parents=True)
+    (src / "fresh" / "deep" / "f").write_text("new tree")
+    import shutil
+    shutil.rmtree(src / "gone-dir")
+    (src / "becomes-dir").unlink()
+    (src / "becomes-dir").mkdir()
+    (src / "becomes-dir" / "child").write_text("c")
+    (src / "odd[1]*?").write_text("changed glob")
+    os.chmod(src / "same", 0o600)
+    os.symlink("pgdata/wal", src / "link")
+    os.chmod(src, 0o711)
+    # The restore starts first and waits for the copy, as a migration's second pass does.
+    waiting: dict = {}
+    restorer = threading.Thread(target=lambda: waiting.update(job(
+        object_store, repo, "restore", str(target), "--wait-for-tag", "snapshot=m2", "--since", first["snapshotId"])))
+    restorer.start()
+    time.sleep(1)
+    second = job(object_store, repo, "backup", str(src), "--host-id", "uid", "--tag", "snapshot=m2")
+    restorer.join(timeout=120)
+    delta = waiting
+    assert delta["snapshotId"].startswith(second["snapshotId"])
+    assert delta["delta"] is True and delta["files"] < 10, delta
+    assert not (target / ".kubefly-restore").exists()
+    assert full_tree(target) == full_tree(src)
