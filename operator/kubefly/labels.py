@@ -27,6 +27,9 @@ ROUTED = f"{PREFIX}/routed"
 # Machine annotation: the host a drain asks the Machine to leave (kubefly host drain); the Machine
 # is stopped there and started anew on another host of its region. Ignored once it is elsewhere.
 MOVE_FROM = f"{PREFIX}/move-from"
+# Volume annotation: move this volume (and its machine) off that host (kubefly.volumes.migration). The
+# Machine controller sets it for a volume Machine asked to move-from; a user may set it on a Volume too.
+MIGRATE_FROM = f"{PREFIX}/migrate-from"
 # Node annotation: the drain's state as JSON (kubefly.placement.drain.DrainPlan.summary).
 DRAIN = f"{PREFIX}/drain"
 

@@ -80,6 +80,34 @@ class RestoredFrom(ApiModel):
     duration_seconds: float | None = Field(default=None, ge=0)
 
 
+MigrationPhase = Literal["Copying", "Stopping", "Syncing", "Switching", "Cleaning", "Aborting"]
+
+
+class Migration(ApiModel):
+    """A move of the volume (and its machine) to another host, under way (kubefly.volumes.migration)."""
+
+    source: str = Field(description="The host the data leaves.")
+    target: str = Field(description="The host the data goes to.")
+    phase: MigrationPhase = Field(description="Copying (machine runs), Stopping, Syncing (the delta), Switching "
+                                              "(the claim moves), Cleaning (old copy wiped; machine starts), Aborting.")
+    started_at: datetime
+    stopped_at: datetime | None = Field(default=None, description="When the machine was asked to stop for the last copy.")
+    first_copy: str | None = Field(default=None, description="restic id of the copy made while running.")
+    final_copy: str | None = Field(default=None, description="restic id of the copy made stopped.")
+    reason: str | None = Field(default=None, description="Why it is aborting.")
+    source_path: str | None = Field(default=None, description="The volume's directory on the source host.")
+
+
+class MigrationRecord(ApiModel):
+    source: str
+    target: str
+    started_at: datetime
+    finished_at: datetime
+    downtime_seconds: float | None = Field(default=None, ge=0,
+                                           description="From the machine asked to stop to its claim on the new host.")
+    bytes: int | None = Field(default=None, ge=0)
+
+
 class VolumeStatus(StatusModel):
     host: str | None = Field(default=None, description="The host the volume is pinned to; it never moves by itself.")
     attached_machine: str | None = None
@@ -90,6 +118,8 @@ class VolumeStatus(StatusModel):
     last_snapshot: str | None = Field(default=None, description="The newest Snapshot taken on schedule.")
     last_snapshot_at: datetime | None = None
     next_snapshot_at: datetime | None = Field(default=None, description="When the next scheduled snapshot is due.")
+    migration: Migration | None = Field(default=None, description="A move to another host under way.")
+    last_migration: MigrationRecord | None = None
     size_limit: Literal["not enforced"] | None = Field(
         default=None,
         description="Whether spec.sizeGb bounds the data: 'not enforced', the directory can grow until the host's disk is full.",
@@ -107,6 +137,7 @@ class Volume(Resource):
             PrinterColumn("Limit", ".status.sizeLimit", description="Whether the size bounds the data (not enforced yet)"),
             PrinterColumn("Host", ".status.host"),
             PrinterColumn("Attached", ".status.attachedMachine", description="The machine that mounts it"),
+            PrinterColumn("Migrating", ".status.migration.phase", priority=1, description="A move to another host"),
             AGE,
         ),
         label_safe_name=True,

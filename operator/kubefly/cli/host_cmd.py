@@ -6,7 +6,8 @@ A host is a Kubernetes Node. Cordon marks it unschedulable: no new Machine or
 Volume is placed there. Drain cordons it, then moves its Machines off, round by
 round, as kubefly.placement.drain plans: a Machine is asked to leave with the
 annotation kubefly.dev/move-from, and the operator stops it there and starts a
-new instance of it on another host of its region. Every change is printed as
+new instance of it on another host of its region (a Machine with a volume
+migrates with it: copied while running, stopped, the delta copied). Every change is printed as
 it happens; a Machine that cannot move says why in the first round. The Node's
 kubefly.dev/drain annotation holds the drain's state (draining, drained,
 blocked, timed-out) for anyone to read. Exit status: 0 drained, 1 not drained
@@ -17,27 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 
 import click
-from kubernetes.client.exceptions import ApiException
 
 from kubefly import labels
 from kubefly.conditions import now_rfc3339
-from kubefly.controllers.kubeapi import KubeAPI, core_path, custom_path, load_config
+from kubefly.cli.common import duration, run_api
+from kubefly.controllers.kubeapi import KubeAPI, core_path, custom_path
 from kubefly.placement import drain
 from kubefly.placement.machines import Host, Placed
 
 ROUND_S = 1.0
-DURATION = re.compile(r"^(\d+)(s|m|h)?$")
-
-
-def _seconds(value: str) -> float:
-    match = DURATION.match(value.strip())
-    if not match:
-        raise click.BadParameter(f"{value!r} is not a duration: use 90, 90s, 5m or 1h", param_hint="--deadline")
-    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, None: 1}[match[2]]
 
 
 @click.group("host")
@@ -59,18 +51,6 @@ async def _mark(api: KubeAPI, host: str, *, unschedulable: bool, state: dict | N
                     {"spec": {"unschedulable": unschedulable}, "metadata": {"annotations": {labels.DRAIN: annotation}}})
 
 
-def _run(work) -> None:
-    async def main():
-        api = KubeAPI(load_config())
-        try:
-            return await work(api)
-        except ApiException as exc:
-            raise click.ClickException(f"the API server refused: {exc.status} {exc.reason}: {(exc.body or '')[:300]}")
-        finally:
-            await api.close()
-    asyncio.run(main())
-
-
 @host_group.command("cordon")
 @click.argument("host")
 def cordon(host: str) -> None:
@@ -79,7 +59,7 @@ def cordon(host: str) -> None:
         await _node(api, host)
         await _mark(api, host, unschedulable=True, state={"state": "cordoned"})
         click.echo(f"host {host} cordoned")
-    _run(work)
+    run_api(work)
 
 
 @host_group.command("uncordon")
@@ -90,13 +70,14 @@ def uncordon(host: str) -> None:
         await _node(api, host)
         await _mark(api, host, unschedulable=False, state=None)
         click.echo(f"host {host} uncordoned")
-    _run(work)
+    run_api(work)
 
 
 async def _round(api: KubeAPI, host: str) -> tuple[drain.DrainPlan, list[dict]]:
-    nodes = await api.list(core_path(None, "nodes"))
-    machines = await api.list(custom_path(None, "machines"))
-    views = [drain.MachineView.of(m) for m in machines]
+    nodes, machines, volumes = await asyncio.gather(
+        api.list(core_path(None, "nodes")), api.list(custom_path(None, "machines")), api.list(custom_path(None, "volumes")))
+    by_name = {(v["metadata"]["namespace"], v["metadata"]["name"]): v for v in volumes}
+    views = [drain.MachineView.of(m, by_name) for m in machines]
     placed = [p for p in (Placed.of_machine(m) for m in machines) if p is not None]
     return drain.plan(host, views, [Host.of_node(n) for n in nodes], placed), machines
 
@@ -111,7 +92,7 @@ async def _set_move(api: KubeAPI, key: tuple[str, str], host: str | None) -> Non
 @click.option("--deadline", default="5m", show_default=True, help="Give up after this long (90s, 5m, 1h).")
 def drain_command(host: str, deadline: str) -> None:
     """Cordon HOST and move every Machine off it."""
-    limit = _seconds(deadline)
+    limit = duration(deadline, '--deadline')
 
     async def work(api: KubeAPI):
         await _node(api, host)
@@ -151,4 +132,4 @@ def drain_command(host: str, deadline: str) -> None:
                 marked = summary
             await asyncio.sleep(ROUND_S)
 
-    _run(work)
+    run_api(work)

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "postgres": "kubefly.postgres.cli:postgres_group",
     "secrets": "kubefly.cli.secrets_cmd:secrets_group",
     "host": "kubefly.cli.host_cmd:host_group",
+    "machine": "kubefly.cli.machine_cmd:machine_group",
     "crds": "kubefly.api.crdgen:crds_command",
 }
 

@@ -96,9 +96,12 @@ async def machine_pods(namespace, labels: dict, body, **_):
 
 @kopf.index(GROUP, VERSION, "volumes")
 async def volumes(namespace, name, spec, status, meta, **_):
+    migration = status.get("migration") or {}
     return {(namespace, name): lifecycle.VolumeView(
         name=name, app=spec.get("app", ""), region=spec.get("region", ""), host=status.get("host"),
         claim=status.get("claim"), attached=status.get("attachedMachine"), resource_version=meta.get("resourceVersion", ""),
+        migration_phase=migration.get("phase"), migration_target=migration.get("target"),
+        migrate_from=(meta.get("annotations") or {}).get(kflabels.MIGRATE_FROM),
     )}
 
 
@@ -311,6 +314,8 @@ def _world(machine: dict, *, hosts, placed_machines, machine_pods, volumes, app_
         decision = placement.place(request, (h for h, _ in (next(iter(s)) for s in hosts.values())),
                                    taken.values(), PLATFORM.closed_regions)
     host_entry = _one(hosts, status["host"]) if status.get("host") else None
+    if volume is not None and volume.host and status.get("host") and volume.host != status["host"]:
+        host_entry = _one(hosts, volume.host)  # its volume migrated: the machine follows (lifecycle._migrate)
     if decision is not None and decision.ok:
         host_entry = _one(hosts, decision.host)
     health = (lifecycle.HostHealth(host_entry[0].name, host_entry[0].ready, host_entry[1], GOSSIP.state(host_entry[0].name))
@@ -340,6 +345,9 @@ async def _apply(machine: dict, plan: lifecycle.Plan, logger) -> dict | None:
             await k.patch_status(custom_path(ns, "volumes", v.name),
                                  {"metadata": {"resourceVersion": v.resource_version}, "status": {"attachedMachine": name}})
             kopf.event(machine, type="Normal", reason="VolumeAttached", message=f"claimed volume {v.name}")
+        if plan.migrate_volume is not None:
+            volume, host = plan.migrate_volume
+            await k.patch(custom_path(ns, "volumes", volume), {"metadata": {"annotations": {kflabels.MIGRATE_FROM: host}}})
         updated = None
         patch = _status_patch(machine.get("status") or {}, plan.status)
         if patch:

@@ -29,6 +29,11 @@ VOLUME_COPY_SECONDS = Histogram("kubefly_volume_copy_seconds", "Snapshot and res
 VOLUME_COPY_BYTES = Counter("kubefly_volume_copy_bytes_total",
                             "Bytes a copy moved: new to the store for snapshot, written to the host for restore",
                             ["operation"])
+VOLUME_MIGRATIONS = Counter("kubefly_volume_migrations_total", "Volume migrations by outcome (migrated, aborted)",
+                            ["outcome"])
+VOLUME_MIGRATION_DOWNTIME = Histogram("kubefly_volume_migration_downtime_seconds",
+                                      "From the machine asked to stop to its claim on the new host",
+                                      buckets=(1, 2.5, 5, 10, 20, 30, 60, 120))
 
 
 @kopf.on.startup()
@@ -71,7 +76,7 @@ for _resource in ACCEPT_ONLY:
     _register_acceptance(_resource)
 
 # Controllers; imported last because they use the metrics above.
-from kubefly.controllers import appsecret, machine, platformkeys, postgrescluster, snapshot, volume  # noqa: E402,F401
+from kubefly.controllers import appsecret, machine, migration, platformkeys, postgrescluster, snapshot, volume  # noqa: E402,F401
 
 
 @kopf.on.cleanup()

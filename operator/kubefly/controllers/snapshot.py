@@ -26,7 +26,7 @@ from kubefly.volumes import snapshots
 from kubefly.volumes.snapshots import ObjectStore
 
 PLURAL = "snapshots"
-POLL_S = 1.0
+POLL_S = 0.5
 CLOCK_S = 60.0
 log = structlog.get_logger("kubefly.controllers.snapshot")
 

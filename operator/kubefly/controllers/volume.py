@@ -46,13 +46,7 @@ async def _snapshot() -> tuple[list[placement.Host], list[placement.PlacedVolume
     k = kube()
     nodes, volumes = await asyncio.gather(k.list(core_path(None, "nodes")), k.list(custom_path(None, PLURAL)))
     hosts = [placement.host_of_node(n) for n in nodes]
-    placed = []
-    for v in volumes:
-        host = (v.get("status") or {}).get("host")
-        if host:
-            meta, spec = v["metadata"], v.get("spec") or {}
-            placed.append(placement.PlacedVolume(meta["namespace"], meta["name"], spec.get("app", ""), host, spec.get("sizeGb", 1)))
-    return hosts, placed
+    return hosts, [p for p in map(placement.PlacedVolume.of_volume, volumes) if p is not None]
 
 
 async def _read_pv(name: str) -> dict | None:
@@ -214,6 +208,10 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger, **_) -> None:
     # sizeGb reserves room at placement; nothing stops the data growing past it (docs/volumes.md).
     await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
         b, [("Accepted", True, "SpecValid", result.message)], {"sizeLimit": SIZE_NOT_ENFORCED}))
+    moving = ((await _get(meta["namespace"], meta["name"]) or body).get("status") or {}).get("migration") or {}
+    if moving.get("phase") == "Switching":
+        # The migration deletes and re-makes claim and PV now; making them here would pin them to the old host.
+        raise kopf.TemporaryError("the volume's claim is moving to another host; waiting", delay=2)
     host = await _place(body, logger)
     if host is None:
         RECONCILES.labels("Volume", "unplaced").inc()

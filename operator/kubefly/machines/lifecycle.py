@@ -22,6 +22,7 @@ from kubefly.conditions import get_condition, set_condition
 from kubefly.machines.pod import CHECKS_GATE, ROUTED_GATE, SECRETS_DIGEST, readiness_gates, routed_condition, SPEC_DIGEST, SecretRef, build_pod, instance_id, spec_digest
 from kubefly.placement.machines import Decision
 from kubefly.platform import PlatformSettings
+from kubefly.volumes.migration import MACHINE_STOPPED as MIGRATION_STOPS_MACHINE
 
 MAX_EVENTS = 20
 RETRY_WINDOW = timedelta(minutes=5)
@@ -130,6 +131,9 @@ class VolumeView:
     claim: str | None
     attached: str | None
     resource_version: str
+    migration_phase: str | None = None  # status.migration.phase (kubefly.volumes.migration)
+    migration_target: str | None = None
+    migrate_from: str | None = None  # labels.MIGRATE_FROM: a migration asked for
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ class Plan:
     delete_pod_grace: int | None = None  # delete the pod with this grace period
     pod_conditions: list[dict] = field(default_factory=list)  # to write into the pod's status
     attach_volume: VolumeView | None = None  # claim this volume before anything else
+    migrate_volume: tuple[str, str] | None = None  # (volume, host): ask the Volume to move off that host
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     placement: Decision | None = None  # a placement made now (for the create metrics)
 
@@ -271,7 +276,7 @@ def reconcile(w: World) -> Plan:
         return b.plan
     b.cond("Accepted", True, "SpecValid", "spec is valid")
 
-    if _move(b):
+    if _migrate(b) or _move(b):
         return b.plan
     if not st.get("host"):
         if not _place(b):
@@ -308,6 +313,44 @@ def moving_off(machine: dict) -> str | None:
     if leave and (machine.get("status") or {}).get("host") == leave and not (machine.get("spec") or {}).get("mounts"):
         return leave
     return None
+
+
+def _migrate(b: _Builder) -> bool:
+    """A Machine with a volume moves with it (kubefly.volumes.migration): asked off its host, it asks its
+    Volume to migrate; it stops while the data is between hosts, and starts a new instance (same name,
+    next version) where the Volume now is. True: nothing more this round."""
+    w, st, spec = b.w, b.st, b.spec
+    v, host = w.volume, st.get("host")
+    if not spec.get("mounts") or v is None or v.attached != b.meta["name"] or not host:
+        return False
+    if v.migration_phase in MIGRATION_STOPS_MACHINE:
+        if w.pod is not None and not w.pod.deleting:
+            b.plan.delete_pod_grace = (spec.get("stop") or {}).get("timeoutSeconds", 5)
+            b.log("migrate", "stopping", message=f"stopping on host {host} for the last copy of volume {v.name} "
+                                                 f"to host {v.migration_target}")
+            b.event("Normal", "Migrating", f"stopping on host {host} to start again on host {v.migration_target} "
+                                           f"with volume {v.name}")
+        if spec.get("state", "started") == "started":
+            b.state("replacing")
+        b.cond("Ready", False, "Migrating", f"moving with volume {v.name} to host {v.migration_target} "
+                                            f"({str(v.migration_phase).lower()})")
+        return True
+    if v.host and v.host != host and v.migration_phase != "Aborting":
+        st["host"] = v.host
+        st.pop("address", None)
+        st["version"] = int(st.get("version") or 0) + 1
+        st["instanceId"] = instance_id(b.meta["uid"], st["version"])
+        message = f"migrated from host {host} to host {v.host} with volume {v.name}"
+        b.cond("Placed", True, "Migrated", f"on host {v.host} in region {st.get('region') or spec['region']}, "
+                                           f"with volume {v.name}")
+        b.log("migrate", "migrated", message=message)
+        b.event("Normal", "Migrated", message)
+        return False
+    leave = (b.meta.get("annotations") or {}).get(labels.MOVE_FROM)
+    if leave and leave == host == v.host and v.migrate_from != leave and v.migration_phase is None:
+        b.plan.migrate_volume = (v.name, leave)
+        b.log("migrate", "requested", message=f"moving off host {leave} with volume {v.name}")
+    return False
 
 
 def _move(b: _Builder) -> bool:

@@ -7,8 +7,11 @@ An app never loses its last routable Machine to the drain: one Machine of an
 app moves at a time, and a Machine whose app has others waits until one of
 them is routable. A Machine is asked to move only when the region
 has room for it now; else the drain says what is short. A Machine with a
-volume is not moved: its data is on this host (migrating a volume is not
-built), and the drain says so at once with what the user can do.
+volume is asked the same way and migrates with it (kubefly.volumes.migration:
+copied while running, stopped, the delta copied, started on the new host);
+the Volume's Migrated condition says why when it cannot. A Postgres member
+is not moved: it needs a planned switchover first (not built yet), and the
+drain says so at once with what the user can do.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kubefly import labels
+from kubefly.conditions import get_condition
 from kubefly.placement.machines import Host, Placed, Request, guest_requests, place
+from kubefly.volumes.migration import CONDITION as MIGRATED
+from kubefly.volumes.migration import Migration
 
 POSTGRES_CLUSTER_LABEL = f"{labels.PREFIX}/pg-cluster"
 
@@ -35,6 +41,8 @@ class MachineView:
     moving_from: str | None  # labels.MOVE_FROM
     cpu_millis: int
     memory_mib: int
+    volume_migration: str | None = None  # its Volume's status.migration, described
+    volume_blocked: str | None = None  # why its Volume's requested migration is not under way
 
     @property
     def key(self) -> tuple[str, str]:
@@ -45,16 +53,33 @@ class MachineView:
         return self.namespace, self.app
 
     @classmethod
-    def of(cls, machine: dict) -> "MachineView":
+    def of(cls, machine: dict, volumes: dict[tuple[str, str], dict] | None = None) -> "MachineView":
+        """`volumes`: (namespace, name) -> Volume object, for the migrations of volume machines."""
         meta, spec, status = machine["metadata"], machine.get("spec") or {}, machine.get("status") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         mounts = spec.get("mounts") or []
         cpu, mem = guest_requests(spec.get("guest"))
+        volume = mounts[0]["volume"] if mounts else None
+        migration, blocked = None, None
+        if volume and volumes and (v := volumes.get((meta["namespace"], volume))) is not None:
+            migration, blocked = _migration_of(v)
         return cls(namespace=meta["namespace"], name=meta["name"], app=spec.get("app", ""),
-                   region=spec.get("region", ""), host=status.get("host"), ready=ready,
-                   volume=mounts[0]["volume"] if mounts else None,
+                   region=spec.get("region", ""), host=status.get("host"), ready=ready, volume=volume,
                    postgres_cluster=(meta.get("labels") or {}).get(POSTGRES_CLUSTER_LABEL),
-                   moving_from=(meta.get("annotations") or {}).get(labels.MOVE_FROM), cpu_millis=cpu, memory_mib=mem)
+                   moving_from=(meta.get("annotations") or {}).get(labels.MOVE_FROM), cpu_millis=cpu, memory_mib=mem,
+                   volume_migration=migration, volume_blocked=blocked)
+
+
+def _migration_of(volume: dict) -> tuple[str | None, str | None]:
+    """(what the Volume's migration is doing, why a requested one is not under way)."""
+    status = volume.get("status") or {}
+    if (m := Migration.of(status)) is not None:
+        return m.describe(), None
+    asked = (volume["metadata"].get("annotations") or {}).get(labels.MIGRATE_FROM)
+    cond = get_condition(status.get("conditions"), MIGRATED)
+    if asked and cond and cond.get("status") == "False":
+        return None, cond.get("message")
+    return None, None
 
 
 @dataclass(frozen=True)
@@ -91,16 +116,11 @@ class DrainPlan:
                 "blocked": [f"{ns}/{name}: {s.message}" for s in self.of("blocked") for ns, name in [s.machine]][:20]}
 
 
-def _blocked_volume(m: MachineView, host: str) -> Step:
-    if m.postgres_cluster:
-        message = (f"member of PostgresCluster {m.postgres_cluster}: its volume {m.volume} is on host {host} and a member "
-                   f"moves only with its data (volume migration and a planned switchover are not built yet); "
-                   f"add a member elsewhere and remove this one, or stop it")
-        return Step(m.key, "blocked", "PostgresMember", message)
-    message = (f"mounts volume {m.volume}, whose data is on host {host}: moving a volume is not built yet; "
-               f"stop the machine (spec.state: stopped) to drain the host, or fork the volume "
-               f"(a Volume with spec.forkFrom: {m.volume}) and start a machine on the fork")
-    return Step(m.key, "blocked", "VolumeOnHost", message)
+def _blocked_member(m: MachineView, host: str) -> Step:
+    message = (f"member of PostgresCluster {m.postgres_cluster}: its volume {m.volume} is on host {host}, and a member "
+               f"moves only after a planned switchover (not built yet); add a member elsewhere and remove this one, "
+               f"or stop it")
+    return Step(m.key, "blocked", "PostgresMember", message)
 
 
 def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list[Placed]) -> DrainPlan:
@@ -119,8 +139,15 @@ def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list
             continue
         if m.host != host:
             continue
-        if m.volume:
-            out.steps.append(_blocked_volume(m, host))
+        if m.volume and m.postgres_cluster:
+            out.steps.append(_blocked_member(m, host))
+            continue
+        if m.moving_from == host and m.volume:
+            if m.volume_blocked:
+                out.steps.append(Step(m.key, "blocked", "MigrationBlocked", m.volume_blocked))
+            else:
+                out.steps.append(Step(m.key, "moving", "Migrating",
+                                      f"with volume {m.volume}: {m.volume_migration or 'migration requested'}"))
             continue
         if m.moving_from == host:
             out.steps.append(Step(m.key, "moving", "Stopping", f"stopping on host {host}"))
@@ -144,5 +171,6 @@ def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list
         # Its room elsewhere is taken for the rest of this round, as the placement will take it.
         reserved.append(Placed(m.key, f"{m.namespace}/{m.app}", decision.host, m.cpu_millis, m.memory_mib))
         in_flight.add(m.app_key)
-        out.steps.append(Step(m.key, "move", "Placed", f"moving to host {decision.host}"))
+        out.steps.append(Step(m.key, "move", "Placed", f"migrating with volume {m.volume}" if m.volume
+                              else f"moving to host {decision.host}"))
     return out

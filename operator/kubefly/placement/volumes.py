@@ -44,6 +44,15 @@ class PlacedVolume:
     host: str
     size_gb: int
 
+    @classmethod
+    def of_volume(cls, volume: dict) -> "PlacedVolume | None":
+        """A Volume object as placement counts it; None while it has no host."""
+        host = (volume.get("status") or {}).get("host")
+        if not host:
+            return None
+        meta, spec = volume["metadata"], volume.get("spec") or {}
+        return cls(meta["namespace"], meta["name"], spec.get("app", ""), host, spec.get("sizeGb", 1))
+
 
 @dataclass(frozen=True)
 class VolumeRequest:

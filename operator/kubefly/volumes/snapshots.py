@@ -159,13 +159,18 @@ def build_snapshot_pod(*, home: str, store: ObjectStore, image: str, snapshot: s
                 capabilities=capabilities, mounts=mounts)
 
 
-def build_restore_pod(*, home: str, store: ObjectStore, image: str, repo: str, snapshot_id: str, namespace: str,
-                      volume: str, volume_uid: str, host: str, path: str) -> dict:
-    """The pod restoring copy `snapshot_id` of repository `repo` into the new Volume's directory `path` on `host`."""
-    return _pod(name=restore_pod_name(volume_uid), home=home, role=RESTORE_ROLE,
+def build_restore_pod(*, home: str, store: ObjectStore, image: str, repo: str, snapshot_id: str | None, namespace: str,
+                      volume: str, volume_uid: str, host: str, path: str, name: str | None = None,
+                      since: str | None = None, snapshot: str | None = None) -> dict:
+    """The pod restoring copy `snapshot_id` of repository `repo` into the Volume's directory `path` on `host`
+    (a new Volume's, or a migration's target); `since`: the directory holds that copy, bring only the changes.
+    Without an id, the copy of Snapshot `snapshot` is waited for (it is being taken meanwhile)."""
+    which = ["--snapshot", snapshot_id] if snapshot_id else ["--wait-for-tag", f"snapshot={snapshot}"]
+    args = ["restore", MOUNT, *which] + (["--since", since] if since else [])
+    return _pod(name=name or restore_pod_name(volume_uid), home=home, role=RESTORE_ROLE,
                 labels={VOLUME: volume, NAMESPACE_LABEL: namespace, HOST: host},
                 annotations={"kubefly.dev/volume-uid": volume_uid}, host=host,
-                args=["restore", MOUNT, "--snapshot", snapshot_id], store=store, repo=repo, image=image, run_as_root=True,
+                args=args, store=store, repo=repo, image=image, run_as_root=True,
                 # Files come back with their owners and modes.
                 capabilities=["CHOWN", "FOWNER", "DAC_OVERRIDE"], mounts=[("volume", path, MOUNT, False)])
 

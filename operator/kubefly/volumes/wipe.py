@@ -73,8 +73,10 @@ def relative_dir(path: str) -> str | None:
     return "/".join(parts)
 
 
-def build_pod(*, home_namespace: str, namespace: str, volume: str, uid: str, host: str, path: str, image: str) -> dict:
-    """The wipe pod for the Volume namespace/volume (uid) whose data is `path` on `host`; `path` passed relative_dir."""
+def build_pod(*, home_namespace: str, namespace: str, volume: str, uid: str, host: str, path: str, image: str,
+              name: str | None = None) -> dict:
+    """The wipe pod for the Volume namespace/volume (uid) whose data is `path` on `host`; `path` passed relative_dir.
+    `name`: another than the deletion's (a migration wipes the copy it left)."""
     rel = relative_dir(path)
     if rel is None:
         raise ValueError(f"{path} is not a volume directory under {HOST_ROOT}")
@@ -82,7 +84,7 @@ def build_pod(*, home_namespace: str, namespace: str, volume: str, uid: str, hos
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(uid),
+            "name": name or pod_name(uid),
             "namespace": home_namespace,
             # Not app.kubernetes.io/managed-by=kubefly: the host agents make instances of those pods.
             "labels": {ROLE: ROLE_VALUE, VOLUME: volume, NAMESPACE_LABEL: namespace, HOST: host},

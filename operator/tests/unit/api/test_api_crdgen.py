@@ -88,7 +88,7 @@ def test_status_keeps_unknown_fields_but_describes_known_ones(kind):
 
 NAMES = {
     "Machine": ("machines", ["mach"], ["App", "Region", "State", "Host", "Image", "Age"]),
-    "Volume": ("volumes", ["vol"], ["App", "Region", "Size", "Limit", "Host", "Attached", "Age"]),
+    "Volume": ("volumes", ["vol"], ["App", "Region", "Size", "Limit", "Host", "Attached", "Migrating", "Age"]),
     "Snapshot": ("snapshots", ["snap"], ["Volume", "Phase", "Host", "Bytes", "Seconds", "Taken", "Expires", "Age"]),
     "AppSecret": ("appsecrets", ["asec"], ["App", "Keys", "Digest", "Age"]),
     "PostgresCluster": ("postgresclusters", ["pgc"], ["Members", "Ready", "Primary", "Phase", "Age"]),

@@ -430,9 +430,57 @@ def test_a_move_with_no_room_elsewhere_keeps_the_machine_where_it_is_and_says_wh
     assert run(m, pod=None, decision=Decision(None, "InsufficientCapacity", "no room")).events == [], "said once"
 
 
-def test_a_volume_machine_is_not_moved_by_the_annotation():
+def pinned_to(pod: dict) -> list[str]:
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    return [v for t in terms for e in t["matchFields"] for v in e["values"]]
+
+
+def volume_machine_started_on_a1():
     vol = VolumeView("data", "web", "ams", "a1", "c", "m1", "1")
-    m = machine(status={"host": "a1", "region": "ams", "state": "started"}, mounts=[{"volume": "data", "path": "/data"}],
-                annotations={labels.MOVE_FROM: "a1"})
+    m = machine(status={"host": "a1", "region": "ams"}, mounts=[{"volume": "data", "path": "/data"}])
     plan = run(m, volume=vol)
-    assert plan.delete_pod_grace is None and m["status"]["host"] == "a1"
+    return m, vol, pod_of(plan)
+
+
+def test_a_volume_machine_asked_off_its_host_asks_its_volume_to_migrate_and_keeps_running():
+    m, vol, pod = volume_machine_started_on_a1()
+    run(m, pod=pod, volume=vol)
+    m["metadata"]["annotations"][labels.MOVE_FROM] = "a1"
+    plan = run(m, pod=pod, volume=vol)
+    assert plan.migrate_volume == ("data", "a1") and plan.delete_pod_grace is None
+    assert m["status"]["state"] == "started" and m["status"]["host"] == "a1"
+    asked = VolumeView(**{**vol.__dict__, "migrate_from": "a1"})
+    assert run(m, pod=pod, volume=asked).migrate_volume is None, "asked once"
+    copying = VolumeView(**{**asked.__dict__, "migration_phase": "Copying", "migration_target": "a2"})
+    assert run(m, pod=pod, volume=copying).delete_pod_grace is None, "it runs while the bulk is copied"
+
+
+def test_a_migrating_volume_machine_stops_for_the_last_copy_and_starts_where_its_volume_went():
+    m, vol, pod = volume_machine_started_on_a1()
+    run(m, pod=pod, volume=vol)
+    first = m["status"]["instanceId"]
+    stopping = VolumeView(**{**vol.__dict__, "migration_phase": "Stopping", "migration_target": "a2",
+                             "migrate_from": "a1"})
+    plan = run(m, pod=pod, volume=stopping)
+    assert plan.delete_pod_grace == 5 and plan.create_pod is None
+    assert m["status"]["state"] == "replacing" and cond(plan, "Ready")["reason"] == "Migrating"
+    syncing = VolumeView(**{**stopping.__dict__, "migration_phase": "Syncing"})
+    assert run(m, pod=None, volume=syncing).create_pod is None, "never started while its data is between hosts"
+    moved = VolumeView(**{**syncing.__dict__, "host": "a2", "migration_phase": "Cleaning"})
+    plan = run(m, pod=None, volume=moved, host=HostHealth("a2", True, None))
+    assert m["status"]["host"] == "a2" and pinned_to(plan.create_pod) == ["a2"]
+    assert plan.create_pod["metadata"]["name"] == "m1" and m["status"]["instanceId"] != first
+    assert cond(plan, "Placed")["reason"] == "Migrated"
+    log = [(e["type"], e["status"]) for e in m["status"]["events"]]
+    assert ("migrate", "stopping") in log and ("migrate", "migrated") in log
+    assert "Migrated" in [r for _, r, _ in plan.events]
+
+
+def test_an_aborted_migration_starts_the_machine_again_on_its_old_host():
+    m, vol, pod = volume_machine_started_on_a1()
+    run(m, pod=pod, volume=vol)
+    stopping = VolumeView(**{**vol.__dict__, "migration_phase": "Stopping", "migration_target": "a2"})
+    run(m, pod=pod, volume=stopping)
+    aborting = VolumeView(**{**stopping.__dict__, "migration_phase": "Aborting"})
+    plan = run(m, pod=None, volume=aborting)
+    assert m["status"]["host"] == "a1" and pinned_to(plan.create_pod) == ["a1"]

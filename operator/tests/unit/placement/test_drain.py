@@ -56,14 +56,43 @@ def test_an_app_whose_other_machines_are_not_routable_keeps_this_one_until_one_i
     assert states(plan("a1", down, HOSTS, placed(*down)))["w1"] == ("move", "Placed")
 
 
-def test_volume_machines_and_postgres_members_are_blocked_at_once_with_what_to_do():
+def test_volume_machines_migrate_and_postgres_members_are_blocked_at_once_with_what_to_do():
     ms = [m("v1", volume="data"), m("pg-0", app="db", volume="pg-0", pg="pg")]
     p = plan("a1", ms, HOSTS, placed(*ms))
-    assert states(p) == {"v1": ("blocked", "VolumeOnHost"), "pg-0": ("blocked", "PostgresMember")}
+    assert states(p) == {"v1": ("move", "Placed"), "pg-0": ("blocked", "PostgresMember")}
     msgs = {s.machine[1]: s.message for s in p.steps}
-    assert "spec.forkFrom: data" in msgs["v1"] and "spec.state: stopped" in msgs["v1"]
-    assert "PostgresCluster pg" in msgs["pg-0"]
-    assert p.stuck and p.summary()["state"] == "blocked" and len(p.summary()["blocked"]) == 2
+    assert "volume data" in msgs["v1"] and "PostgresCluster pg" in msgs["pg-0"]
+    assert not p.stuck, "the volume machine still has a way off the host"
+
+
+def test_a_migrating_volume_machine_shows_its_volumes_phase_or_why_it_cannot_go():
+    under_way = [MachineView("o", "v1", "web", "ams", "a1", False, "data", None, "a1", 62, 256,
+                             volume_migration="copying to host a2 while the machine runs"), m("v2", volume="d2")]
+    p = plan("a1", under_way, HOSTS, placed(*under_way))
+    assert states(p) == {"v1": ("moving", "Migrating"), "v2": ("waiting", "OneAtATime")}
+    assert "copying to host a2" in p.steps[0].message
+    refused = [MachineView("o", "v1", "web", "ams", "a1", True, "data", None, "a1", 62, 256,
+                           volume_blocked="cannot migrate off host a1: no room")]
+    p = plan("a1", refused, HOSTS, placed(*refused))
+    assert states(p) == {"v1": ("blocked", "MigrationBlocked")} and p.stuck
+
+
+def test_a_view_reads_its_volumes_migration():
+    machine = {"metadata": {"namespace": "o", "name": "v1", "annotations": {labels.MOVE_FROM: "a1"}},
+               "spec": {"app": "web", "region": "ams", "mounts": [{"volume": "data", "path": "/data"}]},
+               "status": {"host": "a1"}}
+    moving = {"metadata": {"name": "data", "annotations": {labels.MIGRATE_FROM: "a1"}},
+              "status": {"migration": {"source": "a1", "target": "a2", "phase": "Syncing",
+                                       "startedAt": "2026-12-07T10:00:00Z"}}}
+    v = MachineView.of(machine, {("o", "data"): moving})
+    assert v.volume_migration == "copying what changed to host a2 (machine stopped)" and v.volume_blocked is None
+    refused = {"metadata": {"name": "data", "annotations": {labels.MIGRATE_FROM: "a1"}},
+               "status": {"conditions": [{"type": "Migrated", "status": "False", "reason": "NoHostInRegion",
+                                          "message": "cannot migrate off host a1: no host"}]}}
+    v = MachineView.of(machine, {("o", "data"): refused})
+    assert v.volume_migration is None and v.volume_blocked == "cannot migrate off host a1: no host"
+    done = {"metadata": {"name": "data"}, "status": {"conditions": [{"type": "Migrated", "status": "True"}]}}
+    assert MachineView.of(machine, {("o", "data"): done}).volume_blocked is None
 
 
 def test_no_room_in_the_region_blocks_with_what_is_short_and_room_is_counted_across_one_round():
