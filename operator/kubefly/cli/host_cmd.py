@@ -11,7 +11,8 @@ migrates with it: copied while running, stopped, the delta copied). Every change
 it happens; a Machine that cannot move says why in the first round. The Node's
 kubefly.dev/drain annotation holds the drain's state (draining, drained,
 blocked, timed-out) for anyone to read. Exit status: 0 drained, 1 not drained
-by the deadline (what is left, and why, is printed).
+by the deadline (what is left, and why, is printed; the Machines that had not
+started moving are no longer asked to).
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ def drain_command(host: str, deadline: str) -> None:
                 click.echo(f"host {host} drained in {elapsed:.1f}s: {moved} machine(s) moved")
                 return
             if elapsed > limit:
+                # A drain that gave up asks nothing more: what has not started moving stays, and does not
+                # move later by itself when room appears (the host stays cordoned).
+                for step in p.steps:
+                    if step.state in ("move", "waiting", "blocked"):
+                        await _set_move(api, step.machine, None)
                 await _mark(api, host, unschedulable=True, state={**summary, "state": "timed-out"})
                 left = "\n".join(f"  {ns}/{name}: {s.state}: {s.message}" for s in p.steps for ns, name in [s.machine])
                 raise click.ClickException(f"host {host} not drained after {deadline}; {len(p.steps)} machine(s) left:\n{left}")

@@ -210,7 +210,7 @@ class Plan:
     delete_pod_grace: int | None = None  # delete the pod with this grace period
     pod_conditions: list[dict] = field(default_factory=list)  # to write into the pod's status
     attach_volume: VolumeView | None = None  # claim this volume before anything else
-    migrate_volume: tuple[str, str] | None = None  # (volume, host): ask the Volume to move off that host
+    migrate_volume: tuple[str, str | None] | None = None  # (volume, host): ask the Volume to move off that host; None: withdraw
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     placement: Decision | None = None  # a placement made now (for the create metrics)
 
@@ -350,6 +350,9 @@ def _migrate(b: _Builder) -> bool:
     if leave and leave == host == v.host and v.migrate_from != leave and v.migration_phase is None:
         b.plan.migrate_volume = (v.name, leave)
         b.log("migrate", "requested", message=f"moving off host {leave} with volume {v.name}")
+    elif not leave and v.migrate_from == host and v.migration_phase in (None, "Copying"):
+        # The machine's request was withdrawn (a drain that gave up, or a user) before the copy began.
+        b.plan.migrate_volume = (v.name, None)
     return False
 
 

@@ -144,7 +144,7 @@ def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list
             continue
         if m.moving_from == host and m.volume:
             if m.volume_blocked:
-                out.steps.append(Step(m.key, "blocked", "MigrationBlocked", m.volume_blocked))
+                out.steps.append(Step(m.key, "blocked", "MigrationBlocked", f"volume {m.volume}: {m.volume_blocked}"))
             else:
                 out.steps.append(Step(m.key, "moving", "Migrating",
                                       f"with volume {m.volume}: {m.volume_migration or 'migration requested'}"))

@@ -453,6 +453,10 @@ def test_a_volume_machine_asked_off_its_host_asks_its_volume_to_migrate_and_keep
     assert run(m, pod=pod, volume=asked).migrate_volume is None, "asked once"
     copying = VolumeView(**{**asked.__dict__, "migration_phase": "Copying", "migration_target": "a2"})
     assert run(m, pod=pod, volume=copying).delete_pod_grace is None, "it runs while the bulk is copied"
+    # The machine's request withdrawn before it stopped (a drain that gave up): so is the volume's.
+    del m["metadata"]["annotations"][labels.MOVE_FROM]
+    assert run(m, pod=pod, volume=copying).migrate_volume == ("data", None)
+    assert run(m, pod=pod, volume=vol).migrate_volume is None
 
 
 def test_a_migrating_volume_machine_stops_for_the_last_copy_and_starts_where_its_volume_went():
