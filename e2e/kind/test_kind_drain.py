@@ -4,11 +4,13 @@ A two-machine app answers through the edge proxy's mapped port the whole time;
 its machine on the drained host moves to another ams host (a new instance, the
 same name) and no request fails. A machine with a volume on that host migrates
 with its data (test_kind_migrate.py has the single migration under traffic),
-and the drain ends with the host empty.
+and the drain ends with the host empty. A PostgresCluster's primary hands over
+to its standby before it migrates, and no acknowledged write is lost.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,6 +22,7 @@ from kubefly import labels
 from .kindlib import KindCluster
 from .test_kind_appsecrets import KUBEFLY, settled
 from .test_kind_machines import DOMAIN, machine
+from .test_kind_postgres import HEALTHY_WITHIN_S, cluster_status, sql
 from .test_kind_snapshots import CHECKSUM, machine_with_data
 from .test_kind_volumes import get, in_machine
 
@@ -98,3 +101,61 @@ def test_drain_moves_a_machine_of_a_two_machine_app_without_a_failed_request_and
     finally:
         for h in (host, *others):
             cli(kind, "host", "uncordon", h, check=False)
+
+
+def test_drain_of_a_postgres_primarys_host_hands_over_first_then_migrates_the_member_and_loses_no_write(
+        kind: KindCluster, namespace: str):
+    """The primary is asked for a planned switchover to the standby (on another host), and only then,
+    a standby itself, migrates with its data; every acknowledged write is there afterwards."""
+    kind.apply({"apiVersion": "kubefly.dev/v1alpha1", "kind": "PostgresCluster", "metadata": {"name": "pg"},
+                "spec": {"app": "drainpg", "region": "ams", "members": 2, "volumeSizeGb": 1}}, namespace)
+
+    def two_ready():
+        s = cluster_status(kind, namespace)
+        members = s.get("members") or []
+        return s if s.get("phase") == "Healthy" and len(members) == 2 and all(m["ready"] for m in members) \
+            and s.get("primary") else None
+
+    s = kind.wait_for("PostgresCluster pg Healthy with two ready members", two_ready, timeout=HEALTHY_WITHIN_S, interval=2)
+    old = s["primary"]
+    standby = next(m["name"] for m in s["members"] if m["name"] != old)
+    host = get(kind, namespace, "machine", old)["status"]["host"]
+    secret = kind.wait_for("pg-credentials", lambda: get(kind, namespace, "secret", "pg-credentials"))
+    uri = base64.b64decode(secret["data"]["uri"]).decode()
+    kind.wait_for("the first write through pg-primary", lambda: sql(
+        kind, namespace, standby, uri, "CREATE TABLE IF NOT EXISTS ledger (id int PRIMARY KEY)").returncode == 0,
+        timeout=60, interval=0.5)
+
+    acknowledged: list[int] = []
+    stop = threading.Event()
+
+    def writes():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if sql(kind, namespace, standby, uri, f"INSERT INTO ledger VALUES ({n})", timeout=30).returncode == 0:
+                acknowledged.append(n)
+            time.sleep(0.2)
+
+    writer = threading.Thread(target=writes, daemon=True)
+    writer.start()
+    try:
+        out = cli(kind, "host", "drain", host, "--deadline", "200s", check=False)
+    finally:
+        stop.set()
+        writer.join()
+        cli(kind, "host", "uncordon", host, check=False)
+    print(f"[kind] drain of the primary's host {host}:\n{out.stdout}{out.stderr}")
+    assert out.returncode == 0, out.stderr
+    assert f"{namespace}/{old}: switchover" in out.stdout and f"{namespace}/{old}: moved to host" in out.stdout
+    s = kind.wait_for("both members ready again", two_ready, timeout=180, interval=2)
+    assert s["primary"] == standby, "the standby took over before the old primary stopped"
+    moved = get(kind, namespace, "machine", old)
+    assert moved["status"]["host"] != host
+    assert ("migrate", "migrated") in [(e["type"], e["status"]) for e in moved["status"]["events"]]
+    pgc = get(kind, namespace, "postgrescluster", "pg")
+    assert not pgc["spec"].get("switchoverTo") and labels.DRAIN_SWITCHOVER not in pgc["metadata"].get("annotations", {})
+    rows = sql(kind, namespace, standby, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")
+    have = {int(x) for x in rows.stdout.strip().split(",") if x}
+    print(f"[kind] {len(acknowledged)} writes acknowledged during the drain")
+    assert acknowledged and set(acknowledged) <= have, f"lost: {sorted(set(acknowledged) - have)[:20]}"

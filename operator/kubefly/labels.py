@@ -30,6 +30,8 @@ MOVE_FROM = f"{PREFIX}/move-from"
 # Volume annotation: move this volume (and its machine) off that host (kubefly.volumes.migration). The
 # Machine controller sets it for a volume Machine asked to move-from; a user may set it on a Volume too.
 MIGRATE_FROM = f"{PREFIX}/migrate-from"
+# PostgresCluster annotation: the host whose drain asked for its spec.switchoverTo (taken back once done).
+DRAIN_SWITCHOVER = f"{PREFIX}/drain-switchover"
 # Node annotation: the drain's state as JSON (kubefly.placement.drain.DrainPlan.summary).
 DRAIN = f"{PREFIX}/drain"
 

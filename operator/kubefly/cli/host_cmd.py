@@ -75,12 +75,33 @@ def uncordon(host: str) -> None:
 
 
 async def _round(api: KubeAPI, host: str) -> tuple[drain.DrainPlan, list[dict]]:
-    nodes, machines, volumes = await asyncio.gather(
-        api.list(core_path(None, "nodes")), api.list(custom_path(None, "machines")), api.list(custom_path(None, "volumes")))
-    by_name = {(v["metadata"]["namespace"], v["metadata"]["name"]): v for v in volumes}
-    views = [drain.MachineView.of(m, by_name) for m in machines]
+    nodes, machines, volumes, clusters = await asyncio.gather(
+        api.list(core_path(None, "nodes")), api.list(custom_path(None, "machines")), api.list(custom_path(None, "volumes")),
+        api.list(custom_path(None, "postgresclusters")))
+    views = [drain.MachineView.of(m, _by_name(volumes), _by_name(clusters)) for m in machines]
     placed = [p for p in (Placed.of_machine(m) for m in machines) if p is not None]
     return drain.plan(host, views, [Host.of_node(n) for n in nodes], placed), machines
+
+
+def _by_name(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objects}
+
+
+async def _switchover(api: KubeAPI, namespace: str, cluster: str, target: str | None, host: str) -> None:
+    """Ask the PostgresCluster to make `target` its primary (spec.switchoverTo, as a user would); the
+    annotation says the drain asked, so the drain takes the request back once it is done (None)."""
+    await api.patch(custom_path(namespace, "postgresclusters", cluster),
+                    {"metadata": {"annotations": {labels.DRAIN_SWITCHOVER: host if target else None}},
+                     "spec": {"switchoverTo": target}}, missing_ok=True)
+
+
+async def _settle_switchovers(api: KubeAPI, host: str) -> None:
+    """A switchover the drain asked for and the cluster has done leaves no request behind in its spec."""
+    for c in await api.list(custom_path(None, "postgresclusters")):
+        meta, spec, status = c["metadata"], c.get("spec") or {}, c.get("status") or {}
+        if (meta.get("annotations") or {}).get(labels.DRAIN_SWITCHOVER) == host and \
+                spec.get("switchoverTo") and status.get("primary") == spec["switchoverTo"]:
+            await _switchover(api, meta["namespace"], meta["name"], None, host)
 
 
 async def _set_move(api: KubeAPI, key: tuple[str, str], host: str | None) -> None:
@@ -111,6 +132,11 @@ def drain_command(host: str, deadline: str) -> None:
                     click.echo(f"[{elapsed:6.1f}s] {step.machine[0]}/{step.machine[1]}: {step.state}: {step.message}")
                 if step.state == "move":
                     await _set_move(api, step.machine, host)
+                elif step.state == "switchover":
+                    m = next(x for x in machines if (x["metadata"]["namespace"], x["metadata"]["name"]) == step.machine)
+                    await _switchover(api, step.machine[0], m["metadata"]["labels"][drain.POSTGRES_CLUSTER_LABEL],
+                                      step.switchover_to, host)
+            await _settle_switchovers(api, host)
             # Moved and routable elsewhere: the request is done; it leaves no annotation behind.
             for m in machines:
                 v = drain.MachineView.of(m)

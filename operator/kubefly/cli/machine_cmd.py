@@ -23,6 +23,7 @@ from kubefly import labels
 from kubefly.cli.common import duration, run_api
 from kubefly.conditions import get_condition
 from kubefly.controllers.kubeapi import KubeAPI, custom_path
+from kubefly.placement.drain import POSTGRES_CLUSTER_LABEL
 from kubefly.volumes.migration import CONDITION as MIGRATED
 from kubefly.volumes.migration import Migration
 
@@ -62,6 +63,13 @@ def move_command(name: str, namespace: str, timeout: str) -> None:
         leave = (machine.get("status") or {}).get("host")
         if not leave:
             raise click.ClickException(f"Machine {name} is not placed on a host yet: nothing to move")
+        cluster = (machine["metadata"].get("labels") or {}).get(POSTGRES_CLUSTER_LABEL)
+        if cluster:
+            pgc = await api.get(custom_path(namespace, "postgresclusters", cluster), missing_ok=True)
+            if ((pgc or {}).get("status") or {}).get("primary") == name:
+                raise click.ClickException(
+                    f"{name} is the primary of PostgresCluster {cluster}: stopping it would be a failover. Hand over "
+                    f"first (spec.switchoverTo: <a standby>), then move it; `kubefly host drain` does both")
         mounts = (machine.get("spec") or {}).get("mounts") or []
         volume_path = custom_path(namespace, "volumes", mounts[0]["volume"]) if mounts else None
         await api.patch(path, {"metadata": {"annotations": {labels.MOVE_FROM: leave}}})

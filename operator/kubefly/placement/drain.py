@@ -9,9 +9,10 @@ them is routable. A Machine is asked to move only when the region
 has room for it now; else the drain says what is short. A Machine with a
 volume is asked the same way and migrates with it (kubefly.volumes.migration:
 copied while running, stopped, the delta copied, started on the new host);
-the Volume's Migrated condition says why when it cannot. A Postgres member
-is not moved: it needs a planned switchover first (not built yet), and the
-drain says so at once with what the user can do.
+the Volume's Migrated condition says why when it cannot. A Postgres standby
+migrates the same way. A Postgres primary first hands over: the drain asks
+its PostgresCluster for a planned switchover to a ready standby on another
+host (spec.switchoverTo), and once it is a standby it migrates.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class MachineView:
     memory_mib: int
     volume_migration: str | None = None  # its Volume's status.migration, described
     volume_blocked: str | None = None  # why its Volume's requested migration is not under way
+    postgres_primary: bool = False  # its PostgresCluster's status.primary
+    postgres_switchover: str | None = None  # the cluster's spec.switchoverTo while not yet its primary
 
     @property
     def key(self) -> tuple[str, str]:
@@ -53,8 +56,9 @@ class MachineView:
         return self.namespace, self.app
 
     @classmethod
-    def of(cls, machine: dict, volumes: dict[tuple[str, str], dict] | None = None) -> "MachineView":
-        """`volumes`: (namespace, name) -> Volume object, for the migrations of volume machines."""
+    def of(cls, machine: dict, volumes: dict[tuple[str, str], dict] | None = None,
+           clusters: dict[tuple[str, str], dict] | None = None) -> "MachineView":
+        """`volumes`, `clusters`: (namespace, name) -> Volume, PostgresCluster: migrations and primaries."""
         meta, spec, status = machine["metadata"], machine.get("spec") or {}, machine.get("status") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         mounts = spec.get("mounts") or []
@@ -63,11 +67,16 @@ class MachineView:
         migration, blocked = None, None
         if volume and volumes and (v := volumes.get((meta["namespace"], volume))) is not None:
             migration, blocked = _migration_of(v)
+        pg = (meta.get("labels") or {}).get(POSTGRES_CLUSTER_LABEL)
+        cluster = (clusters or {}).get((meta["namespace"], pg)) if pg else None
+        primary = ((cluster or {}).get("status") or {}).get("primary")
+        wanted = ((cluster or {}).get("spec") or {}).get("switchoverTo")
         return cls(namespace=meta["namespace"], name=meta["name"], app=spec.get("app", ""),
                    region=spec.get("region", ""), host=status.get("host"), ready=ready, volume=volume,
-                   postgres_cluster=(meta.get("labels") or {}).get(POSTGRES_CLUSTER_LABEL),
-                   moving_from=(meta.get("annotations") or {}).get(labels.MOVE_FROM), cpu_millis=cpu, memory_mib=mem,
-                   volume_migration=migration, volume_blocked=blocked)
+                   postgres_cluster=pg, moving_from=(meta.get("annotations") or {}).get(labels.MOVE_FROM),
+                   cpu_millis=cpu, memory_mib=mem, volume_migration=migration, volume_blocked=blocked,
+                   postgres_primary=primary == meta["name"],
+                   postgres_switchover=wanted if wanted and wanted != primary else None)
 
 
 def _migration_of(volume: dict) -> tuple[str | None, str | None]:
@@ -85,9 +94,10 @@ def _migration_of(volume: dict) -> tuple[str | None, str | None]:
 @dataclass(frozen=True)
 class Step:
     machine: tuple[str, str]
-    state: Literal["move", "moving", "waiting", "blocked"]
+    state: Literal["move", "switchover", "moving", "waiting", "blocked"]
     reason: str
     message: str
+    switchover_to: str | None = None  # state switchover: the standby to make the primary
 
 
 @dataclass
@@ -110,17 +120,26 @@ class DrainPlan:
 
     def summary(self) -> dict:
         """The Node annotation's value (labels.DRAIN), without the time (the caller stamps it)."""
-        counts = {state: len(self.of(state)) for state in ("move", "moving", "waiting", "blocked")}
+        counts = {state: len(self.of(state)) for state in ("move", "switchover", "moving", "waiting", "blocked")}
         state = "drained" if self.done else "blocked" if self.stuck else "draining"
         return {"state": state, "machinesLeft": len(self.steps), **counts,
                 "blocked": [f"{ns}/{name}: {s.message}" for s in self.of("blocked") for ns, name in [s.machine]][:20]}
 
 
-def _blocked_member(m: MachineView, host: str) -> Step:
-    message = (f"member of PostgresCluster {m.postgres_cluster}: its volume {m.volume} is on host {host}, and a member "
-               f"moves only after a planned switchover (not built yet); add a member elsewhere and remove this one, "
-               f"or stop it")
-    return Step(m.key, "blocked", "PostgresMember", message)
+def _primary(m: MachineView, host: str, members: list[MachineView]) -> Step:
+    """The primary leaves only as a standby: a switchover to a ready member elsewhere comes first."""
+    c = m.postgres_cluster
+    if m.postgres_switchover:
+        return Step(m.key, "moving", "Switchover", f"primary of PostgresCluster {c}: switching over to "
+                                                   f"{m.postgres_switchover} before it moves")
+    standbys = sorted(o.name for o in members if o.postgres_cluster == c and o.key != m.key and o.ready
+                      and o.host and o.host != host)
+    if not standbys:
+        return Step(m.key, "blocked", "NoStandbyElsewhere",
+                    f"primary of PostgresCluster {c}: no ready standby on another host to hand over to; "
+                    f"it moves once one is (add a member, or wait for one to be ready)")
+    return Step(m.key, "switchover", "Switchover", f"primary of PostgresCluster {c}: asking for a planned "
+                                                   f"switchover to {standbys[0]}", switchover_to=standbys[0])
 
 
 def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list[Placed]) -> DrainPlan:
@@ -131,6 +150,7 @@ def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list
         by_app.setdefault(m.app_key, []).append(m)
     # A move is under way until its new instance is routable on another host.
     in_flight = {m.app_key for m in machines if m.moving_from == host and (m.host == host or not m.ready)}
+    in_flight |= {m.app_key for m in machines if m.postgres_switchover}  # a cluster hands over before any member moves
     reserved = list(placed)
     for m in sorted(machines, key=lambda m: m.key):
         if m.moving_from == host and m.host != host and not m.ready:
@@ -139,8 +159,10 @@ def plan(host: str, machines: list[MachineView], hosts: list[Host], placed: list
             continue
         if m.host != host:
             continue
-        if m.volume and m.postgres_cluster:
-            out.steps.append(_blocked_member(m, host))
+        if m.postgres_cluster and m.postgres_primary and m.moving_from != host:
+            out.steps.append(step := _primary(m, host, by_app[m.app_key]))
+            if step.state != "blocked":
+                in_flight.add(m.app_key)
             continue
         if m.moving_from == host and m.volume:
             if m.volume_blocked:

@@ -56,13 +56,37 @@ def test_an_app_whose_other_machines_are_not_routable_keeps_this_one_until_one_i
     assert states(plan("a1", down, HOSTS, placed(*down)))["w1"] == ("move", "Placed")
 
 
-def test_volume_machines_migrate_and_postgres_members_are_blocked_at_once_with_what_to_do():
-    ms = [m("v1", volume="data"), m("pg-0", app="db", volume="pg-0", pg="pg")]
+def test_volume_machines_and_postgres_standbys_migrate():
+    ms = [m("v1", volume="data"), m("pg-1", app="db", volume="pg-1", pg="pg")]
     p = plan("a1", ms, HOSTS, placed(*ms))
-    assert states(p) == {"v1": ("move", "Placed"), "pg-0": ("blocked", "PostgresMember")}
-    msgs = {s.machine[1]: s.message for s in p.steps}
-    assert "volume data" in msgs["v1"] and "PostgresCluster pg" in msgs["pg-0"]
-    assert not p.stuck, "the volume machine still has a way off the host"
+    assert states(p) == {"v1": ("move", "Placed"), "pg-1": ("move", "Placed")}
+    assert "volume data" in next(s.message for s in p.steps if s.machine[1] == "v1")
+
+
+def pg(name, on, ready=True, primary=False, switchover=None):
+    return MachineView("o", name, "db", "ams", on, ready, name, "pg", None, 62, 256, postgres_primary=primary,
+                       postgres_switchover=switchover)
+
+
+def test_a_postgres_primary_hands_over_to_a_ready_standby_elsewhere_before_it_moves():
+    ms = [pg("pg-0", "a1", primary=True), pg("pg-1", "a2"), pg("pg-2", "a3", ready=False)]
+    p = plan("a1", ms, HOSTS, placed(*ms))
+    (step,) = p.steps
+    assert (step.state, step.reason, step.switchover_to) == ("switchover", "Switchover", "pg-1")
+    assert not p.stuck
+    asked = [pg("pg-0", "a1", primary=True, switchover="pg-1"), pg("pg-1", "a2"), pg("pg-2", "a3")]
+    assert states(plan("a1", asked, HOSTS, placed(*asked))) == {"pg-0": ("moving", "Switchover")}
+    # Handed over: now a standby, it migrates with its volume.
+    handed = [pg("pg-0", "a1"), pg("pg-1", "a2", primary=True), pg("pg-2", "a3")]
+    assert states(plan("a1", handed, HOSTS, placed(*handed))) == {"pg-0": ("move", "Placed")}
+
+
+def test_a_postgres_primary_with_no_ready_standby_elsewhere_is_blocked_saying_so():
+    ms = [pg("pg-0", "a1", primary=True), pg("pg-1", "a1"), pg("pg-2", "a2", ready=False)]
+    p = plan("a1", ms, HOSTS, placed(*ms))
+    assert states(p)["pg-0"] == ("blocked", "NoStandbyElsewhere")
+    assert "PostgresCluster pg" in next(s.message for s in p.steps if s.machine[1] == "pg-0")
+    assert states(p)["pg-1"] == ("move", "Placed"), "a standby on the host still migrates meanwhile"
 
 
 def test_a_migrating_volume_machine_shows_its_volumes_phase_or_why_it_cannot_go():
@@ -120,3 +144,8 @@ def test_a_view_reads_the_machine_object():
            "status": {"host": "a1", "conditions": [{"type": "Ready", "status": "True"}]}}
     v = MachineView.of(obj)
     assert (v.host, v.ready, v.volume, v.postgres_cluster, v.moving_from, v.memory_mib) == ("a1", True, "pg-1", "pg", "a1", 512)
+    cluster = {"metadata": {"name": "pg"}, "spec": {"switchoverTo": "pg-2"}, "status": {"primary": "pg-1"}}
+    v = MachineView.of(obj, clusters={("o", "pg"): cluster})
+    assert v.postgres_primary and v.postgres_switchover == "pg-2"
+    done = {"metadata": {"name": "pg"}, "spec": {"switchoverTo": "pg-1"}, "status": {"primary": "pg-1"}}
+    assert MachineView.of(obj, clusters={("o", "pg"): done}).postgres_switchover is None
