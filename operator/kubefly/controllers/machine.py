@@ -147,6 +147,11 @@ async def node_changed(name, type, status, placed_machines: kopf.Index, **_):
     for key, p in RESERVED.items():
         if p.host == name:
             wake(key)
+    if ready:
+        # A Machine that found no host accepting machines (HostUnavailable) is placed now.
+        for key, state in list(STATES.items()):
+            if state == "failed":
+                wake(key)
 
 
 def _wake_hosts(hosts: set[str]) -> None:

@@ -37,7 +37,9 @@ EXIT_REASONS = ("Exited", "RestartLimitExceeded", POD_REFUSED)
 def pod_refused_message(status: int, why: str) -> str:
     return (f"the API server refused the machine's pod ({status}): {why[:800]}; change the spec"
             " (or set spec.state stopped, then started) to try again")
-PLACEMENT_FAILURES = ("InsufficientCapacity", "RegionClosed", "NoHostsInRegion", "HostUnavailable",
+# Final for the spec (as a failed create on Fly). HostUnavailable is not: a host becoming Ready (a
+# cluster starting, an operator restarting) is seconds away, and the Machine is placed then.
+PLACEMENT_FAILURES = ("InsufficientCapacity", "RegionClosed", "NoHostsInRegion",
                       "VolumeHostGone", "VolumeAttached", "VolumeMismatch", "InvalidSpec")
 
 

@@ -488,3 +488,14 @@ def test_an_aborted_migration_starts_the_machine_again_on_its_old_host():
     aborting = VolumeView(**{**stopping.__dict__, "migration_phase": "Aborting"})
     plan = run(m, pod=None, volume=aborting)
     assert m["status"]["host"] == "a1" and pinned_to(plan.create_pod) == ["a1"]
+
+
+def test_no_host_accepting_machines_yet_is_not_final_the_machine_is_placed_when_one_is():
+    m = machine()
+    plan = run(m, decision=Decision(None, "HostUnavailable", "no host in region ams accepts machines now: a1 NotReady"))
+    assert m["status"]["state"] == "failed" and cond(plan, "Placed")["reason"] == "HostUnavailable"
+    placed = run(m, decision=Decision("a1", "Placed", "placed on a1 in region ams"))
+    assert m["status"]["host"] == "a1" and placed.create_pod is not None
+    full = machine()
+    run(full, decision=Decision(None, "InsufficientCapacity", "no room"))
+    assert run(full, decision=Decision("a1", "Placed", "placed")).create_pod is None, "no room is final for the spec"
