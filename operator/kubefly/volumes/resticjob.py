@@ -59,6 +59,9 @@ def _tail(text: str) -> str:
     return text.strip()[-MESSAGE_LIMIT:]
 
 
+NO_REPOSITORY = "unable to open config file"
+
+
 def ensure_repository() -> None:
     """Initialise the repository unless it exists (a concurrent init by another pod counts as existing)."""
     if _restic("cat", "config").returncode == 0:
@@ -66,6 +69,18 @@ def ensure_repository() -> None:
     made = _restic("init")
     if made.returncode != 0 and _restic("cat", "config").returncode != 0:
         raise JobError(f"cannot open or create the repository: {_tail(made.stderr)}")
+
+
+def _first_backup(directory: str, host_id: str, tag: str, partial_ok: bool) -> dict:
+    """The first pass, made in the repository there is; only a repository that is not there yet is made
+    first (a Volume's first copy): one restic start fewer for every copy after it."""
+    try:
+        return _backup(directory, host_id, tag, partial_ok=partial_ok)
+    except JobError as exc:
+        if NO_REPOSITORY not in str(exc):
+            raise
+    ensure_repository()
+    return _backup(directory, host_id, tag, partial_ok=partial_ok)
 
 
 def _summary(proc: subprocess.CompletedProcess, partial_ok: bool = False) -> dict:
@@ -143,10 +158,9 @@ class Freezer:
 
 
 def backup(directory: str, host_id: str, tag: str, freeze_pod: str | None, cgroup_root: str | None) -> dict:
-    ensure_repository()
     started = time.monotonic()
     freezer = Freezer.find(cgroup_root, freeze_pod) if freeze_pod and cgroup_root else None
-    first = _backup(directory, host_id, tag, partial_ok=freezer is not None)
+    first = _first_backup(directory, host_id, tag, partial_ok=freezer is not None)
     result = {"consistency": "stopped" if not freeze_pod else "live", "frozenSeconds": 0.0}
     final = first
     if freezer is not None:
