@@ -89,7 +89,7 @@ bench-failover: os-deps venv ## Postgres primary kills under write load
 	@$(PY) bench/failover.py
 bench-machines: tools venv ## 1,000 machines on the local control plane
 	@$(PY) bench/machines.py
-bench-volumes: tools venv ## 1 GiB snapshot, incremental, restore on another host, drain of 20 machines, on kind: bench/results/volumes.json
+bench-volumes: tools venv ## 1 GiB snapshot, incremental, restore on another host, migrate, drain of 25 machines (5 with volumes), on kind: bench/results/volumes.json
 	@$(PY) bench/volumes.py $(BENCH_ARGS)
 soak: tools venv ## random faults under traffic on kind for 15 min (SOAK_ARGS='--duration 300 --seed 2'): bench/results/soak.json
 	@$(PY) bench/soak.py $(SOAK_ARGS)
