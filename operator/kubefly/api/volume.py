@@ -105,7 +105,6 @@ class MigrationRecord(ApiModel):
     finished_at: datetime
     downtime_seconds: float | None = Field(default=None, ge=0,
                                            description="From the machine asked to stop to its claim on the new host.")
-    bytes: int | None = Field(default=None, ge=0)
 
 
 class VolumeStatus(StatusModel):
