@@ -30,6 +30,8 @@ class Report:
     node_id: int | None = None
     # Writable and a commit would return (synchronous: a standby streams that can confirm it).
     can_commit: bool = True
+    visible_peers: frozenset[str] = frozenset()
+    busy: bool = False  # in a switchover, demote, clone or rejoin: its role is about to change
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> "Report":
@@ -41,6 +43,8 @@ class Report:
             lsn=body.get("lsn_bytes"),
             node_id=body.get("node_id"),
             can_commit=bool(body.get("can_commit", body.get("writable", False))),
+            visible_peers=frozenset(str(n) for n in body.get("visible_peers") or ()),
+            busy=bool(body.get("busy", False)),
         )
 
 
@@ -143,6 +147,46 @@ def fence_reason(
     if total_members > 1 and quorum_lost_since is not None and now - quorum_lost_since >= fence_after_s:
         return f"saw no majority of {total_members} members for {now - quorum_lost_since:.1f}s"
     return None
+
+
+def stalled_failover(
+    *,
+    me: str,
+    my_lsn: int | None,
+    my_node_id: int,
+    peers: Mapping[str, Report],
+    total_members: int,
+    primary_seen_at: float,
+    now: float,
+    promote_after_s: float,
+) -> str | None:
+    """Why this running standby must promote itself because repmgrd did not, or None.
+
+    repmgrd's election can end with nobody promoted: with
+    primary_visibility_consensus a candidate cancels when a sibling saw the
+    primary a moment ago, and a cancelled election is never rerun (a standby
+    whose repmgrd could not start has no election at all). So after
+    `promote_after_s` without any primary in sight, the most advanced standby
+    (highest LSN, then lowest node id) promotes, and only when that cannot make
+    a second primary: it sees a majority, no visible peer sees a member it does
+    not (a primary hidden from it but not from them), no peer is mid-operation,
+    and any primary it lost has long fenced itself (it lost its majority too).
+    `peers` holds only the peers visible right now.
+    """
+    if total_members < 2 or not has_quorum(len(peers), total_members):
+        return None
+    if now - primary_seen_at < promote_after_s:
+        return None
+    circle = set(peers) | {me}
+    for rep in peers.values():
+        if rep.role == PRIMARY or rep.busy or not rep.visible_peers <= circle:
+            return None
+    candidates = [(my_lsn if my_lsn is not None else -1, -my_node_id, me)]
+    candidates += [(r.lsn if r.lsn is not None else -1, -(r.node_id or 0), n) for n, r in peers.items()
+                   if r.role == STANDBY]
+    if max(candidates)[2] != me:
+        return None
+    return f"no primary for {now - primary_seen_at:.0f}s and repmgrd promoted nobody; most advanced standby"
 
 
 @dataclass(frozen=True)

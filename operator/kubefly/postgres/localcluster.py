@@ -161,6 +161,10 @@ class LocalCluster:
             m.proc.wait()
         _kill_stragglers(m.data_dir)
 
+    def kill_repmgrd(self, name: str) -> None:
+        """SIGKILL the member's repmgrd alone (its supervisor starts it again after a few seconds)."""
+        _kill_stragglers(self.member(name).data_dir, "/repmgrd ")
+
     def terminate(self, name: str, grace_s: float = 60.0) -> float:
         """Stop the member as the kubelet stops a pod: SIGTERM to the supervisor alone, SIGKILL
         to everything left after `grace_s`. Returns the seconds the member took to exit."""
@@ -251,8 +255,8 @@ class LocalCluster:
         return self.dsn(host=m.client_host, port=m.pg_port)
 
 
-def _kill_stragglers(data_dir: Path) -> None:
-    """SIGKILL any process still running from this member's data directory (postgres leftovers)."""
+def _kill_stragglers(data_dir: Path, program: str = "") -> None:
+    """SIGKILL any process (of `program`, if given) still running from this member's data directory."""
     marker = str(data_dir.resolve()) + "/"
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
@@ -261,7 +265,7 @@ def _kill_stragglers(data_dir: Path) -> None:
             cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in cmdline and int(pid_dir.name) != os.getpid():
+        if marker in cmdline and program in cmdline and int(pid_dir.name) != os.getpid():
             try:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
             except ProcessLookupError:

@@ -44,6 +44,8 @@ LAG = Gauge("kubefly_postgres_lag_bytes", "Bytes of WAL this standby is behind t
 VISIBLE = Gauge("kubefly_postgres_visible_peers", "Peers whose /health answered in the last check")
 FENCES = Counter("kubefly_postgres_fences_total", "Times this member fenced itself", ["reason"])
 BOOTS = Counter("kubefly_postgres_boot_actions_total", "Boot actions taken", ["action"])
+STALLED_PROMOTIONS = Counter("kubefly_postgres_stalled_failover_promotions_total",
+                             "Times this standby promoted itself after repmgrd promoted nobody")
 
 _PR_SET_PDEATHSIG = 1
 # How long a primary that was stopped keeps its address answering (refusing) after it said it is not
@@ -123,6 +125,10 @@ class Member:
         self._stopping = False
         self._repmgrd_started_at = 0.0
         self._astray_since: float | None = None
+        # repmgrd gets this long after the last primary in sight before the member promotes in its stead:
+        # well past repmgr's failover clock and past the old primary's fence deadline.
+        self.promote_after_s = max(15.0, 3 * fence_after_s)
+        self._primary_seen_at = time.monotonic()
 
     # ---- processes as the postgres user ----------------------------------
 
@@ -396,6 +402,7 @@ class Member:
             "quorum": self.quorum(),
             "fenced": self.fenced,
             "repmgrd": self.repmgrd_settled(),
+            "busy": self.op.locked(),
         }
 
     def _export_metrics(self, h: dict) -> None:
@@ -418,6 +425,8 @@ class Member:
             elif self.quorum_lost_since is None:
                 self.quorum_lost_since = now
             h = self.health()
+            if h["role"] == decide.PRIMARY or any(r.role == decide.PRIMARY for r in self.visible.values()):
+                self._primary_seen_at = now
             self._export_metrics(h)
             if not self.op.locked():
                 try:
@@ -438,6 +447,15 @@ class Member:
                     await self.fence(reason)
             return
         if self.pg_running() and self.local.up:
+            reason = decide.stalled_failover(
+                me=self.spec.name, my_lsn=self.local.lsn, my_node_id=self.spec.node_id, peers=self.visible,
+                total_members=self.total, primary_seen_at=self._primary_seen_at, now=now,
+                promote_after_s=self.promote_after_s,
+            )
+            if reason:
+                async with self.op:
+                    await self.promote_stalled(reason)
+                return
             await self._check_upstream(now)
         if self.pg_running():
             # repmgrd exits when its upstream is unreachable at start-up: retry, but not in a tight loop.
@@ -480,6 +498,17 @@ class Member:
                 log.warning("standby not following the primary; following it", primary=primary.name,
                             upstream=self.local.upstream)
                 await self.run_cmd(rm.follow_argv(self.spec, self.visible[primary.name].node_id), timeout=60)
+
+    async def promote_stalled(self, reason: str) -> None:
+        STALLED_PROMOTIONS.inc()
+        log.warning("promoting: failover stalled", reason=reason)
+        await self.stop_repmgrd()  # started again below, so it monitors this node as the primary
+        try:
+            await self.run_cmd(rm.promote_argv(self.spec), timeout=60)
+        finally:
+            self._primary_seen_at = time.monotonic()
+            await self.refresh_local()
+            await self.start_repmgrd()
 
     async def _stored_timeline(self) -> int | None:
         if not self.has_data():

@@ -1,5 +1,6 @@
 """Three real members (Debian postgres + repmgr) and the endpoint as processes; every one stopped at teardown."""
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,7 +32,8 @@ def make_cluster():
     yield make
     for cluster in clusters:
         cluster.stop()
-        shutil.rmtree(cluster.root, ignore_errors=True)
+        if not os.environ.get("KUBEFLY_KEEP_CLUSTER"):  # keep the members' logs for a post-mortem
+            shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -97,6 +97,29 @@ def test_partitioned_primary_is_fenced_and_never_writable_beside_the_new_one(mak
     assert cluster.health(old)["role"] == "standby"
 
 
+def test_failover_completes_when_repmgrd_elects_nobody(make_cluster):
+    """The standbys' repmgrd die with the primary and come back to an unreachable upstream, so no
+    election runs at all (as when repmgr cancels one on a sibling's stale sighting): the most
+    advanced standby promotes itself once the old primary has long fenced, and the other follows."""
+    cluster = make_cluster()
+    old = cluster.wait_healthy(30)
+    standbys = [m.name for m in cluster.members if m.name != old]
+    for name in standbys:
+        cluster.kill_repmgrd(name)
+    cluster.kill(old)
+    new = wait_for(cluster.primary, 60, "a primary after the kill")
+    assert new in standbys
+    with urllib.request.urlopen(f"http://{cluster.member(new).client_host}:{cluster.member(new).health_port}/metrics",
+                                timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert "kubefly_postgres_stalled_failover_promotions_total 1.0" in metrics
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE after_stall (x int)")
+    other = next(n for n in standbys if n != new)
+    wait_for(lambda: (cluster.health(other) or {}).get("upstream") is not None
+             and cluster.health(other)["timeline"] == cluster.health(new)["timeline"], 60, "the other standby following")
+
+
 # A client's commit or connect attempt taking longer than this is a hang (connects are capped at 5 s
 # by the DSN's connect_timeout; a commit has no client-side cap, it waits as long as postgres does).
 HANG_S = 10.0

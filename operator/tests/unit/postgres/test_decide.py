@@ -122,6 +122,58 @@ def test_single_member_never_fences_for_quorum():
     assert fence(total_members=1, quorum_lost_since=0.0) is None
 
 
+def standby(name, lsn=100, node_id=None, **kw):
+    return Report(name, "standby", lsn=lsn, node_id=node_id or ord(name) - ord("a") + 1,
+                  visible_peers=kw.pop("visible_peers", frozenset({"b", "c"} - {name})), **kw)
+
+
+def stalled(**kw):
+    args = dict(me="b", my_lsn=100, my_node_id=2, peers={"c": standby("c")}, total_members=3,
+                primary_seen_at=0.0, now=30.0, promote_after_s=20.0)
+    args.update(kw)
+    return decide.stalled_failover(**args)
+
+
+def test_the_most_advanced_standby_promotes_when_repmgrd_promoted_nobody():
+    assert "repmgrd promoted nobody" in stalled()  # equal LSN: the lower node id
+    assert stalled(me="c", my_node_id=3, peers={"b": standby("b")}) is None
+    assert stalled(my_lsn=99) is None
+    assert stalled(my_lsn=None) is None
+    assert "most advanced" in stalled(my_lsn=101, peers={"c": standby("c", lsn=100)})
+
+
+def test_no_promotion_while_repmgrd_may_still_act():
+    assert stalled(primary_seen_at=15.0) is None
+
+
+def test_no_promotion_without_a_majority_or_alone():
+    assert stalled(peers={}) is None
+    assert stalled(total_members=1, peers={}) is None
+
+
+def test_no_promotion_beside_any_primary_or_a_peer_mid_operation():
+    assert stalled(peers={"c": Report("c", "primary", node_id=3)}) is None  # not writable still blocks
+    assert stalled(peers={"c": standby("c", busy=True)}) is None
+
+
+def test_no_promotion_when_a_peer_sees_a_member_hidden_from_us():
+    # c still sees a (perhaps a primary holding a majority with c): a second primary would follow.
+    assert stalled(peers={"c": standby("c", visible_peers=frozenset({"a", "b"}))}) is None
+
+
+def test_members_not_yet_standbys_are_no_candidates():
+    assert stalled(peers={"c": Report("c", "fenced", lsn=None, node_id=3, visible_peers=frozenset({"b"})),
+                          "d": standby("d", lsn=500, visible_peers=frozenset({"b", "c"}))},
+                   total_members=5) is None  # d is further ahead
+    assert stalled(peers={"c": Report("c", "starting", node_id=1, visible_peers=frozenset({"b"}))}) is not None
+
+
+def test_a_report_carries_what_a_peer_sees_and_whether_it_is_busy():
+    rep = Report.from_json({"name": "c", "role": "standby", "visible_peers": ["a", "b"], "busy": True})
+    assert rep.visible_peers == {"a", "b"} and rep.busy
+    assert Report.from_json({"name": "c", "role": "standby"}).visible_peers == frozenset()
+
+
 def boot(**kw):
     args = dict(me="b", has_data=True, was_primary=False, my_timeline=1, bootstrap=False, peers={}, total_members=3)
     args.update(kw)
