@@ -24,6 +24,7 @@ import kopf
 
 from kubefly import GROUP, VERSION
 from kubefly.conditions import rfc3339
+from kubefly.controllers import wipe_pod
 from kubefly.controllers.common import condition_patch, home_namespace, update_status
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import VOLUME_MIGRATIONS, VOLUME_MIGRATION_DOWNTIME
@@ -162,16 +163,11 @@ async def _switch(body: dict, m: Migration) -> dict:
 async def _wipe(body: dict, memo: kopf.Memo, host: str, path: str, logger) -> None:
     """The migration's copy on `host` removed (the source's after the switch, the target's on abort)."""
     meta = body["metadata"]
-    home, image = home_namespace(memo), os.environ.get(IMAGE_ENV, "")
     if wipe.relative_dir(path) is None:
         kopf.warn(body, reason="DataLeftOnHost", message=f"{path} on host {host} is outside {objects.HOST_ROOT}: not removed")
         return
-    wanted = wipe.build_pod(home_namespace=home, namespace=meta["namespace"], volume=meta["name"], uid=meta["uid"],
-                            host=host, path=path, image=image, name=f"volume-migrate-wipe-{meta['uid']}")
-    pod_path = core_path(home, "pods", wanted["metadata"]["name"])
-    pod = await kube().create_or_get(core_path(home, "pods"), wanted)
-    node = await kube().get(core_path(None, "nodes", host), missing_ok=True)
-    v = wipe.verdict(pod=pod or wanted, node=node, path=path, now=_now())
+    v, pod_path, _node = await wipe_pod.run(home=home_namespace(memo), meta=meta, host=host, path=path,
+                                            image=os.environ.get(IMAGE_ENV, ""), name=f"volume-migrate-wipe-{meta['uid']}")
     if v.outcome == "waiting":
         raise kopf.TemporaryError(v.message, delay=1)
     await kube().delete(pod_path, missing_ok=True)

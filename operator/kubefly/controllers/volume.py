@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from datetime import datetime, timezone
 
 import kopf
 
 from kubefly import GROUP, VERSION
 from kubefly.api.volume import SIZE_NOT_ENFORCED, Volume
 from kubefly.conditions import get_condition
-from kubefly.controllers import acceptance, restore
+from kubefly.controllers import acceptance, restore, wipe_pod
 from kubefly.controllers.common import condition_patch, home_namespace, update_status
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
@@ -297,14 +296,8 @@ async def _wipe(body: kopf.Body, host: str, path: str, memo: kopf.Memo, logger) 
         kopf.warn(body, reason="DataLeftOnHost", message=left)
         logger.warning(left)
         return
-    home = home_namespace(memo)
     k = kube()
-    wanted = wipe.build_pod(home_namespace=home, namespace=meta["namespace"], volume=meta["name"], uid=meta["uid"],
-                            host=host, path=path, image=image)
-    pod_path = core_path(home, "pods", wanted["metadata"]["name"])
-    pod = await _create(core_path(home, "pods"), wanted)
-    node = await k.get(core_path(None, "nodes", host), missing_ok=True)
-    v = wipe.verdict(pod=pod, node=node, path=path, now=datetime.now(timezone.utc))
+    v, pod_path, node = await wipe_pod.run(home=home_namespace(memo), meta=meta, host=host, path=path, image=image)
     if v.outcome == "waiting":
         await update_status(PLURAL, meta["namespace"], meta["name"], lambda b: condition_patch(
             b, [("DeletionBlocked", True, v.reason, v.message)]))
