@@ -59,7 +59,9 @@ def secret_values(kube, namespace, name):
 
 
 def test_sealed_values_open_into_a_secret_and_appear_nowhere_else(kube, namespace, operator):
-    key = get(kube, "-n", kube.release_namespace, "get", "configmap", "kubefly-sealing-key")
+    # The operator publishes the public sealing key shortly after it starts, not at once.
+    key = kube.wait_for("the sealing key ConfigMap", lambda: get(
+        kube, "-n", kube.release_namespace, "get", "configmap", "kubefly-sealing-key"))
     assert len(base64.b64decode(key["data"]["publicKey"])) == 32
     manifest = seal(kube, namespace, "--app", "web", "DATABASE_URL=" + VALUE, "MODE=prod")
     text = json.dumps(manifest)
