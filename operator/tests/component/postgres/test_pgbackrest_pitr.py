@@ -21,6 +21,7 @@ import pytest
 from kubefly.ports import free_port
 from kubefly.postgres import pgbackrest as pb
 from kubefly.postgres.repmgr import PG_BINDIR, Layout
+from pg_component_helpers import wait_for
 
 pytestmark = pytest.mark.component
 
@@ -100,17 +101,6 @@ class Node:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in logs if p.exists())
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 @pytest.fixture
 def workdir():
     # Under /tmp, not tmp_path: pytest's base directory is closed to the postgres user.
@@ -151,14 +141,16 @@ def test_archive_backup_and_restore_to_a_time_brings_back_exactly_the_rows_befor
         with source.connect() as conn:
             conn.execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
             conn.execute("INSERT INTO orders SELECT i, md5(i::text) FROM generate_series(1, 100) i")
-            time.sleep(0.5)
+            # pgBackRest records a backup's stop in whole seconds and restores to a time only from a backup
+            # that stopped before it: the target must lie past the next full second.
+            time.sleep(1.5)
             (target,) = conn.execute("SELECT clock_timestamp()").fetchone()
             time.sleep(0.5)
             conn.execute("INSERT INTO orders SELECT i, md5(i::text) FROM generate_series(101, 250) i")
             (segment,) = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
         assert isinstance(target, datetime) and SEGMENT.match(segment)
 
-        stanza = wait_until(lambda: (s := source.info()).wal_max >= segment and s, 90,
+        stanza = wait_for(lambda: (s := source.info()).wal_max >= segment and s, 90,
                             f"WAL segment {segment} in the archive")
         assert stanza.name == cluster and stanza.status_code == 0, stanza
         (full,) = stanza.backups
@@ -185,7 +177,7 @@ def test_archive_backup_and_restore_to_a_time_brings_back_exactly_the_rows_befor
         # Its postgresql.conf is the source's; this one must not archive into the source's archive.
         restored.start("-c archive_mode=off")
         with restored.connect() as conn:
-            wait_until(lambda: not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0], 60, "promotion")
+            wait_for(lambda: not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0], 60, "promotion")
             ids = [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id").fetchall()]
             mismatched = conn.execute("SELECT count(*) FROM orders WHERE note <> md5(id::text)").fetchone()[0]
         assert ids == list(range(1, 101))
