@@ -16,12 +16,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1
 
 # curl: repmgr starts/stops postgres through the member's local /ctl API.
+# pgbackrest: WAL archiving and base backups to the object store (docs/postgres.md).
 RUN --mount=type=secret,id=cacert,required=false \
     if [ -s /run/secrets/cacert ]; then \
       echo 'Acquire::https::CAInfo "/run/secrets/cacert";' > /etc/apt/apt.conf.d/99kubefly-cacert; fi \
  && apt-get update \
  && apt-get install -y --no-install-recommends \
-      postgresql-15 postgresql-15-repmgr python3 python3-venv ca-certificates curl \
+      postgresql-15 postgresql-15-repmgr pgbackrest python3 python3-venv ca-certificates curl \
  && rm -f /etc/apt/apt.conf.d/99kubefly-cacert \
  && rm -rf /var/lib/apt/lists/*
 # The Debian default cluster is never used: members initialise or clone their own.
@@ -35,7 +36,7 @@ RUN --mount=type=secret,id=cacert,required=false \
  && PIP_CERT=$cert /opt/kubefly/bin/pip install /src \
  && rm -rf /src
 
-# The data volume (pgdata, run, log, repmgr.conf) is mounted here, writable by
+# The data volume (pgdata, run, log, repmgr.conf, pgbackrest/) is mounted here, writable by
 # the postgres user (uid/gid of Debian's postgres package; fsGroup in the pod).
 ENV KUBEFLY_PG_DATA_DIR=/data \
     KUBEFLY_PG_PORT=5432 \

@@ -46,14 +46,29 @@ def postgres_group() -> None:
 @click.option("--handover-timeout", envvar="KUBEFLY_PG_HANDOVER_TIMEOUT", type=float, default=30.0, show_default=True,
               help="On SIGTERM, seconds a primary may spend handing over to a standby before it just stops "
                    "(keep it below the pod's grace period).")
+@click.option("--archive-endpoint", envvar="KUBEFLY_PG_ARCHIVE_ENDPOINT", default="",
+              help="https:// S3 endpoint to archive WAL to with pgBackRest (off when empty).")
+@click.option("--archive-bucket", envvar="KUBEFLY_PG_ARCHIVE_BUCKET", default="kubefly", show_default=True)
+@click.option("--archive-region", envvar="KUBEFLY_PG_ARCHIVE_REGION", default="us-east-1", show_default=True)
+@click.option("--archive-path", envvar="KUBEFLY_PG_ARCHIVE_PATH", default="/postgres", show_default=True,
+              help="Key prefix; the archive is <path>/<cluster>/<system identifier>.")
+@click.option("--cluster", envvar="KUBEFLY_PG_CLUSTER", default="",
+              help="The cluster's name (the pgBackRest stanza); needed with --archive-endpoint.")
+@click.option("--archive-access-key-id", envvar="KUBEFLY_PG_ARCHIVE_ACCESS_KEY_ID", default="",
+              help="S3 access key id; the secret key is read from KUBEFLY_PG_ARCHIVE_SECRET_KEY.")
+@click.option("--archive-ca-file", envvar="KUBEFLY_PG_ARCHIVE_CA_FILE", type=click.Path(path_type=Path, exists=True),
+              help="PEM CA the store's certificate is checked against (or the PEM in KUBEFLY_PG_ARCHIVE_CA).")
 @click.option("--superuser-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--repmgr-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--log-level", default="INFO", show_default=True)
 def member_command(name, node_id, region, data_dir, host, pg_port, health_port, peers, synchronous, priority,
-                   bootstrap, fence_after, handover_timeout, superuser_password_file, repmgr_password_file, log_level):
+                   bootstrap, fence_after, handover_timeout, archive_endpoint, archive_bucket, archive_region,
+                   archive_path, cluster, archive_access_key_id, archive_ca_file, superuser_password_file,
+                   repmgr_password_file, log_level):
     """Run one Postgres member: postgres and repmgrd as children, fencing, /health and /metrics."""
     # Configure logging before importing the modules whose loggers bind at import time.
     logs.configure(log_level, component="postgres-member")
+    from kubefly.postgres.archiver import Settings
     from kubefly.postgres.member import Credentials, Member
     from kubefly.postgres.repmgr import Layout, MemberSpec, Peer
 
@@ -68,8 +83,15 @@ def member_command(name, node_id, region, data_dir, host, pg_port, health_port, 
         layout=Layout(data_dir.resolve()), peers=tuple(Peer.parse(p) for p in peers),
         synchronous=synchronous, priority=priority,
     )
+    archive = None
+    if archive_endpoint:
+        if not cluster or not archive_access_key_id:
+            raise click.UsageError("--archive-endpoint needs --cluster and --archive-access-key-id")
+        ca = archive_ca_file.read_text() if archive_ca_file else os.environ.get("KUBEFLY_PG_ARCHIVE_CA") or None
+        archive = Settings(endpoint=archive_endpoint, bucket=archive_bucket, path_prefix=archive_path, cluster=cluster,
+                           access_key_id=archive_access_key_id, region=archive_region, ca_pem=ca)
     member = Member(spec, creds, bootstrap=bootstrap, fence_after_s=fence_after, handover_timeout_s=handover_timeout,
-                    admin_token=os.environ.get("KUBEFLY_PG_ADMIN_TOKEN") or None)
+                    admin_token=os.environ.get("KUBEFLY_PG_ADMIN_TOKEN") or None, archive=archive)
     asyncio.run(member.serve())
 
 

@@ -57,8 +57,10 @@ class LocalMember:
 
 class LocalCluster:
     def __init__(self, root: Path, *, members: int = 3, synchronous: bool = False, netns: bool = False,
-                 fence_after_s: float = 3.0, region: str = "local", handover_timeout_s: float = 30.0) -> None:
+                 fence_after_s: float = 3.0, region: str = "local", handover_timeout_s: float = 30.0,
+                 member_env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.member_env = dict(member_env or {})  # e.g. the KUBEFLY_PG_ARCHIVE_* settings
         self.synchronous = synchronous
         self.fence_after_s = fence_after_s
         self.handover_timeout_s = handover_timeout_s
@@ -147,7 +149,8 @@ class LocalCluster:
     def start_member(self, name: str) -> None:
         m = self.member(name)
         m.data_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, KUBEFLY_PG_SUPERUSER_PASSWORD=self.password, KUBEFLY_PG_REPMGR_PASSWORD=self.password)
+        env = dict(os.environ, **self.member_env, KUBEFLY_PG_SUPERUSER_PASSWORD=self.password,
+                   KUBEFLY_PG_REPMGR_PASSWORD=self.password)
         log = open(self.root / f"{m.name}.member.log", "ab")
         # Its own session: a kill takes the member's whole process group (supervisor, postgres, repmgrd).
         m.proc = subprocess.Popen(self._member_argv(m), stdout=log, stderr=log, env=env, start_new_session=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import os
 import pwd
 import re
@@ -22,6 +23,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +33,7 @@ from prometheus_client import Counter, Gauge
 from psycopg import sql
 
 from kubefly import logs, metrics
+from kubefly.postgres import archiver as arch
 from kubefly.postgres import decide
 from kubefly.postgres import repmgr as rm
 from kubefly.postgres.repmgr import MemberSpec, Peer
@@ -99,6 +102,7 @@ class Member:
         check_interval_s: float = 0.5,
         admin_token: str | None = None,
         handover_timeout_s: float = 30.0,
+        archive: arch.Settings | None = None,
     ) -> None:
         self.spec = spec
         self.creds = creds
@@ -129,6 +133,10 @@ class Member:
         # well past repmgr's failover clock and past the old primary's fence deadline.
         self.promote_after_s = max(15.0, 3 * fence_after_s)
         self._primary_seen_at = time.monotonic()
+        self.archiver = (arch.Archiver(archive, self.layout, spec.pg_port, self.layout.run, self.run_cmd, dict(os.environ))
+                         if archive is not None else None)
+        self._archive_report: dict | None = None
+        self._was_primary = False
 
     # ---- processes as the postgres user ----------------------------------
 
@@ -157,6 +165,8 @@ class Member:
             # repmgr's own metadata writes must not wait for a synchronous standby: at bootstrap
             # and right after a promotion there is none yet, and repmgr would hang on its own commit.
             "PGOPTIONS": "-c synchronous_commit=local",
+            # postgres's archive_command and every pgbackrest command read the S3 keys from here.
+            **(self.archiver.env if self.archiver is not None else {}),
         }
 
     def _chown(self, path: Path) -> None:
@@ -196,6 +206,8 @@ class Member:
         self.layout.run.chmod(0o700)
         self._write(self.layout.pgpass, rm.render_pgpass(self.creds.repmgr_password, self.creds.superuser_password))
         self._write(self.layout.repmgr_conf, rm.render_repmgr_conf(self.spec, f"http://127.0.0.1:{self.spec.health_port}"))
+        if self.archiver is not None:
+            self.archiver.prepare(self._write, self._chown)
 
     def _write(self, path: Path, text: str) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -207,7 +219,10 @@ class Member:
 
     def write_pg_config(self) -> None:
         """Our own postgresql.conf/pg_hba.conf, over whatever initdb or a clone left there."""
-        self._write(self.layout.pgdata / "postgresql.conf", rm.render_postgresql_conf(self.spec))
+        spec = self.spec
+        if self.archiver is not None:
+            spec = dataclasses.replace(spec, extra_pg_settings={**spec.extra_pg_settings, **self.archiver.pg_settings()})
+        self._write(self.layout.pgdata / "postgresql.conf", rm.render_postgresql_conf(spec))
         self._write(self.layout.pgdata / "pg_hba.conf", rm.render_pg_hba())
 
     def has_data(self) -> bool:
@@ -233,6 +248,9 @@ class Member:
     async def start_postgres(self, timeout: float = 120.0) -> None:
         if self.pg_running():
             return
+        if self.archiver is not None:
+            # The archive is the lineage's: named after the data's system identifier.
+            self.archiver.configure(self._write, (await self.controldata()).get("Database system identifier"))
         self.write_pg_config()
         logf = open(self.layout.logs / "postgres.log", "ab")
         try:
@@ -403,6 +421,8 @@ class Member:
             "fenced": self.fenced,
             "repmgrd": self.repmgrd_settled(),
             "busy": self.op.locked(),
+            "archive": self._archive_report if role == decide.PRIMARY or self._archive_report is None
+            else {k: self._archive_report[k] for k in ("path", "stanza", "error")},
         }
 
     def _export_metrics(self, h: dict) -> None:
@@ -427,6 +447,7 @@ class Member:
             h = self.health()
             if h["role"] == decide.PRIMARY or any(r.role == decide.PRIMARY for r in self.visible.values()):
                 self._primary_seen_at = now
+            await self._tend_archive(h)
             self._export_metrics(h)
             if not self.op.locked():
                 try:
@@ -435,6 +456,21 @@ class Member:
                     log.error("step failed", error=str(exc))
                     await asyncio.sleep(1)
             await asyncio.sleep(self.check_interval_s)
+
+    async def _tend_archive(self, h: dict) -> None:
+        if self.archiver is None:
+            return
+        primary = h["role"] == decide.PRIMARY and h["writable"]
+        if primary and not self._was_primary:
+            self.archiver.promoted()
+        self._was_primary = primary
+        self.archiver.tend(primary=primary)
+        if self.local.up and self._conn is not None:
+            try:
+                self._archive_report = await asyncio.wait_for(
+                    self.archiver.observe(self._conn, primary=primary, now=datetime.now(UTC)), 2)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                log.warning("archive status unread", error=str(exc))
 
     async def _step(self, now: float) -> None:
         if self.pg_running() and self.local.up and not self.local.in_recovery:

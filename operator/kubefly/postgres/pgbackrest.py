@@ -80,8 +80,10 @@ class Repository:
     def port(self) -> int:
         return urlsplit(self.endpoint).port or 443
 
-    def path_for(self, cluster: str) -> str:
-        return f"{self.path_prefix.rstrip('/')}/{cluster}"
+    def path_for(self, cluster: str, system_id: str | None = None) -> str:
+        """A cluster's archive; with `system_id`, that of one database lineage in it."""
+        base = f"{self.path_prefix.rstrip('/')}/{cluster}"
+        return f"{base}/{system_id}" if system_id else base
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,13 @@ class Member:
     layout: Layout
     pg_port: int
     socket_dir: Path  # unix_socket_directories of its postgres
+    system_id: str | None = None  # pg_controldata's; when set, the archive is that lineage's own
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.cluster):
             raise ValueError(f"cluster {self.cluster!r}: not a valid name for a stanza")
+        if self.system_id is not None and not self.system_id.isdigit():
+            raise ValueError(f"system_id {self.system_id!r}: the database system identifier is a number")
 
     @property
     def base(self) -> Path:
@@ -137,7 +142,7 @@ def render_conf(repo: Repository, member: Member, *, process_max: int = 2) -> st
         "repo1-s3-region": repo.region,
         # Virtual-host style would put the bucket in the host name (bucket.127.0.0.1).
         "repo1-s3-uri-style": "path",
-        "repo1-path": repo.path_for(member.cluster),
+        "repo1-path": repo.path_for(member.cluster, member.system_id),
         "repo1-storage-verify-tls": "y" if repo.verify_tls else "n",
         **({"repo1-storage-ca-file": str(repo.ca_file)} if repo.ca_file else {}),
         "repo1-retention-full-type": "count",

@@ -214,3 +214,13 @@ def test_info_json_parses_into_backups_oldest_first_with_times_sizes_and_wal_ran
     # the WAL range of the current database, not of one from before a stanza-upgrade
     assert (orders.wal_min, orders.wal_max) == ("000000020000000000000007", "000000020000000000000009")
     assert (empty.status_code, empty.backups, empty.wal_min, empty.wal_max) == (2, (), "", "")
+
+
+def test_a_lineage_archives_under_its_system_identifier():
+    repo = pb.Repository(endpoint="https://s3.example:8443", bucket="b", access_key_id="k", secret_key_env="S",
+                         path_prefix="/postgres/org")
+    member = pb.Member("pg", Layout(Path("/data")), 5432, Path("/data/run"), system_id="7412345678901234567")
+    assert "repo1-path=/postgres/org/pg/7412345678901234567\n" in pb.render_conf(repo, member)
+    assert repo.path_for("pg") == "/postgres/org/pg"
+    with pytest.raises(ValueError, match="system identifier"):
+        pb.Member("pg", Layout(Path("/data")), 5432, Path("/data/run"), system_id="../x")

@@ -1,0 +1,93 @@
+"""Continuous WAL archiving by real members (postgres + repmgr + pgBackRest) into the real S3
+server over TLS: the primary creates the stanza and archives; after a failover the new
+primary archives on into the same archive, on its new timeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+
+import psycopg
+import pytest
+
+from kubefly.postgres import pgbackrest as pb
+from kubefly.postgres.repmgr import Layout
+from pg_component_helpers import wait_for
+
+pytestmark = pytest.mark.component
+
+
+@pytest.fixture
+def archived_cluster(make_cluster, object_store):
+    if shutil.which("pgbackrest") is None:
+        pytest.fail("pgbackrest is required (make os-deps)", pytrace=False)
+    cluster = f"arch-{secrets.token_hex(3)}"
+    env = {"KUBEFLY_PG_ARCHIVE_ENDPOINT": object_store.https_endpoint,
+           "KUBEFLY_PG_ARCHIVE_BUCKET": object_store.bucket,
+           "KUBEFLY_PG_ARCHIVE_PATH": "/postgres/component",
+           "KUBEFLY_PG_CLUSTER": cluster,
+           "KUBEFLY_PG_ARCHIVE_ACCESS_KEY_ID": object_store.access_key,
+           "KUBEFLY_PG_ARCHIVE_SECRET_KEY": object_store.secret_key,
+           "KUBEFLY_PG_ARCHIVE_CA_FILE": object_store.ca_file}
+    return make_cluster(members=3, member_env=env), cluster, object_store
+
+
+def _archive(c, name: str) -> dict:
+    return (c.health(name) or {}).get("archive") or {}
+
+
+def _switch(c, name: str) -> str:
+    """Closes the current segment on `name` (the primary) and returns its file name."""
+    with psycopg.connect(c.member_dsn(name), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS t (id serial PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, 1000) g")
+        return conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+
+
+def _info(c, name: str, cluster: str, store) -> pb.StanzaInfo:
+    """What pgBackRest itself reads back from the store, with the member's own configuration."""
+    member = pb.Member(cluster, Layout(c.member(name).data_dir), c.member(name).pg_port, Layout(c.member(name).data_dir).run)
+    env = dict(os.environ, PGBACKREST_REPO1_S3_KEY=store.access_key, PGBACKREST_REPO1_S3_KEY_SECRET=store.secret_key)
+    argv = pb.info(member)
+    argv.insert(1, "--log-level-file=off")  # no root-owned log among the member's files
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (stanza,) = pb.parse_info(out.stdout)
+    return stanza
+
+
+def test_primary_archives_and_the_new_primary_carries_on_after_failover(archived_cluster):
+    c, cluster, store = archived_cluster
+    primary = c.wait_healthy(60)
+    wait_for(lambda: _archive(c, primary).get("stanza") == "ready", 90, f"stanza ready on {primary}")
+    report = _archive(c, primary)
+    assert report["path"].startswith(f"/postgres/component/{cluster}/"), report
+    system_id = report["path"].rsplit("/", 1)[1]
+    assert system_id.isdigit(), report
+
+    segment = _switch(c, primary)
+    wait_for(lambda: (_archive(c, primary).get("last_archived_wal") or "") >= segment, 60,
+             f"{segment} archived by {primary}")
+    report = _archive(c, primary)
+    assert report["failed_count"] == 0 or report["last_archived_age_s"] <= (report["last_failed_age_s"] or 1e9), report
+    standby = next(m.name for m in c.members if m.name != primary)
+    assert _archive(c, standby).get("path") == report["path"]  # every member names the same archive
+    assert "last_archived_wal" not in _archive(c, standby)  # a standby archives nothing
+    info = _info(c, primary, cluster, store)
+    assert info.wal_max >= segment, info
+
+    # Failover: the new primary archives its timeline into the same archive.
+    c.kill(primary)
+    survivors = [m.name for m in c.members if m.name != primary]
+    new = c.wait_healthy(90, members=survivors)
+    wait_for(lambda: _archive(c, new).get("stanza") == "ready", 90, f"stanza ready on {new}")
+    segment2 = _switch(c, new)
+    assert int(segment2[:8], 16) > int(segment[:8], 16), (segment, segment2)  # a new timeline
+    wait_for(lambda: (_archive(c, new).get("last_archived_wal") or "") >= segment2, 60, f"{segment2} archived by {new}")
+    assert _archive(c, new)["path"] == report["path"]
+    info = _info(c, new, cluster, store)
+    assert info.wal_max >= segment2, info
+    assert json.dumps(c.health(new)).count(store.secret_key) == 0  # the key never shows on /health
