@@ -22,8 +22,8 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import Gauge
@@ -46,6 +46,7 @@ SECRET_KEY_ENV = "KUBEFLY_PG_ARCHIVE_SECRET_KEY"
 # loss of every member and volume loses (RPO), at up to 16 MiB (mostly zeros, lz4) per switch.
 ARCHIVE_TIMEOUT_S = 5
 STANZA_RETRY_S = 15.0
+BACKUP_TIMEOUT_S = 6 * 3600
 
 _STATUS_SQL = """
 SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time
@@ -64,11 +65,34 @@ class Settings:
     access_key_id: str
     region: str = "us-east-1"
     ca_pem: str | None = None  # a private CA (the bundled store's); None: the system's trust
+    recovery_window_days: int = 7  # backups (and their WAL) are kept this long at least
 
     def repository(self, ca_file: Path | None) -> pb.Repository:
         return pb.Repository(endpoint=self.endpoint, bucket=self.bucket, access_key_id=self.access_key_id,
                              region=self.region or "us-east-1", secret_key_env=SECRET_KEY_ENV,
-                             path_prefix=self.path_prefix, ca_file=ca_file)
+                             path_prefix=self.path_prefix, ca_file=ca_file,
+                             retention_full=self.recovery_window_days, retention_full_type="time")
+
+
+@dataclass
+class BackupRun:
+    """One base backup this member was asked for (by the PostgresBackup whose uid is `id`)."""
+
+    id: str
+    type: pb.BackupType
+    started: datetime
+    state: str = "running"  # running | completed | failed
+    finished: datetime | None = None
+    error: str | None = None
+    result: dict = field(default_factory=dict)  # the backup as `info` lists it
+
+    def report(self) -> dict:
+        return {"id": self.id, "type": self.type, "state": self.state, "started": _iso(self.started),
+                "finished": _iso(self.finished), "error": self.error, **self.result}
+
+
+class BackupBusy(RuntimeError):
+    pass
 
 
 class Archiver:
@@ -90,6 +114,8 @@ class Archiver:
         self._stanza_task: asyncio.Task | None = None
         self._stanza_tried_at = 0.0
         self.last: dict | None = None
+        self.backup_run: BackupRun | None = None
+        self._backup_task: asyncio.Task | None = None
 
     def prepare(self, write: Callable[[Path, str], None], chown: Callable[[Path], None]) -> None:
         for d in self.member.directories():
@@ -139,10 +165,47 @@ class Archiver:
         self.stanza_ok, self.stanza_error = True, None
         log.info("stanza ready", stanza=self.settings.cluster, path=self.archive_path)
 
+    def start_backup(self, run_id: str, kind: pb.BackupType) -> BackupRun:
+        """Begins a base backup in the background (the caller checked this member is the primary)."""
+        if self.backup_run is not None and self.backup_run.id == run_id:
+            return self.backup_run  # asked again (the operator retried): the same run
+        if self._backup_task is not None and not self._backup_task.done():
+            raise BackupBusy(f"backup {self.backup_run.id} is still running")
+        if not self.stanza_ok:
+            raise BackupBusy(f"the archive {self.archive_path} is not ready yet ({self.stanza_error or 'creating'})")
+        self.backup_run = BackupRun(run_id, kind, datetime.now(UTC))
+        self._backup_task = asyncio.create_task(self._backup(self.backup_run))
+        return self.backup_run
+
+    async def _backup(self, run: BackupRun) -> None:
+        try:
+            before = {b.label for b in await self._backups()}
+            await self._run(pb.backup(self.member, run.type), timeout=BACKUP_TIMEOUT_S)
+            made = [b for b in await self._backups() if b.label not in before]
+            if not made:
+                raise RuntimeError("pgbackrest backup succeeded but info lists no new backup")
+            b = made[-1]
+            run.result = {"label": b.label, "backup_started": _iso(b.started), "backup_finished": _iso(b.finished),
+                          "size_bytes": b.size_bytes, "repo_size_bytes": b.repo_size_bytes,
+                          "wal_start": b.wal_start, "wal_stop": b.wal_stop, "lsn_start": b.lsn_start,
+                          "lsn_stop": b.lsn_stop}
+            run.state = "completed"
+            log.info("backup completed", id=run.id, label=b.label, size_bytes=b.size_bytes)
+        except Exception as exc:  # noqa: BLE001 - the PostgresBackup's status says why
+            run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"[:1000]
+            log.warning("backup failed", id=run.id, error=run.error)
+        finally:
+            run.finished = datetime.now(UTC)
+
+    async def _backups(self) -> list[pb.BackupInfo]:
+        stanzas = pb.parse_info(await self._run(pb.info(self.member), timeout=120))
+        return [b for s in stanzas for b in s.backups]
+
     async def observe(self, conn, *, primary: bool, now: datetime) -> dict:
         """What /health says of archiving (`conn`: the member's autocommit connection)."""
         report: dict = {"path": self.archive_path, "stanza": "ready" if self.stanza_ok else
-                        ("failed" if self.stanza_error else "pending"), "error": self.stanza_error}
+                        ("failed" if self.stanza_error else "pending"), "error": self.stanza_error,
+                        "backup": self.backup_run.report() if self.backup_run is not None else None}
         if primary:
             row = await (await conn.execute(_STATUS_SQL)).fetchone()
             archived, last_wal, last_at, failed, failed_wal, failed_at = row
@@ -162,6 +225,10 @@ class Archiver:
             return sum(1 for p in status.iterdir() if p.name.endswith(".ready"))
         except OSError:
             return 0
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _age(at: datetime | None, now: datetime) -> float | None:

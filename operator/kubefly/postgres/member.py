@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import hmac
 import os
 import pwd
 import re
@@ -422,7 +423,7 @@ class Member:
             "repmgrd": self.repmgrd_settled(),
             "busy": self.op.locked(),
             "archive": self._archive_report if role == decide.PRIMARY or self._archive_report is None
-            else {k: self._archive_report[k] for k in ("path", "stanza", "error")},
+            else {k: self._archive_report[k] for k in ("path", "stanza", "error", "backup")},
         }
 
     def _export_metrics(self, h: dict) -> None:
@@ -722,6 +723,7 @@ class Member:
         app.router.add_post("/switchover", self._h_switchover)
         app.router.add_post("/demote", self._h_demote)
         app.router.add_post("/follow", self._h_follow)
+        app.router.add_post("/backup", self._h_backup)
         return app
 
     async def _h_health(self, _req: web.Request) -> web.Response:
@@ -746,7 +748,8 @@ class Member:
         return web.json_response({"ok": True})
 
     def _authorize(self, req: web.Request) -> None:
-        if self.admin_token and req.headers.get("Authorization") != f"Bearer {self.admin_token}":
+        given = req.headers.get("Authorization", "").encode()
+        if self.admin_token and not hmac.compare_digest(given, f"Bearer {self.admin_token}".encode()):
             raise web.HTTPUnauthorized()
 
     async def _h_switchover(self, req: web.Request) -> web.Response:
@@ -770,6 +773,24 @@ class Member:
         except CommandFailed as exc:
             raise web.HTTPInternalServerError(text=str(exc)) from exc
         return web.json_response({"ok": True})
+
+    async def _h_backup(self, req: web.Request) -> web.Response:
+        """Start a base backup here ({"id": the PostgresBackup's uid, "type": full|incr|diff});
+        its progress and outcome are on /health under archive.backup."""
+        self._authorize(req)
+        if self.archiver is None:
+            raise web.HTTPConflict(text="this member does not archive (the platform has no object store)")
+        if not (self.local.up and not self.local.in_recovery and self.health()["writable"]):
+            raise web.HTTPConflict(text="not the writable primary")
+        body = await req.json()
+        kind = body.get("type", "full")
+        if kind not in ("full", "incr", "diff") or not isinstance(body.get("id"), str) or not body["id"]:
+            raise web.HTTPBadRequest(text='expected {"id": "...", "type": "full" | "incr" | "diff"}')
+        try:
+            run = self.archiver.start_backup(body["id"], kind)
+        except arch.BackupBusy as exc:
+            raise web.HTTPConflict(text=str(exc)) from exc
+        return web.json_response(run.report(), status=202)
 
     # ---- main -----------------------------------------------------------------
 

@@ -51,7 +51,10 @@ class Repository:
     path_prefix: str = "/postgres"  # each cluster archives under <prefix>/<cluster>
     verify_tls: bool = True
     ca_file: Path | None = None  # a private CA, e.g. the bundled store's
-    retention_full: int = 2  # full backups kept; older ones and the WAL only they need expire
+    # Full backups kept (count), or days a full backup stays (time: the recovery window; pgBackRest
+    # keeps one full at least that old). Older ones and the WAL only they need expire after a backup.
+    retention_full: int = 2
+    retention_full_type: Literal["count", "time"] = "count"
 
     def __post_init__(self) -> None:
         url = urlsplit(self.endpoint)
@@ -71,6 +74,8 @@ class Repository:
             raise ValueError(f"path_prefix {self.path_prefix!r}: an absolute path without spaces")
         if self.retention_full < 1:
             raise ValueError(f"retention_full {self.retention_full}: at least 1")
+        if self.retention_full_type not in ("count", "time"):
+            raise ValueError(f"retention_full_type {self.retention_full_type!r}: count or time")
 
     @property
     def host(self) -> str:
@@ -145,7 +150,7 @@ def render_conf(repo: Repository, member: Member, *, process_max: int = 2) -> st
         "repo1-path": repo.path_for(member.cluster, member.system_id),
         "repo1-storage-verify-tls": "y" if repo.verify_tls else "n",
         **({"repo1-storage-ca-file": str(repo.ca_file)} if repo.ca_file else {}),
-        "repo1-retention-full-type": "count",
+        "repo1-retention-full-type": repo.retention_full_type,
         "repo1-retention-full": str(repo.retention_full),
         # archive-push acknowledges a segment once pushed, but pushes ahead in parallel
         # from the spool; archive-get prefetches the same way during recovery.
@@ -282,9 +287,12 @@ class StanzaInfo:
 
 
 def parse_info(text: str) -> list[StanzaInfo]:
-    """`pgbackrest info --output=json`: one entry per stanza, backups oldest first."""
+    """`pgbackrest info --output=json`: one entry per stanza, backups oldest first. Log lines
+    before the JSON (a warning on the same stream) are skipped."""
+    start = 0 if text.lstrip().startswith("[") else text.find("\n[") + 1
+    entries, _ = json.JSONDecoder().raw_decode(text[start:].lstrip())
     stanzas = []
-    for entry in json.loads(text):
+    for entry in entries:
         backups = tuple(
             BackupInfo(
                 label=b["label"],

@@ -9,6 +9,8 @@ import os
 import secrets
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 
 import psycopg
 import pytest
@@ -91,3 +93,38 @@ def test_primary_archives_and_the_new_primary_carries_on_after_failover(archived
     info = _info(c, new, cluster, store)
     assert info.wal_max >= segment2, info
     assert json.dumps(c.health(new)).count(store.secret_key) == 0  # the key never shows on /health
+
+
+def _post_backup(c, name: str, body: dict) -> tuple[int, dict | str]:
+    m = c.member(name)
+    req = urllib.request.Request(f"http://{m.client_host}:{m.health_port}/backup", method="POST",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_backup_asked_of_the_primary_runs_in_the_background_and_reports_its_wal_range(archived_cluster):
+    c, cluster, store = archived_cluster
+    primary = c.wait_healthy(60)
+    wait_for(lambda: _archive(c, primary).get("stanza") == "ready", 90, f"stanza ready on {primary}")
+    standby = next(m.name for m in c.members if m.name != primary)
+    code, text = _post_backup(c, standby, {"id": "b1", "type": "full"})
+    assert code == 409 and "primary" in text  # a standby takes no backup request
+    code, text = _post_backup(c, primary, {"id": "b1", "type": "weekly"})
+    assert code == 400, text
+
+    code, run = _post_backup(c, primary, {"id": "b1", "type": "full"})
+    assert code == 202 and run["id"] == "b1" and run["state"] == "running", run
+    assert _post_backup(c, primary, {"id": "b1", "type": "full"})[0] == 202  # asked again: the same run
+    code, text = _post_backup(c, primary, {"id": "b2", "type": "full"})
+    assert code == 409 and "b1" in text  # one at a time
+    done = wait_for(lambda: (b := _archive(c, primary).get("backup")) and b["state"] != "running" and b, 180,
+                    "backup b1 finished")
+    assert done["state"] == "completed", done
+    assert done["label"].endswith("F") and done["size_bytes"] > 10_000_000, done  # a whole database, full
+    assert done["wal_start"] and done["wal_stop"] >= done["wal_start"], done
+    (info_backup,) = _info(c, primary, cluster, store).backups
+    assert info_backup.label == done["label"]

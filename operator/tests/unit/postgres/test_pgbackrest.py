@@ -224,3 +224,9 @@ def test_a_lineage_archives_under_its_system_identifier():
     assert repo.path_for("pg") == "/postgres/org/pg"
     with pytest.raises(ValueError, match="system identifier"):
         pb.Member("pg", Layout(Path("/data")), 5432, Path("/data/run"), system_id="../x")
+
+
+def test_info_after_a_warning_on_the_same_stream_still_parses():
+    text = 'WARN: something about the repo\n[{"name": "pg", "status": {"code": 2, "message": "no valid backups"}}]\n'
+    (stanza,) = pb.parse_info(text)
+    assert stanza.name == "pg" and stanza.status_code == 2 and stanza.backups == ()
