@@ -47,6 +47,9 @@ SECRET_KEY_ENV = "KUBEFLY_PG_ARCHIVE_SECRET_KEY"
 ARCHIVE_TIMEOUT_S = 5
 STANZA_RETRY_S = 15.0
 BACKUP_TIMEOUT_S = 6 * 3600
+# Days a backup and its WAL stay at least, unless a backup request says otherwise (the
+# cluster's spec.backups.recoveryWindowDays, which the operator sends with each request).
+DEFAULT_RECOVERY_WINDOW_DAYS = 7
 
 _STATUS_SQL = """
 SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time
@@ -65,13 +68,12 @@ class Settings:
     access_key_id: str
     region: str = "us-east-1"
     ca_pem: str | None = None  # a private CA (the bundled store's); None: the system's trust
-    recovery_window_days: int = 7  # backups (and their WAL) are kept this long at least
 
     def repository(self, ca_file: Path | None) -> pb.Repository:
         return pb.Repository(endpoint=self.endpoint, bucket=self.bucket, access_key_id=self.access_key_id,
                              region=self.region or "us-east-1", secret_key_env=SECRET_KEY_ENV,
                              path_prefix=self.path_prefix, ca_file=ca_file,
-                             retention_full=self.recovery_window_days, retention_full_type="time")
+                             retention_full=DEFAULT_RECOVERY_WINDOW_DAYS, retention_full_type="time")
 
 
 @dataclass
@@ -80,6 +82,7 @@ class BackupRun:
 
     id: str
     type: pb.BackupType
+    retention_days: int
     started: datetime
     state: str = "running"  # running | completed | failed
     finished: datetime | None = None
@@ -165,7 +168,7 @@ class Archiver:
         self.stanza_ok, self.stanza_error = True, None
         log.info("stanza ready", stanza=self.settings.cluster, path=self.archive_path)
 
-    def start_backup(self, run_id: str, kind: pb.BackupType) -> BackupRun:
+    def start_backup(self, run_id: str, kind: pb.BackupType, retention_days: int) -> BackupRun:
         """Begins a base backup in the background (the caller checked this member is the primary)."""
         if self.backup_run is not None and self.backup_run.id == run_id:
             return self.backup_run  # asked again (the operator retried): the same run
@@ -173,14 +176,14 @@ class Archiver:
             raise BackupBusy(f"backup {self.backup_run.id} is still running")
         if not self.stanza_ok:
             raise BackupBusy(f"the archive {self.archive_path} is not ready yet ({self.stanza_error or 'creating'})")
-        self.backup_run = BackupRun(run_id, kind, datetime.now(UTC))
+        self.backup_run = BackupRun(run_id, kind, retention_days, datetime.now(UTC))
         self._backup_task = asyncio.create_task(self._backup(self.backup_run))
         return self.backup_run
 
     async def _backup(self, run: BackupRun) -> None:
         try:
             before = {b.label for b in await self._backups()}
-            await self._run(pb.backup(self.member, run.type), timeout=BACKUP_TIMEOUT_S)
+            await self._run(pb.backup(self.member, run.type, retention_full=run.retention_days), timeout=BACKUP_TIMEOUT_S)
             made = [b for b in await self._backups() if b.label not in before]
             if not made:
                 raise RuntimeError("pgbackrest backup succeeded but info lists no new backup")

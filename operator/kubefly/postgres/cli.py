@@ -58,15 +58,12 @@ def postgres_group() -> None:
               help="S3 access key id; the secret key is read from KUBEFLY_PG_ARCHIVE_SECRET_KEY.")
 @click.option("--archive-ca-file", envvar="KUBEFLY_PG_ARCHIVE_CA_FILE", type=click.Path(path_type=Path, exists=True),
               help="PEM CA the store's certificate is checked against (or the PEM in KUBEFLY_PG_ARCHIVE_CA).")
-@click.option("--recovery-window-days", envvar="KUBEFLY_PG_RECOVERY_WINDOW_DAYS", type=click.IntRange(1, 3650),
-              default=7, show_default=True, help="Days backups and their WAL are kept at least (pgBackRest retention).")
 @click.option("--superuser-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--repmgr-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--log-level", default="INFO", show_default=True)
 def member_command(name, node_id, region, data_dir, host, pg_port, health_port, peers, synchronous, priority,
                    bootstrap, fence_after, handover_timeout, archive_endpoint, archive_bucket, archive_region,
-                   archive_path, cluster, archive_access_key_id, archive_ca_file, recovery_window_days,
-                   superuser_password_file,
+                   archive_path, cluster, archive_access_key_id, archive_ca_file, superuser_password_file,
                    repmgr_password_file, log_level):
     """Run one Postgres member: postgres and repmgrd as children, fencing, /health and /metrics."""
     # Configure logging before importing the modules whose loggers bind at import time.
@@ -92,8 +89,7 @@ def member_command(name, node_id, region, data_dir, host, pg_port, health_port, 
             raise click.UsageError("--archive-endpoint needs --cluster and --archive-access-key-id")
         ca = archive_ca_file.read_text() if archive_ca_file else os.environ.get("KUBEFLY_PG_ARCHIVE_CA") or None
         archive = Settings(endpoint=archive_endpoint, bucket=archive_bucket, path_prefix=archive_path, cluster=cluster,
-                           access_key_id=archive_access_key_id, region=archive_region, ca_pem=ca,
-                           recovery_window_days=recovery_window_days)
+                           access_key_id=archive_access_key_id, region=archive_region, ca_pem=ca)
     member = Member(spec, creds, bootstrap=bootstrap, fence_after_s=fence_after, handover_timeout_s=handover_timeout,
                     admin_token=os.environ.get("KUBEFLY_PG_ADMIN_TOKEN") or None, archive=archive)
     asyncio.run(member.serve())

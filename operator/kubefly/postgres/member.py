@@ -775,19 +775,22 @@ class Member:
         return web.json_response({"ok": True})
 
     async def _h_backup(self, req: web.Request) -> web.Response:
-        """Start a base backup here ({"id": the PostgresBackup's uid, "type": full|incr|diff});
-        its progress and outcome are on /health under archive.backup."""
+        """Start a base backup here ({"id": the PostgresBackup's uid, "type": full|incr|diff,
+        "retention_days": the recovery window}); its progress and outcome are on /health under
+        archive.backup."""
         self._authorize(req)
         if self.archiver is None:
             raise web.HTTPConflict(text="this member does not archive (the platform has no object store)")
         if not (self.local.up and not self.local.in_recovery and self.health()["writable"]):
             raise web.HTTPConflict(text="not the writable primary")
         body = await req.json()
-        kind = body.get("type", "full")
-        if kind not in ("full", "incr", "diff") or not isinstance(body.get("id"), str) or not body["id"]:
-            raise web.HTTPBadRequest(text='expected {"id": "...", "type": "full" | "incr" | "diff"}')
+        kind, days = body.get("type", "full"), body.get("retention_days", arch.DEFAULT_RECOVERY_WINDOW_DAYS)
+        if (kind not in ("full", "incr", "diff") or not isinstance(body.get("id"), str) or not body["id"]
+                or not isinstance(days, int) or not 1 <= days <= 3650):
+            raise web.HTTPBadRequest(
+                text='expected {"id": "...", "type": "full" | "incr" | "diff", "retention_days": 1..3650}')
         try:
-            run = self.archiver.start_backup(body["id"], kind)
+            run = self.archiver.start_backup(body["id"], kind, days)
         except arch.BackupBusy as exc:
             raise web.HTTPConflict(text=str(exc)) from exc
         return web.json_response(run.report(), status=202)

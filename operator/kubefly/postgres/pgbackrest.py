@@ -205,10 +205,14 @@ def check(member: Member) -> list[str]:
     return [*_base(member), "check"]
 
 
-def backup(member: Member, kind: BackupType = "full") -> list[str]:
+def backup(member: Member, kind: BackupType = "full", *, retention_full: int | None = None) -> list[str]:
+    """`retention_full` overrides the file's (days with time retention): what expires after this backup."""
     if kind not in ("full", "incr", "diff"):
         raise ValueError(f"backup type {kind!r}: full, incr or diff")
-    return [*_base(member), f"--type={kind}", "backup"]
+    if retention_full is not None and retention_full < 1:
+        raise ValueError(f"retention_full {retention_full}: at least 1")
+    keep = [f"--repo1-retention-full={retention_full}"] if retention_full is not None else []
+    return [*_base(member), f"--type={kind}", *keep, "backup"]
 
 
 def archive_command(member: Member) -> str:

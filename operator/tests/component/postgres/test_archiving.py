@@ -113,10 +113,11 @@ def test_a_backup_asked_of_the_primary_runs_in_the_background_and_reports_its_wa
     standby = next(m.name for m in c.members if m.name != primary)
     code, text = _post_backup(c, standby, {"id": "b1", "type": "full"})
     assert code == 409 and "primary" in text  # a standby takes no backup request
-    code, text = _post_backup(c, primary, {"id": "b1", "type": "weekly"})
-    assert code == 400, text
+    for bad in ({"id": "b1", "type": "weekly"}, {"id": "b1", "retention_days": 0}, {"type": "full"}):
+        code, text = _post_backup(c, primary, bad)
+        assert code == 400, (bad, text)
 
-    code, run = _post_backup(c, primary, {"id": "b1", "type": "full"})
+    code, run = _post_backup(c, primary, {"id": "b1", "type": "full", "retention_days": 2})
     assert code == 202 and run["id"] == "b1" and run["state"] == "running", run
     assert _post_backup(c, primary, {"id": "b1", "type": "full"})[0] == 202  # asked again: the same run
     code, text = _post_backup(c, primary, {"id": "b2", "type": "full"})

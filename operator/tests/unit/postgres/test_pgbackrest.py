@@ -230,3 +230,11 @@ def test_info_after_a_warning_on_the_same_stream_still_parses():
     text = 'WARN: something about the repo\n[{"name": "pg", "status": {"code": 2, "message": "no valid backups"}}]\n'
     (stanza,) = pb.parse_info(text)
     assert stanza.name == "pg" and stanza.status_code == 2 and stanza.backups == ()
+
+
+def test_a_backup_may_carry_the_recovery_window_it_expires_by():
+    member = pb.Member("pg", Layout(Path("/data")), 5432, Path("/data/run"))
+    assert pb.backup(member, "full", retention_full=14)[-2:] == ["--repo1-retention-full=14", "backup"]
+    assert "--repo1-retention-full" not in " ".join(pb.backup(member, "incr"))
+    with pytest.raises(ValueError):
+        pb.backup(member, "full", retention_full=0)
