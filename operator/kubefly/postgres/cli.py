@@ -90,8 +90,11 @@ def member_command(name, node_id, region, data_dir, host, pg_port, health_port, 
         ca = archive_ca_file.read_text() if archive_ca_file else os.environ.get("KUBEFLY_PG_ARCHIVE_CA") or None
         archive = Settings(endpoint=archive_endpoint, bucket=archive_bucket, path_prefix=archive_path, cluster=cluster,
                            access_key_id=archive_access_key_id, region=archive_region, ca_pem=ca)
+    # The admin endpoints (switchover, demote, follow, backup) change who is primary or load the
+    # database: a member never runs them unauthenticated.
+    admin_token = _secret(os.environ.get("KUBEFLY_PG_ADMIN_TOKEN"), None, "admin token (KUBEFLY_PG_ADMIN_TOKEN)")
     member = Member(spec, creds, bootstrap=bootstrap, fence_after_s=fence_after, handover_timeout_s=handover_timeout,
-                    admin_token=os.environ.get("KUBEFLY_PG_ADMIN_TOKEN") or None, archive=archive)
+                    admin_token=admin_token, archive=archive)
     asyncio.run(member.serve())
 
 

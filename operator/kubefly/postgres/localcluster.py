@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class LocalCluster:
         self.tag = secrets.token_hex(2)
         self.netns = netns
         self.password = secrets.token_urlsafe(16)
+        self.admin_token = secrets.token_urlsafe(16)  # what the members' admin endpoints require
         self.members: list[LocalMember] = []
         for i in range(members):
             name = NAMES[i]
@@ -150,7 +152,7 @@ class LocalCluster:
         m = self.member(name)
         m.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, **self.member_env, KUBEFLY_PG_SUPERUSER_PASSWORD=self.password,
-                   KUBEFLY_PG_REPMGR_PASSWORD=self.password)
+                   KUBEFLY_PG_REPMGR_PASSWORD=self.password, KUBEFLY_PG_ADMIN_TOKEN=self.admin_token)
         log = open(self.root / f"{m.name}.member.log", "ab")
         # Its own session: a kill takes the member's whole process group (supervisor, postgres, repmgrd).
         m.proc = subprocess.Popen(self._member_argv(m), stdout=log, stderr=log, env=env, start_new_session=True)
@@ -248,6 +250,20 @@ class LocalCluster:
                 return prim[0]
             time.sleep(0.3)
         raise TimeoutError(f"cluster not healthy after {timeout}s: {last}")
+
+    def admin_post(self, name: str, path: str, body: dict | None = None, *, timeout: float = 10.0,
+                   token: str | None = None) -> tuple[int, dict | str]:
+        """POST to member `name`'s admin endpoint with the cluster's token (or `token`): (status, answer)."""
+        m = self.member(name)
+        req = urllib.request.Request(f"http://{m.client_host}:{m.health_port}{path}", method="POST",
+                                     data=json.dumps(body or {}).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self.admin_token if token is None else token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
 
     def dsn(self, *, host: str = "127.0.0.1", port: int | None = None, dbname: str = "postgres") -> str:
         return (f"host={host} port={port or self.endpoint_port} user=postgres password={self.password} "

@@ -101,7 +101,7 @@ class Member:
         bootstrap: bool,
         fence_after_s: float = 3.0,
         check_interval_s: float = 0.5,
-        admin_token: str | None = None,
+        admin_token: str,
         handover_timeout_s: float = 30.0,
         archive: arch.Settings | None = None,
     ) -> None:
@@ -110,6 +110,8 @@ class Member:
         self.bootstrap = bootstrap
         self.fence_after_s = fence_after_s
         self.check_interval_s = check_interval_s
+        if not admin_token:
+            raise ValueError("a member needs its admin token: /switchover, /demote, /follow and /backup are refused without it")
         self.admin_token = admin_token
         self.handover_timeout_s = handover_timeout_s
         self.layout = spec.layout
@@ -704,7 +706,7 @@ class Member:
             return {"primary": self.spec.name, "old_primary": old.name}
 
     async def _admin_post(self, peer: Peer, path: str, *, json: dict | None = None, timeout: float) -> dict:
-        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
         async with self._http.post(
             f"http://{_hostport(peer.host, peer.health_port)}{path}", json=json or {}, headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout),
@@ -749,7 +751,7 @@ class Member:
 
     def _authorize(self, req: web.Request) -> None:
         given = req.headers.get("Authorization", "").encode()
-        if self.admin_token and not hmac.compare_digest(given, f"Bearer {self.admin_token}".encode()):
+        if not hmac.compare_digest(given, f"Bearer {self.admin_token}".encode()):
             raise web.HTTPUnauthorized()
 
     async def _h_switchover(self, req: web.Request) -> web.Response:

@@ -9,8 +9,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 
 import psycopg
 import pytest
@@ -96,14 +94,7 @@ def test_primary_archives_and_the_new_primary_carries_on_after_failover(archived
 
 
 def _post_backup(c, name: str, body: dict) -> tuple[int, dict | str]:
-    m = c.member(name)
-    req = urllib.request.Request(f"http://{m.client_host}:{m.health_port}/backup", method="POST",
-                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    return c.admin_post(name, "/backup", body)
 
 
 def test_a_backup_asked_of_the_primary_runs_in_the_background_and_reports_its_wal_range(archived_cluster):
