@@ -46,18 +46,33 @@ class ObjectStore:
     credentials_secret: str
     region: str = ""
     bundled: bool = False
+    # How a Postgres member (pgBackRest 2.45 speaks S3 only over TLS) reaches the store: its
+    # https:// endpoint (None: there is none) and the Secret whose ca.crt certifies it (None:
+    # the system's trust store). Bundled: its Service's port 8443, certified by the operator's CA.
+    https_endpoint: str | None = None
+    ca_secret: str | None = None
+    service: str = ""  # the bundled store's Service, which its certificate names
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "ObjectStore | None":
         endpoint = environ.get("KUBEFLY_OBJECT_STORE_ENDPOINT", "").strip().rstrip("/")
         if not endpoint:
             return None
+        bundled = environ.get("KUBEFLY_OBJECT_STORE_BUNDLED", "").strip().lower() == "true"
+        if bundled:  # the chart names the TLS port and its CA (docs/objectstore.md)
+            https = environ.get("KUBEFLY_OBJECT_STORE_HTTPS_ENDPOINT", "").strip().rstrip("/") or None
+            ca_secret = environ.get("KUBEFLY_OBJECT_STORE_CA_SECRET", "").strip() or None
+        else:  # an external store is reached as it is, trusted by the system's CAs
+            https, ca_secret = (endpoint if endpoint.startswith("https://") else None), None
         return cls(
             endpoint=endpoint,
             bucket=environ.get("KUBEFLY_OBJECT_STORE_BUCKET", "").strip() or "kubefly",
             credentials_secret=environ.get("KUBEFLY_OBJECT_STORE_SECRET", "").strip() or "kubefly-objectstore-credentials",
             region=environ.get("KUBEFLY_OBJECT_STORE_REGION", "").strip(),
-            bundled=environ.get("KUBEFLY_OBJECT_STORE_BUNDLED", "").strip().lower() == "true",
+            bundled=bundled,
+            https_endpoint=https,
+            ca_secret=ca_secret,
+            service=environ.get("KUBEFLY_OBJECT_STORE_SERVICE", "").strip() if bundled else "",
         )
 
     def url(self, repository: str) -> str:

@@ -24,6 +24,21 @@ def test_store_is_read_from_the_chart_environment_and_absent_without_an_endpoint
     assert s.url(snapshots.repository("ns", "data", "u1")) == "s3:http://s3:8333/kubefly/volumes/ns/data.u1"
 
 
+def test_a_postgres_member_reaches_the_bundled_store_over_its_tls_port_and_an_external_one_as_it_is():
+    bundled = ObjectStore.from_env({
+        "KUBEFLY_OBJECT_STORE_ENDPOINT": "http://x-kubefly-objectstore.ks.svc:8333", "KUBEFLY_OBJECT_STORE_BUNDLED": "true",
+        "KUBEFLY_OBJECT_STORE_SERVICE": "x-kubefly-objectstore",
+        "KUBEFLY_OBJECT_STORE_HTTPS_ENDPOINT": "https://x-kubefly-objectstore.ks.svc:8443",
+        "KUBEFLY_OBJECT_STORE_CA_SECRET": "kubefly-objectstore-tls"})
+    assert (bundled.https_endpoint, bundled.ca_secret, bundled.service) == (
+        "https://x-kubefly-objectstore.ks.svc:8443", "kubefly-objectstore-tls", "x-kubefly-objectstore")
+    external = ObjectStore.from_env({"KUBEFLY_OBJECT_STORE_ENDPOINT": "https://s3.example.com",
+                                     "KUBEFLY_OBJECT_STORE_CA_SECRET": "ignored", "KUBEFLY_OBJECT_STORE_SERVICE": "ignored"})
+    assert (external.https_endpoint, external.ca_secret, external.service) == ("https://s3.example.com", None, "")
+    plain = ObjectStore.from_env({"KUBEFLY_OBJECT_STORE_ENDPOINT": "http://minio.local:9000"})
+    assert (plain.https_endpoint, plain.ca_secret) == (None, None)
+
+
 def test_a_scheduled_snapshot_is_due_one_interval_after_the_last_or_after_placement():
     assert snapshots.due_slot(interval_hours=24, last=None, placed=T0, now=T0 + timedelta(hours=23)) is None
     assert snapshots.due_slot(interval_hours=24, last=None, placed=T0, now=T0 + timedelta(hours=24)) == T0 + timedelta(hours=24)
