@@ -99,8 +99,10 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def issue(hosts: list[str], now: datetime, previous: Bundle | None = None) -> Bundle:
-    """A serving certificate for `hosts`, signed by `previous`'s CA while it has long to live, else by a new CA."""
+def issue(hosts: list[str], now: datetime, previous: Bundle | None = None, *, ca_name: str = "kubefly admission CA",
+          lifetime: timedelta = SERVING_LIFETIME) -> Bundle:
+    """A serving certificate for `hosts`, signed by `previous`'s CA while it has long to live, else by a new CA
+    named `ca_name`; valid for `lifetime`, and never past the CA."""
     if not hosts:
         raise ValueError("a serving certificate needs at least one host name")
     ca_key = ca = None
@@ -115,7 +117,7 @@ def issue(hosts: list[str], now: datetime, previous: Bundle | None = None) -> Bu
     start = now - timedelta(minutes=5)  # clocks of the API server and this host may differ a little
     if ca is None:
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubefly admission CA")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
         ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
               .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(now + CA_LIFETIME)
               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -127,7 +129,7 @@ def issue(hosts: list[str], now: datetime, previous: Bundle | None = None) -> Bu
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(min(now + SERVING_LIFETIME, ca.not_valid_after_utc))
+            .not_valid_before(start).not_valid_after(min(now + lifetime, ca.not_valid_after_utc))
             .add_extension(x509.SubjectAlternativeName([_san(h) for h in dict.fromkeys(hosts)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
