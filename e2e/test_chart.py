@@ -272,28 +272,37 @@ def test_the_bundled_object_store_runs_pinned_with_its_data_on_the_host_and_the_
     assert pod["tolerations"] == [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["data"]["hostPath"] == {"path": "/var/lib/kubefly/objectstore", "type": "DirectoryOrCreate"}
-    # The identity file comes from the Secret the operator makes; the chart renders none.
-    assert volumes["credentials"]["secret"] == {"secretName": "kubefly-objectstore-credentials",
-                                                "items": [{"key": "s3.json", "path": "s3.json"}]}
+    # The identity file and the TLS pair come from Secrets the operator makes; the chart renders none.
+    # Whole-volume mounts (no subPath), so the kubelet refreshes s3.json in place on a grant.
+    assert volumes["identities"]["secret"] == {"secretName": "kubefly-objectstore-identities",
+                                               "items": [{"key": "s3.json", "path": "s3.json"}]}
+    assert volumes["tls"]["secret"] == {"secretName": "kubefly-objectstore-tls",
+                                        "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}
     assert not [k for k in docs if k[0] == "Secret"]
     containers = {c["name"]: c for c in pod["containers"]}
     for c in [*containers.values(), *pod["initContainers"]]:
         assert c["image"] == "kubefly-objectstore:0.1.0" and c["imagePullPolicy"] == "Never"
         assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     store = containers["objectstore"]
-    assert {"name": "credentials", "mountPath": "/etc/kubefly-objectstore", "readOnly": True} in store["volumeMounts"]
+    assert {"name": "identities", "mountPath": "/etc/kubefly-objectstore", "readOnly": True} in store["volumeMounts"]
+    assert {"name": "tls", "mountPath": "/etc/kubefly-objectstore-tls", "readOnly": True} in store["volumeMounts"]
+    assert not [m for c in containers.values() for m in c.get("volumeMounts", []) if "subPath" in m]
     assert {"name": "KUBEFLY_OBJECTSTORE_BUCKET", "value": "copies"} in store["env"]
     assert store["securityContext"]["runAsUser"] == 65532 and store["securityContext"]["runAsNonRoot"]
     # Only the init step is root, and it may only chown the data directory.
     init = pod["initContainers"][0]
     assert init["command"] == ["chown", "65532:65532", "/data"] and init["securityContext"]["capabilities"]["add"] == ["CHOWN"]
-    # S3 leaves the pod through the relay; metrics are scraped from the store.
+    # S3 leaves the pod through the relays, plain and TLS; metrics are scraped from the store.
     assert containers["s3"]["args"] == ["relay"] and containers["s3"]["ports"] == [{"name": "s3", "containerPort": 8333}]
+    assert containers["s3-https"]["args"] == ["relay", "8443", "8444"]
+    assert containers["s3-https"]["ports"] == [{"name": "s3-https", "containerPort": 8443}]
+    assert not containers["s3-https"].get("volumeMounts")  # TLS is the store's own; the relay holds no key
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9327"
     assert {"name": "metrics", "containerPort": 9327} in store["ports"]
     svc = docs[("Service", "x-kubefly-objectstore")]["spec"]
-    assert svc["ports"] == [{"name": "s3", "port": 8333, "targetPort": "s3"}]
+    assert svc["ports"] == [{"name": "s3", "port": 8333, "targetPort": "s3"},
+                            {"name": "s3-https", "port": 8443, "targetPort": "s3-https"}]
     assert svc["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
     env = {e["name"]: e.get("value") for e in docs[("Deployment", "x-kubefly-operator")]["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -302,6 +311,10 @@ def test_the_bundled_object_store_runs_pinned_with_its_data_on_the_host_and_the_
     assert env["KUBEFLY_OBJECT_STORE_SECRET"] == "kubefly-objectstore-credentials"
     assert env["KUBEFLY_OBJECT_STORE_BUNDLED"] == "true"
     assert "KUBEFLY_OBJECT_STORE_REGION" not in env
+    # What its certificate names, and how Postgres members reach it over TLS.
+    assert env["KUBEFLY_OBJECT_STORE_SERVICE"] == "x-kubefly-objectstore"
+    assert env["KUBEFLY_OBJECT_STORE_HTTPS_ENDPOINT"] == f"https://x-kubefly-objectstore.{ns}.svc:8443"
+    assert env["KUBEFLY_OBJECT_STORE_CA_SECRET"] == "kubefly-objectstore-tls"
     # Applied to the real API server, the store's manifests are valid (server-side dry run).
     store = yaml.safe_dump_all([docs[("Deployment", "x-kubefly-objectstore")], docs[("Service", "x-kubefly-objectstore")]])
     proc = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=store, check=False)
@@ -321,6 +334,8 @@ def test_an_external_object_store_is_passed_to_the_operator_and_no_store_is_run(
             env["KUBEFLY_OBJECT_STORE_SECRET"], env["KUBEFLY_OBJECT_STORE_BUNDLED"]) == \
         ("https://s3.example.com", "kubefly", "eu-west-1", "s3-keys", "false")
     assert stores == []
+    # An external store is reached over TLS as it is (the operator derives that), trusted by the system CAs.
+    assert not {"KUBEFLY_OBJECT_STORE_SERVICE", "KUBEFLY_OBJECT_STORE_HTTPS_ENDPOINT", "KUBEFLY_OBJECT_STORE_CA_SECRET"} & set(env)
     # The default: no store, which the operator reports on every Snapshot.
     env, stores = render()
     assert env["KUBEFLY_OBJECT_STORE_ENDPOINT"] == "" and env["KUBEFLY_OBJECT_STORE_BUNDLED"] == "false"

@@ -39,6 +39,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{- /* The bundled store over TLS, for pgBackRest (2.45 speaks S3 only over HTTPS). */ -}}
+{{- define "kubefly.objectStore.httpsEndpoint" -}}
+{{- printf "https://%s.%s.svc:8443" (include "kubefly.objectStore.name" .) .Release.Namespace -}}
+{{- end -}}
+
 {{- /* The Secret with the store's keys: the one the operator makes for the bundled store, else the user's. */ -}}
 {{- define "kubefly.objectStore.secret" -}}
 {{- .Values.objectStore.bundled.enabled | ternary "kubefly-objectstore-credentials" .Values.objectStore.credentialsSecret -}}

