@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 CRDS = ["machines.kubefly.dev", "volumes.kubefly.dev", "appsecrets.kubefly.dev", "postgresclusters.kubefly.dev",
-        "snapshots.kubefly.dev"]
+        "snapshots.kubefly.dev", "postgresbackups.kubefly.dev"]
 
 
 def sa_user(kube) -> str:
@@ -50,6 +50,7 @@ def test_operator_identity_can_do_its_work_and_nothing_more(kube):
         ("watch", "machines.kubefly.dev"), ("patch", "machines.kubefly.dev/status"),
         ("create", "pods"), ("create", "persistentvolumes"), ("list", "nodes"), ("get", "nodes"), ("create", "events"),
         ("delete", "snapshots.kubefly.dev"), ("update", "snapshots.kubefly.dev"), ("update", "snapshots.kubefly.dev/status"),
+        ("create", "postgresbackups.kubefly.dev"), ("patch", "postgresbackups.kubefly.dev/status"),
     ]:
         assert can(verb, resource, "-A") == "yes", f"operator cannot {verb} {resource}"
     # Its leadership Lease, in its own namespace only.

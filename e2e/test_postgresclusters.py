@@ -97,6 +97,10 @@ def test_a_cluster_becomes_members_on_distinct_hosts_services_and_credentials(ku
     ready = get_condition(s["conditions"], "Ready")
     assert ready["status"] == "False" and ready["reason"] == "MemberHealthUnreachable"
     assert "member health unreachable" in ready["message"] and "pg-0" in ready["message"]
+    # This platform has no object store: the cluster says it has no archive, hence no backups.
+    archiving = get_condition(s["conditions"], "ContinuousArchiving")
+    assert archiving["status"] == "False" and archiving["reason"] == "NoObjectStore", archiving
+    assert "objectStore" in archiving["message"]
     table = kube.kubectl("-n", namespace, "get", "pgc", "pg").stdout
     assert table.split("\n")[0].split() == ["NAME", "MEMBERS", "READY", "PRIMARY", "PHASE", "AGE"]
     # No primary: the Primary column is blank.
@@ -169,3 +173,32 @@ def test_invalid_spec_is_refused_by_the_api_server(kube, namespace):
     assert proc.returncode != 0 and "spec.synchronous needs a standby" in proc.stderr
     with pytest.raises(subprocess.CalledProcessError):
         kube.apply(cluster(namespace, "bad", "iad", members=9))
+
+
+def backup(namespace, name, cluster_name, **spec):
+    return {"apiVersion": "kubefly.dev/v1alpha1", "kind": "PostgresBackup",
+            "metadata": {"name": name, "namespace": namespace}, "spec": {"cluster": cluster_name, **spec}}
+
+
+def test_a_backup_of_no_cluster_fails_naming_the_field_and_a_bad_one_is_refused(kube, namespace, region):
+    kube.apply(backup(namespace, "nothing", "ghost"))
+    s = kube.wait_for("the backup fails", lambda: status(kube.get(namespace, "pgb", "nothing")).get("phase") == "Failed"
+                      and status(kube.get(namespace, "pgb", "nothing")), timeout=30)
+    assert s["message"].startswith("spec.cluster: there is no PostgresCluster ghost"), s
+    proc = kube.kubectl("apply", "-f", "-", check=False,
+                        input=__import__("json").dumps(backup(namespace, "weekly", "pg", type="weekly")))
+    assert proc.returncode != 0 and "spec.type" in proc.stderr, proc.stderr
+    proc = kube.kubectl("apply", "-f", "-", check=False, input=__import__("json").dumps(
+        cluster(namespace, "pgw", "iad", backups={"recoveryWindowDays": 0})))
+    assert proc.returncode != 0 and "recoveryWindowDays" in proc.stderr, proc.stderr
+
+    # A cluster that cannot archive (no object store here) keeps its backup Pending, saying why.
+    region, _ = region
+    kube.apply(cluster(namespace, "pg", region))
+    kube.apply(backup(namespace, "first", "pg"))
+    # (Until the cluster's first status, the backup only knows that its archive is not set up yet.)
+    s = kube.wait_for("the backup waits, saying why", lambda: "objectStore" in (
+        st := status(kube.get(namespace, "pgb", "first"))).get("message", "") and st, timeout=60)
+    assert s["phase"] == "Pending" and s["message"].startswith("waiting for pg to archive WAL: "), s
+    table = kube.kubectl("-n", namespace, "get", "pgb", "first").stdout
+    assert table.split("\n")[0].split() == ["NAME", "CLUSTER", "TYPE", "PHASE", "MEMBER", "BYTES", "FINISHED", "AGE"]

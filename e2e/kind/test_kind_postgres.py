@@ -17,6 +17,9 @@ from .test_kind_volumes import get
 MEMBERS = ["pg-0", "pg-1", "pg-2"]
 # A cold cluster: member 0 runs initdb, the others clone it, each pod a fresh start.
 HEALTHY_WITHIN_S = 300
+# The cluster's store key works once the store has reloaded its identities (the kubelet's refresh
+# of the mounted Secret, up to about 90 s); the primary retries stanza-create every 15 s until then.
+ARCHIVING_WITHIN_S = 240
 
 
 def cluster_status(kind: KindCluster, namespace: str) -> dict:
@@ -35,6 +38,15 @@ def healthy(kind: KindCluster, namespace: str, *, not_primary: str | None = None
 def primary_pods(kind: KindCluster, namespace: str) -> list[str]:
     return kind.kubectl("-n", namespace, "get", "pods", "-l", "kubefly.dev/pg-cluster=pg,kubefly.dev/pg-role=primary",
                         "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+
+
+def archiving(kind: KindCluster, namespace: str, *, primary: str | None = None) -> dict | None:
+    """The ContinuousArchiving condition once True (on `primary`, if named)."""
+    cond = next((c for c in cluster_status(kind, namespace).get("conditions") or []
+                 if c["type"] == "ContinuousArchiving"), None)
+    if cond is None or cond["status"] != "True":
+        return None
+    return cond if primary is None or cond["message"].startswith(f"{primary} ") else None
 
 
 def sql(kind: KindCluster, namespace: str, pod: str, uri: str, statement: str, timeout: float = 15) -> subprocess.CompletedProcess:
@@ -85,6 +97,33 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
         return p.returncode == 0
     kind.wait_for("the first write through pg-primary", first_write, timeout=30, interval=0.5)
 
+    # WAL goes to the bundled object store, under the cluster's own key, and a backup taken on
+    # demand completes with its WAL range (the schedule's first backup may run first: one at a time).
+    try:
+        cond = kind.wait_for("ContinuousArchiving True", lambda: archiving(kind, namespace), timeout=ARCHIVING_WITHIN_S,
+                             interval=2)
+    except Exception:
+        print(json.dumps([c for c in cluster_status(kind, namespace).get("conditions") or []
+                          if c["type"] == "ContinuousArchiving"]))
+        raise
+    path = cluster_status(kind, namespace)["archivePath"]
+    assert path.startswith(f"/postgres/{namespace}/pg/") and path.rsplit("/", 1)[1].isdigit(), path
+    print(f"\n[kind] {cond['message']}")
+    kind.apply({"apiVersion": "kubefly.dev/v1alpha1", "kind": "PostgresBackup", "metadata": {"name": "first"},
+                "spec": {"cluster": "pg"}}, namespace)
+    done = kind.wait_for("PostgresBackup first finished", lambda: (
+        b := (get(kind, namespace, "postgresbackup", "first") or {}).get("status") or {}).get("phase") in ("Completed", "Failed")
+        and b, timeout=300, interval=2)
+    assert done["phase"] == "Completed", done
+    assert done["member"] == old and done["label"].endswith("F") and done["sizeBytes"] > 10_000_000, done
+    assert done["walStart"] <= done["walStop"] and done["archivePath"] == path, done
+    scheduled = kind.kubectl("-n", namespace, "get", "pgb", "-l", "kubefly.dev/scheduled=true,kubefly.dev/pg-cluster=pg",
+                             "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+    assert len(scheduled) == 1, f"spec.backups made its first backup as the cluster began to archive: {scheduled}"
+    archived = sql(kind, namespace, client, uri, "SELECT pg_switch_wal() IS NOT NULL; "
+                                                "SELECT archived_count FROM pg_stat_archiver")
+    assert archived.returncode == 0 and int(archived.stdout.split()[-1]) > 0, archived.stdout + archived.stderr
+
     # Kill the primary's pod: SIGKILL to its member container's first process, by containerd on
     # its worker (postgres and repmgrd die with it). The kubelet restarts the container in place
     # within a second or two, and a primary back that fast, before any standby promoted, rightly
@@ -117,6 +156,10 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
     member = {m["name"]: m for m in s["members"]}
     assert member[old]["role"] == "standby", f"the killed member is back as a standby: {member[old]}"
     assert member[new]["timeline"] > 1, "the promotion began a new timeline"
+    # The new primary archives on, into the same archive.
+    kind.wait_for(f"ContinuousArchiving True on {new}", lambda: archiving(kind, namespace, primary=new), timeout=120,
+                  interval=2)
+    assert cluster_status(kind, namespace)["archivePath"] == path
     # The commits from before and after the failover are both on the new primary (a retried insert
     # whose first acknowledgement was lost in the failover finds its row there and adds nothing).
     rows = sql(kind, namespace, client, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")

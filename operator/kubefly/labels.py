@@ -11,6 +11,8 @@ MACHINE = f"{PREFIX}/machine"
 REGION = f"{PREFIX}/region"
 HOST = f"{PREFIX}/host"
 VOLUME = f"{PREFIX}/volume"
+# On Snapshots and PostgresBackups a schedule made (the others are users').
+SCHEDULED = f"{PREFIX}/scheduled"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "kubefly"
 

@@ -37,6 +37,17 @@ VOLUME_GROWS_RULE = cel(
 )
 
 
+class PostgresBackups(ApiModel):
+    """WAL archiving and base backups to the platform's object store (docs/postgres.md)."""
+
+    scheduled: bool = Field(default=True, description="Take a full base backup every intervalHours (a PostgresBackup each).")
+    interval_hours: int = Field(default=24, ge=1, le=168, description="Hours between scheduled base backups.")
+    recovery_window_days: int = Field(
+        default=7, ge=1, le=365,
+        description="Days back a point-in-time restore can reach: backups and WAL are kept at least this long.",
+    )
+
+
 class PostgresClusterSpec(ApiModel):
     model_config = {"json_schema_extra": validations(SYNCHRONOUS_RULE)}
 
@@ -52,6 +63,7 @@ class PostgresClusterSpec(ApiModel):
     switchover_to: DnsLabel | None = Field(
         default=None, description="A request: make this member the primary (a planned switchover)."
     )
+    backups: PostgresBackups = Field(default_factory=PostgresBackups)
     delete_policy: Literal["keepVolumes", "deleteVolumes"] = Field(
         default="keepVolumes",
         description="What happens to a member's Volume when the cluster is deleted or scaled down, or the member is replaced: keepVolumes keeps it (labelled retired), deleteVolumes deletes it.",
@@ -89,6 +101,9 @@ class PostgresClusterStatus(StatusModel):
     timeline: int | None = Field(default=None, ge=0)
     last_failover: Failover | None = None
     credentials_secret: str | None = None
+    archive_path: str | None = Field(
+        default=None, description="Where the WAL archive and base backups are, under the object store's bucket."
+    )
 
 
 class PostgresCluster(Resource):

@@ -76,7 +76,16 @@ for _resource in ACCEPT_ONLY:
     _register_acceptance(_resource)
 
 # Controllers; imported last because they use the metrics above.
-from kubefly.controllers import appsecret, machine, migration, platformkeys, postgrescluster, snapshot, volume  # noqa: E402,F401
+from kubefly.controllers import (  # noqa: E402,F401
+    appsecret,
+    machine,
+    migration,
+    platformkeys,
+    postgresbackup,
+    postgrescluster,
+    snapshot,
+    volume,
+)
 
 
 @kopf.on.cleanup()

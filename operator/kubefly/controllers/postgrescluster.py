@@ -38,13 +38,14 @@ from kubernetes.client.exceptions import ApiException
 
 from kubefly import GROUP, VERSION, labels
 from kubefly.api.postgrescluster import PostgresCluster
-from kubefly.conditions import get_condition, now_rfc3339
+from kubefly.conditions import get_condition, now_rfc3339, parse_rfc3339
 from kubefly.controllers import acceptance
 from kubefly.controllers.common import condition_patch, update_status, wait_woken
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.placement.volumes import host_of_node
-from kubefly.postgres import decide
+from kubefly.objectstore import access as store_access
+from kubefly.postgres import archiver, backups, decide
 from kubefly.postgres import plan as pgplan
 from kubefly.postgres import status as pgstatus
 from kubefly.secrets import sealing
@@ -56,6 +57,8 @@ HEALTH_TIMEOUT_S = 1.0
 HOST_LOSS_GRACE_S = 60.0
 SWITCHOVER_TIMEOUT_S = 180.0
 IMAGE_ENV = "KUBEFLY_POSTGRES_IMAGE"
+# On the archive AppSecret: the access key id its sealed secret key belongs to.
+ARCHIVE_KEY_ID = f"{labels.PREFIX}/archive-access-key-id"
 
 log = structlog.get_logger("kubefly.controllers.postgrescluster")
 WAKERS: dict[tuple[str, str], asyncio.Event] = {}
@@ -129,14 +132,62 @@ async def _ensure_credentials(c: pgplan.Cluster, memo) -> None:
         # A strategic merge adds to ownerReferences (merge key uid).
         await k.patch(path, {"metadata": {"ownerReferences": [pgplan.owner(c)]}}, missing_ok=True)
     if await k.get(custom_path(c.namespace, "appsecrets", name), missing_ok=True) is None:
-        public = memo.sealing_key.public_key()
-        data = {}
-        for env, key in pgplan.MEMBER_ENV_SECRETS.items():
-            value = base64.b64decode(secret["data"][key]).decode()
-            data[env] = sealing.seal(public, namespace=c.namespace, app=c.spec["app"], key=env, value=value)
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AppSecret",
-                "metadata": {**pgplan.object_meta(c, name)}, "spec": {"app": c.spec["app"], "data": data}}
-        await k.create(custom_path(c.namespace, "appsecrets"), body, exists_ok=True, parse=False)
+        values = {env: base64.b64decode(secret["data"][key]).decode() for env, key in pgplan.MEMBER_ENV_SECRETS.items()}
+        await k.create(custom_path(c.namespace, "appsecrets"), _sealed(c, memo, name, values), exists_ok=True, parse=False)
+
+
+def _sealed(c: pgplan.Cluster, memo, name: str, values: dict[str, str], annotations: dict | None = None) -> dict:
+    """An AppSecret of the cluster's app holding `values` (env name -> value), sealed for its members."""
+    public = memo.sealing_key.public_key()
+    data = {env: sealing.seal(public, namespace=c.namespace, app=c.spec["app"], key=env, value=value)
+            for env, value in values.items()}
+    meta = pgplan.object_meta(c, name)
+    if annotations:
+        meta["annotations"] = annotations
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AppSecret", "metadata": meta,
+            "spec": {"app": c.spec["app"], "data": data}}
+
+
+def archive_tenant(namespace: str, cluster: str) -> str:
+    # Dots never occur in a namespace or cluster name: no two clusters share a tenant.
+    return f"pg.{namespace}.{cluster}"
+
+
+async def _ensure_archive(c: pgplan.Cluster, memo) -> tuple[pgplan.Archive | None, tuple[str, str] | None]:
+    """Where this cluster archives, with its own key scoped to its archive; or why it cannot."""
+    store = memo.object_store
+    if store is None:
+        return None, ("NoObjectStore", "the platform has no object store, so this cluster has no WAL archive and no "
+                                       "backups: set the chart's objectStore.endpoint or objectStore.bundled.enabled")
+    if not store.https_endpoint:
+        return None, ("ObjectStoreNotHTTPS", f"pgBackRest reaches S3 only over https://, and the chart's "
+                                             f"objectStore.endpoint is {store.endpoint}: give it an https:// endpoint")
+    k = kube()
+    home = memo.home_namespace
+    try:
+        keys = await store_access.grant(k, store, home, archive_tenant(c.namespace, c.name),
+                                        [pgplan.archive_prefix(c.namespace).lstrip("/") + f"/{c.name}"], [])
+    except (store_access.NeedsBundledStore, store_access.TenantConflict) as exc:
+        return None, ("ObjectStoreKeysUnavailable", str(exc))
+    ca = None
+    if store.ca_secret:
+        tls = await k.get(core_path(home, "secrets", store.ca_secret), missing_ok=True)
+        if tls is None or "ca.crt" not in (tls.get("data") or {}):
+            return None, ("ObjectStoreKeysUnavailable", f"waiting for the store's CA (Secret {home}/{store.ca_secret})")
+        ca = base64.b64decode(tls["data"]["ca.crt"]).decode()
+    name = pgplan.archive_secret_name(c.name)
+    path = custom_path(c.namespace, "appsecrets", name)
+    have = await k.get(path, missing_ok=True)
+    if have is None or (have["metadata"].get("annotations") or {}).get(ARCHIVE_KEY_ID) != keys.access_key_id:
+        # Made, or re-sealed when the store issued another key (the members roll with the AppSecret).
+        body = _sealed(c, memo, name, {archiver.SECRET_KEY_ENV: keys.secret_access_key},
+                       {ARCHIVE_KEY_ID: keys.access_key_id})
+        if have is None:
+            await k.create(custom_path(c.namespace, "appsecrets"), body, exists_ok=True, parse=False)
+        else:
+            await k.patch(path, {"metadata": {"annotations": body["metadata"]["annotations"]}, "spec": body["spec"]})
+    return pgplan.Archive(endpoint=store.https_endpoint, bucket=store.bucket, region=store.region,
+                          access_key_id=keys.access_key_id, ca_pem=ca), None
 
 
 async def _apply(c: pgplan.Cluster, snap: Snapshot, p: pgplan.Plan, logger) -> None:
@@ -190,10 +241,34 @@ async def _apply(c: pgplan.Cluster, snap: Snapshot, p: pgplan.Plan, logger) -> N
                           missing_ok=True)
 
 
+# ---- scheduled backups ---------------------------------------------------------------
+
+
+async def _schedule_backups(c: pgplan.Cluster, model: PostgresCluster, archiving: bool, logger) -> None:
+    """spec.backups: a PostgresBackup when one is due; records past the recovery window go."""
+    k = kube()
+    ns, name = c.namespace, c.name
+    sel = f"{pgplan.CLUSTER_LABEL}={name},{labels.SCHEDULED}=true"
+    made = [backups.Scheduled(b["metadata"]["name"], parse_rfc3339(b["metadata"]["creationTimestamp"]),
+                              (b.get("status") or {}).get("phase"))
+            for b in await k.list(custom_path(ns, "postgresbackups"), label_selector=sel)]
+    now = datetime.now(timezone.utc)
+    for gone in backups.expired(model, made, now=now):
+        await k.delete(custom_path(ns, "postgresbackups", gone), missing_ok=True)
+    if (due := backups.due(model, made, now=now, archiving=archiving)) is not None:
+        meta = pgplan.object_meta(c, due)
+        meta["labels"][labels.SCHEDULED] = "true"
+        await k.create(custom_path(ns, "postgresbackups"),
+                       {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PostgresBackup", "metadata": meta,
+                        "spec": {"cluster": name, "type": "full"}}, exists_ok=True, parse=False)
+        logger.info(f"scheduled backup {due} created (spec.backups.intervalHours {model.spec.backups.interval_hours})")
+
+
 # ---- health ---------------------------------------------------------------------
 
 
-async def _health(http: aiohttp.ClientSession, ip: str) -> tuple[dict | None, str | None]:
+async def member_health(http: aiohttp.ClientSession, ip: str) -> tuple[dict | None, str | None]:
+    """A member's /health answer, or why there is none."""
     try:
         async with http.get(f"http://{ip}:{pgplan.HEALTH_PORT}/health") as resp:
             if resp.status != 200:
@@ -213,7 +288,7 @@ async def _poll(c: pgplan.Cluster, members: list[str], views: dict, http: aiohtt
         ip = (pod.get("status") or {}).get("podIP") if pod else None
         if not ip:
             return name, pod, None, "no pod IP yet"
-        body, error = await _health(http, ip)
+        body, error = await member_health(http, ip)
         if body is None:
             return name, pod, None, error
         try:
@@ -238,6 +313,14 @@ async def _label_pods(c: pgplan.Cluster, polled: dict, roles: dict) -> None:
 # ---- switchover ---------------------------------------------------------------------
 
 
+async def admin_token(namespace: str, cluster: str) -> str:
+    """The token the members' admin endpoints (/switchover, /backup) require."""
+    secret = await kube().get(core_path(namespace, "secrets", pgplan.credentials_name(cluster)), missing_ok=True)
+    if secret is None:
+        raise RuntimeError(f"Secret {namespace}/{pgplan.credentials_name(cluster)} is missing")
+    return base64.b64decode(secret["data"]["admin-token"]).decode()
+
+
 async def _switchover(c: pgplan.Cluster, target: str, generation, http: aiohttp.ClientSession) -> None:
     k = kube()
     try:
@@ -245,8 +328,7 @@ async def _switchover(c: pgplan.Cluster, target: str, generation, http: aiohttp.
         ip = (pod.get("status") or {}).get("podIP") if pod else None
         if not ip:
             raise RuntimeError(f"{target} has no running pod")
-        secret = await k.get(core_path(c.namespace, "secrets", pgplan.credentials_name(c.name)), missing_ok=True)
-        token = base64.b64decode(secret["data"]["admin-token"]).decode()
+        token = await admin_token(c.namespace, c.name)
         async with http.post(f"http://{ip}:{pgplan.HEALTH_PORT}/switchover", json={},
                              headers={"Authorization": f"Bearer {token}"},
                              timeout=aiohttp.ClientTimeout(total=SWITCHOVER_TIMEOUT_S, sock_connect=2)) as resp:
@@ -274,6 +356,7 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
     views: dict[str, decide.View] = {}
     last_primary = (body.get("status") or {}).get("primary")
     last_reconcile, members, plan_conditions = 0.0, [], []
+    archive_problem: tuple[str, str] | None = None
     snap: Snapshot | None = None
     switching: asyncio.Task | None = None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as http:
@@ -296,11 +379,13 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                     c = _cluster(cluster)
                     if dirty or snap is None or started - last_reconcile >= RESYNC_S:
                         await _ensure_credentials(c, memo)
+                        archive, archive_problem = await _ensure_archive(c, memo)
                         snap = Snapshot(c)
                         await snap.read()
                         p = pgplan.plan(c, snap.members, snap.hosts, image=image(c.spec.get("version", 15)),
                                         primary=last_primary, now=datetime.now(timezone.utc),
-                                        host_loss_grace_s=HOST_LOSS_GRACE_S, existing_services=snap.services)
+                                        host_loss_grace_s=HOST_LOSS_GRACE_S, existing_services=snap.services,
+                                        archive=archive)
                         await _apply(c, snap, p, logger)
                         members, plan_conditions = p.members, p.conditions
                         last_reconcile = started
@@ -331,6 +416,10 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                                                                      "Switchover"))
                     updates = [("Accepted", True, "SpecValid", verdict.message), *j.conditions]
                     updates += [(x.type, x.ok, x.reason, x.message) for x in plan_conditions]
+                    primary_view = views.get(j.primary) if j.primary else None
+                    archive_report = primary_view.report.archive if primary_view and primary_view.report else None
+                    archiving = pgstatus.archiving(archive_problem, j.primary, archive_report)
+                    updates.append(archiving)
                     if sw.action != "none":
                         updates.append(("Switchover", sw.action == "done", sw.reason, sw.message))
                     if sw.action == "attempt" and (switching is None or switching.done()):
@@ -338,9 +427,13 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                     extra = {"phase": j.phase, "primary": j.primary, "readyMembers": j.ready, "members": j.members,
                              "timeline": j.timeline, "credentialsSecret": pgplan.credentials_name(c.name),
                              "observedGeneration": c.generation}
+                    if archive_report and archive_report.get("path"):
+                        extra["archivePath"] = archive_report["path"]
                     if j.failover:
                         extra["lastFailover"] = j.failover
                     await update_status(PLURAL, namespace, name, lambda b: condition_patch(b, updates, extra))
+                    if outcome == "reconciled":
+                        await _schedule_backups(c, PostgresCluster.model_validate(cluster), archiving[1], logger)
             except ApiException as exc:
                 outcome = "error"
                 log.error("reconcile did not apply", namespace=namespace, name=name, status=exc.status, reason=exc.reason)
@@ -356,8 +449,15 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="postgrescluster")
-async def delete(body: kopf.Body, namespace, name, spec, logger, **_) -> None:
-    """keepVolumes: release the Volumes and the credentials Secret from garbage collection before it runs."""
+async def delete(body: kopf.Body, namespace, name, spec, memo, logger, **_) -> None:
+    """The cluster's store key goes (its archive stays, for a restore). keepVolumes: release the
+    Volumes and the credentials Secret from garbage collection before it runs."""
+    store = memo.object_store
+    if store is not None and store.https_endpoint:
+        try:
+            await store_access.revoke(kube(), store, memo.home_namespace, archive_tenant(namespace, name))
+        except store_access.NeedsBundledStore:
+            pass
     if spec.get("deletePolicy", "keepVolumes") != "keepVolumes":
         logger.info("cluster deleted with deletePolicy deleteVolumes: its Volumes go with it")
         return

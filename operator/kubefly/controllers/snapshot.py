@@ -21,6 +21,7 @@ from kubefly.conditions import is_ready, parse_rfc3339, rfc3339
 from kubefly.controllers.common import condition_patch, home_namespace, update_status
 from kubefly.controllers.kubeapi import core_path, custom_path, kube
 from kubefly.controllers.main import RECONCILES, VOLUME_COPY_BYTES, VOLUME_COPY_SECONDS
+from kubefly.labels import SCHEDULED
 from kubefly.machines.volume_prep import IMAGE_ENV
 from kubefly.volumes import snapshots
 from kubefly.volumes.snapshots import ObjectStore
@@ -186,7 +187,7 @@ async def _schedule(volume: dict, now) -> None:
     await kube().create(custom_path(meta["namespace"], PLURAL), {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "Snapshot",
         "metadata": {"name": name, "namespace": meta["namespace"],
-                     "labels": {snapshots.SCHEDULED: "true", "kubefly.dev/volume": meta["name"]}},
+                     "labels": {SCHEDULED: "true", "kubefly.dev/volume": meta["name"]}},
         "spec": {"volume": meta["name"]}}, exists_ok=True)
     taken = snapshots.slot_taken(slot=slot, now=now, interval_hours=interval)
     await update_status("volumes", meta["namespace"], meta["name"], lambda b: {

@@ -32,6 +32,7 @@ class Report:
     can_commit: bool = True
     visible_peers: frozenset[str] = frozenset()
     busy: bool = False  # in a switchover, demote, clone or rejoin: its role is about to change
+    archive: Mapping[str, Any] | None = None  # WAL archiving as the member sees it (archiver.py); None: off
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> "Report":
@@ -45,6 +46,7 @@ class Report:
             can_commit=bool(body.get("can_commit", body.get("writable", False))),
             visible_peers=frozenset(str(n) for n in body.get("visible_peers") or ()),
             busy=bool(body.get("busy", False)),
+            archive=body.get("archive") if isinstance(body.get("archive"), Mapping) else None,
         )
 
 

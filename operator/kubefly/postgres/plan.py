@@ -82,6 +82,17 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Archive:
+    """Where the members archive WAL (pgBackRest over HTTPS) and the key they do it with."""
+
+    endpoint: str  # https://host[:port]
+    bucket: str
+    region: str
+    access_key_id: str  # the cluster's own key, scoped to its archive; its secret is in the archive AppSecret
+    ca_pem: str | None = None  # the store's CA (the bundled store); None: the system's trust
+
+
+@dataclass(frozen=True)
 class Host:
     name: str
     region: str | None
@@ -128,6 +139,15 @@ def credentials_name(cluster: str) -> str:
     return f"{cluster}-credentials"
 
 
+def archive_secret_name(cluster: str) -> str:
+    return f"{cluster}-archive"
+
+
+def archive_prefix(namespace: str) -> str:
+    """Key prefix of a namespace's archives: a cluster's is <prefix>/<cluster>/<system identifier>."""
+    return f"/postgres/{namespace}"
+
+
 def owner(c: Cluster, *, controller: bool = True) -> dict:
     return {"apiVersion": API_VERSION, "kind": "PostgresCluster", "name": c.name, "uid": c.uid,
             "controller": controller, "blockOwnerDeletion": True}
@@ -154,7 +174,7 @@ def build_volume(c: Cluster, index: int) -> dict:
     }
 
 
-def machine_spec(c: Cluster, index: int, members: Iterable[int], image: str) -> dict:
+def machine_spec(c: Cluster, index: int, members: Iterable[int], image: str, archive: Archive | None = None) -> dict:
     peers = " ".join(
         f"{member_name(c.name, i)}={member_address(c, i)}:{PG_PORT}:{HEALTH_PORT}" for i in sorted(members) if i != index
     )
@@ -168,13 +188,26 @@ def machine_spec(c: Cluster, index: int, members: Iterable[int], image: str) -> 
         # Member 0 may initdb, and only when every member is empty (decide.boot_action).
         "KUBEFLY_PG_BOOTSTRAP": "true" if index == 0 else "false",
     }
+    secrets = [credentials_name(c.name)]
+    if archive is not None:
+        env.update({
+            "KUBEFLY_PG_CLUSTER": c.name,
+            "KUBEFLY_PG_ARCHIVE_ENDPOINT": archive.endpoint,
+            "KUBEFLY_PG_ARCHIVE_BUCKET": archive.bucket,
+            "KUBEFLY_PG_ARCHIVE_REGION": archive.region or "us-east-1",
+            "KUBEFLY_PG_ARCHIVE_PATH": archive_prefix(c.namespace),
+            "KUBEFLY_PG_ARCHIVE_ACCESS_KEY_ID": archive.access_key_id,
+        })
+        if archive.ca_pem:
+            env["KUBEFLY_PG_ARCHIVE_CA"] = archive.ca_pem
+        secrets.append(archive_secret_name(c.name))
     return {
         "app": c.spec["app"],
         "region": c.spec["region"],
         "image": image,
         "guest": dict(c.spec.get("guest") or {}),
         "env": env,
-        "secrets": [credentials_name(c.name)],
+        "secrets": secrets,
         # No public ports: 5432 is for the app's own machines over the private network.
         "services": [{"internalPort": PG_PORT, "protocol": "tcp"}],
         "checks": [{"name": "member", "type": "http", "port": HEALTH_PORT, "path": "/health",
@@ -190,8 +223,8 @@ def spec_digest(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_machine(c: Cluster, index: int, members: Iterable[int], image: str) -> dict:
-    spec = machine_spec(c, index, members, image)
+def build_machine(c: Cluster, index: int, members: Iterable[int], image: str, archive: Archive | None = None) -> dict:
+    spec = machine_spec(c, index, members, image, archive)
     meta = object_meta(c, member_name(c.name, index), index)
     meta["annotations"] = {SPEC_DIGEST: spec_digest(spec)}
     return {"apiVersion": API_VERSION, "kind": "Machine", "metadata": meta, "spec": spec}
@@ -271,8 +304,10 @@ def plan(
     now: datetime,
     host_loss_grace_s: float,
     existing_services: Iterable[str] = (),
+    archive: Archive | None = None,
 ) -> Plan:
-    """`primary`: the member the latest health reports chose (status.py), or None when nobody is known."""
+    """`primary`: the member the latest health reports chose (status.py), or None when nobody is known.
+    `archive`: where WAL goes; None: nowhere (the members run with archive_mode off)."""
     p = Plan()
     members = {m.index: m for m in observed}
     desired = int(c.spec.get("members", 3))
@@ -368,9 +403,9 @@ def plan(
             if (m.volume.get("spec") or {}).get("sizeGb", 0) < size:
                 p.grow_volumes.append((m.volume["metadata"]["name"], size))
         if m.machine is None:
-            p.create_machines.append(build_machine(c, i, final, image))
+            p.create_machines.append(build_machine(c, i, final, image, archive))
             continue
-        spec = machine_spec(c, i, final, image)
+        spec = machine_spec(c, i, final, image, archive)
         digest = spec_digest(spec)
         if (m.machine["metadata"].get("annotations") or {}).get(SPEC_DIGEST) != digest:
             # Standbys first, the primary last, so at most one failover-free restart at a time.

@@ -150,3 +150,36 @@ def switchover(
     if primary is None:
         return Switchover("refuse", "NoPrimary", f"no primary is known, so {target} cannot take over from one")
     return Switchover("attempt", "Requested", f"asking {target} to take over from {primary}")
+
+
+# More complete WAL segments than this waiting on the primary: archiving falls behind.
+ARCHIVE_LAG_SEGMENTS = 4
+
+
+def archiving(problem: tuple[str, str] | None, primary: str | None,
+              report: Mapping | None) -> tuple[str, bool, str, str]:
+    """The ContinuousArchiving condition: `problem` (reason, message) is why the operator could not
+    set archiving up; `report` is the primary's /health `archive`."""
+    kind = "ContinuousArchiving"
+    if problem is not None:
+        return kind, False, *problem
+    if primary is None:
+        return kind, False, "NoPrimary", "no primary archives WAL now; the next primary carries on"
+    if not report:
+        return kind, False, "Starting", f"{primary} does not archive yet (members restart with archiving on)"
+    path = report.get("path") or "?"
+    if report.get("stanza") != "ready":
+        if report.get("error"):
+            return kind, False, "ArchiveFailing", str(report["error"])[:1000]
+        return kind, False, "Starting", f"{primary} is creating the archive {path}"
+    failed_age, archived_age = report.get("last_failed_age_s"), report.get("last_archived_age_s")
+    pending = int(report.get("pending_segments") or 0)
+    if failed_age is not None and (archived_age is None or failed_age < archived_age):
+        return kind, False, "ArchiveFailing", (
+            f"archive-push of {report.get('last_failed_wal')} to {path} failed and has not succeeded since; "
+            f"{pending} segment(s) wait; the member's pgbackrest log says why")
+    if pending > ARCHIVE_LAG_SEGMENTS:
+        return kind, False, "ArchiveLagging", f"{pending} complete WAL segments on {primary} wait to be archived to {path}"
+    last = report.get("last_archived_wal")
+    return kind, True, "Archiving", (f"{primary} archives WAL to {path}"
+                                     + (f"; last archived {last}" if last else "; no segment complete yet"))

@@ -92,6 +92,7 @@ NAMES = {
     "Snapshot": ("snapshots", ["snap"], ["Volume", "Phase", "Host", "Bytes", "Seconds", "Taken", "Expires", "Age"]),
     "AppSecret": ("appsecrets", ["asec"], ["App", "Keys", "Digest", "Age"]),
     "PostgresCluster": ("postgresclusters", ["pgc"], ["Members", "Ready", "Primary", "Phase", "Age"]),
+    "PostgresBackup": ("postgresbackups", ["pgb"], ["Cluster", "Type", "Phase", "Member", "Bytes", "Finished", "Age"]),
 }
 
 

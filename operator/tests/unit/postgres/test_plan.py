@@ -279,3 +279,28 @@ def test_credentials_secret_carries_the_given_values_and_a_uri():
     s = P.build_credentials(C, {"username": "postgres", "password": "pw", "repmgr-password": "r", "admin-token": "t"})
     assert s["metadata"]["name"] == "pg-credentials"
     assert s["stringData"]["uri"] == "postgres://postgres:pw@pg-primary.org.svc:5432/postgres"
+
+
+ARCHIVE = P.Archive(endpoint="https://store.kubefly.svc:8443", bucket="kubefly", region="", access_key_id="AK1",
+                    ca_pem="-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+
+
+def test_with_an_archive_every_member_gets_the_store_its_key_id_and_the_sealed_key_secret():
+    p = P.plan(C, (), HOSTS, image=IMAGE, primary=None, now=NOW, host_loss_grace_s=60, archive=ARCHIVE)
+    for m in p.create_machines:
+        spec = m["spec"]
+        assert spec["secrets"] == ["pg-credentials", "pg-archive"]
+        env = spec["env"]
+        assert env["KUBEFLY_PG_ARCHIVE_ENDPOINT"] == "https://store.kubefly.svc:8443"
+        assert env["KUBEFLY_PG_ARCHIVE_PATH"] == "/postgres/org"  # the namespace's; the cluster's below it
+        assert env["KUBEFLY_PG_CLUSTER"] == "pg" and env["KUBEFLY_PG_ARCHIVE_ACCESS_KEY_ID"] == "AK1"
+        assert env["KUBEFLY_PG_ARCHIVE_REGION"] == "us-east-1" and env["KUBEFLY_PG_ARCHIVE_CA"] == ARCHIVE.ca_pem
+        assert not any("SECRET" in k for k in env)  # the secret key travels sealed, never in the spec
+
+
+def test_archiving_turned_on_rolls_the_members_one_at_a_time():
+    members = [started(C, i, f"h{i}") for i in range(3)]
+    p = P.plan(C, members, HOSTS, image=IMAGE, primary="pg-0", now=NOW, host_loss_grace_s=60, archive=ARCHIVE)
+    assert p.update_machine is not None and p.update_machine[0] != "pg-0"  # a standby first
+    assert "KUBEFLY_PG_ARCHIVE_ENDPOINT" in p.update_machine[1]["env"]
+    assert any(c.type == "MembersUpToDate" and not c.ok for c in p.conditions)

@@ -87,3 +87,21 @@ def test_switchover_decisions():
     failed = {"reason": "Failed", "observedGeneration": 2}
     assert S.switchover("pg-1", members=members, primary="pg-0", generation=2, condition=failed).action == "none"
     assert S.switchover("pg-1", members=members, primary="pg-0", generation=3, condition=failed).action == "attempt"
+
+
+def test_archiving_condition_tells_what_stops_archiving():
+    ok = {"path": "/postgres/org/pg/7", "stanza": "ready", "last_archived_wal": "000000010000000000000003",
+          "last_archived_age_s": 2.0, "last_failed_age_s": None, "pending_segments": 0}
+    assert S.archiving(None, "pg-0", ok)[1:3] == (True, "Archiving")
+    assert S.archiving(("NoObjectStore", "no store"), "pg-0", ok)[1:] == (False, "NoObjectStore", "no store")
+    assert S.archiving(None, None, ok)[2] == "NoPrimary"
+    assert S.archiving(None, "pg-0", None)[2] == "Starting"
+    assert S.archiving(None, "pg-0", {**ok, "stanza": "pending"})[2] == "Starting"
+    failed = S.archiving(None, "pg-0", {**ok, "stanza": "failed", "error": "stanza-create failed: exit 39"})
+    assert failed[1:3] == (False, "ArchiveFailing") and "exit 39" in failed[3]
+    # A failure after the last success is failing; one followed by a success is over.
+    assert S.archiving(None, "pg-0", {**ok, "last_failed_wal": "X", "last_failed_age_s": 1.0})[2] == "ArchiveFailing"
+    assert S.archiving(None, "pg-0", {**ok, "last_failed_age_s": 9.0})[1] is True
+    assert S.archiving(None, "pg-0", {**ok, "pending_segments": S.ARCHIVE_LAG_SEGMENTS + 1})[2] == "ArchiveLagging"
+    assert "no segment complete yet" in S.archiving(None, "pg-0", {**ok, "last_archived_wal": None,
+                                                                     "last_archived_age_s": None})[3]
