@@ -202,3 +202,20 @@ def test_a_backup_of_no_cluster_fails_naming_the_field_and_a_bad_one_is_refused(
     assert s["phase"] == "Pending" and s["message"].startswith("waiting for pg to archive WAL: "), s
     table = kube.kubectl("-n", namespace, "get", "pgb", "first").stdout
     assert table.split("\n")[0].split() == ["NAME", "CLUSTER", "TYPE", "PHASE", "MEMBER", "BYTES", "FINISHED", "AGE"]
+
+
+def test_a_restore_that_cannot_be_creates_nothing_and_says_why(kube, namespace, region):
+    region, _ = region
+    kube.apply(cluster(namespace, "pitr", region, restore={"from": "gone", "latest": True}))
+    cond = kube.wait_for("Restored False", lambda: get_condition(
+        status(kube.get(namespace, "pgc", "pitr")).get("conditions"), "Restored"), timeout=30)
+    # No object store here: nothing to restore from, and nothing is made.
+    assert cond["status"] == "False" and cond["reason"] == "NoObjectStore", cond
+    assert cond["message"].startswith("spec.restore reads the object store"), cond
+    assert not names(kube, namespace, "volumes", "kubefly.dev/pg-cluster=pitr")
+    proc = kube.kubectl("apply", "-f", "-", check=False, input=__import__("json").dumps(
+        cluster(namespace, "two", region, restore={"from": "gone", "latest": True, "targetName": "x"})))
+    assert proc.returncode != 0 and "exactly one target" in proc.stderr, proc.stderr
+    proc = kube.kubectl("patch", "pgc", "pitr", "-n", namespace, "--type=merge", "-p",
+                        '{"spec": {"restore": {"from": "other", "latest": true}}}', check=False)
+    assert proc.returncode != 0 and "spec.restore is immutable" in proc.stderr, proc.stderr

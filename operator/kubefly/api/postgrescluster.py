@@ -48,8 +48,49 @@ class PostgresBackups(ApiModel):
     )
 
 
+ONE_TARGET_RULE = cel(
+    "[has(self.targetTime), has(self.targetLSN), has(self.targetName), has(self.latest) && self.latest]"
+    ".filter(x, x).size() == 1",
+    "spec.restore needs exactly one target: targetTime, targetLSN, targetName or latest: true",
+)
+RESTORE_AT_CREATION_RULE = cel(
+    "has(self.restore) == has(oldSelf.restore)",
+    "spec.restore is set only when a cluster is created (it is its first data): create a new PostgresCluster to restore into",
+)
+
+
+class PostgresRestore(ApiModel):
+    """Start the cluster from another cluster's backup and WAL (point-in-time recovery)."""
+
+    model_config = {"json_schema_extra": validations(ONE_TARGET_RULE)}
+
+    from_: DnsLabel = Field(
+        alias="from",
+        description="The PostgresCluster in this namespace whose archive to restore; it may be deleted, and its "
+                    "completed PostgresBackups say where its archive is. Never this cluster: it archives apart.",
+    )
+    target_time: datetime | None = Field(default=None, description="Replay up to this instant (RFC 3339).")
+    target_lsn: str | None = Field(default=None, alias="targetLSN", pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$",
+                                   description="Replay up to this WAL position.")
+    target_name: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$",
+                                    description="Replay up to this restore point (pg_create_restore_point).")
+    latest: bool | None = Field(default=None, description="true: replay everything in the archive.")
+    backup: str | None = Field(
+        default=None, max_length=64, pattern=r"^[0-9]{8}-[0-9]{6}F(_[0-9]{8}-[0-9]{6}[DI])?$",
+        description="The backup label to start from (a PostgresBackup's status.label); default: the newest one "
+                    "that ends before the target.",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if sum([self.target_time is not None, self.target_lsn is not None, self.target_name is not None,
+                bool(self.latest)]) != 1:
+            raise ValueError(ONE_TARGET_RULE["message"])
+        return self
+
+
 class PostgresClusterSpec(ApiModel):
-    model_config = {"json_schema_extra": validations(SYNCHRONOUS_RULE)}
+    model_config = {"json_schema_extra": validations(SYNCHRONOUS_RULE, RESTORE_AT_CREATION_RULE)}
 
     app: AppName = Field(json_schema_extra=immutable("spec.app", "create a new PostgresCluster in the other app"))
     members: int = Field(default=3, ge=1, le=7, description="Postgres members; 3 or more for automatic failover.")
@@ -64,6 +105,9 @@ class PostgresClusterSpec(ApiModel):
         default=None, description="A request: make this member the primary (a planned switchover)."
     )
     backups: PostgresBackups = Field(default_factory=PostgresBackups)
+    restore: PostgresRestore | None = Field(
+        default=None, json_schema_extra=immutable("spec.restore", "create a new PostgresCluster to restore into")
+    )
     delete_policy: Literal["keepVolumes", "deleteVolumes"] = Field(
         default="keepVolumes",
         description="What happens to a member's Volume when the cluster is deleted or scaled down, or the member is replaced: keepVolumes keeps it (labelled retired), deleteVolumes deletes it.",
@@ -93,6 +137,14 @@ class Failover(ApiModel):
     to: str | None = None
 
 
+class RestoreStatus(ApiModel):
+    from_: str = Field(alias="from")
+    archive_path: str = Field(description="The source lineage's archive, read only.")
+    backup: str | None = Field(default=None, description="The backup label restored.")
+    type: Literal["time", "lsn", "name", "default"]
+    target: str | None = None
+
+
 class PostgresClusterStatus(StatusModel):
     phase: str | None = Field(default=None, description="A one-word summary for `kubectl get`; conditions tell the detail.")
     primary: str | None = None
@@ -104,6 +156,7 @@ class PostgresClusterStatus(StatusModel):
     archive_path: str | None = Field(
         default=None, description="Where the WAL archive and base backups are, under the object store's bucket."
     )
+    restore: RestoreStatus | None = Field(default=None, description="What spec.restore was resolved to, once.")
 
 
 class PostgresCluster(Resource):

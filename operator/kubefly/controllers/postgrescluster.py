@@ -37,6 +37,7 @@ import structlog
 from kubernetes.client.exceptions import ApiException
 
 from kubefly import GROUP, VERSION, labels
+from kubefly.api.postgresbackup import PostgresBackup
 from kubefly.api.postgrescluster import PostgresCluster
 from kubefly.conditions import get_condition, now_rfc3339, parse_rfc3339
 from kubefly.controllers import acceptance
@@ -46,7 +47,9 @@ from kubefly.controllers.main import RECONCILE_SECONDS, RECONCILES
 from kubefly.placement.volumes import host_of_node
 from kubefly.objectstore import access as store_access
 from kubefly.postgres import archiver, backups, decide
+from kubefly.postgres import pgbackrest as pb
 from kubefly.postgres import plan as pgplan
+from kubefly.postgres import restore as pgrestore
 from kubefly.postgres import status as pgstatus
 from kubefly.secrets import sealing
 
@@ -148,13 +151,39 @@ def _sealed(c: pgplan.Cluster, memo, name: str, values: dict[str, str], annotati
             "spec": {"app": c.spec["app"], "data": data}}
 
 
+def _archive_of(namespace: str, cluster: str) -> str:
+    """A cluster's archives (every lineage) under the store's bucket."""
+    return pgplan.archive_prefix(namespace).lstrip("/") + f"/{cluster}"
+
+
+async def _restore(c: pgplan.Cluster, model: PostgresCluster, archive_problem: tuple[str, str] | None
+                   ) -> tuple[pb.RestoreFrom | None, tuple[str, str] | None, dict | None]:
+    """spec.restore: (what member 0 restores, why nothing can be, a new status.restore to record)."""
+    if model.spec.restore is None:
+        return None, None, None
+    if model.status is not None and model.status.restore is not None:
+        return pgrestore.from_status(model.status.restore), None, None
+    if archive_problem is not None:
+        return None, (archive_problem[0], f"spec.restore reads the object store: {archive_problem[1]}"), None
+    found = []
+    for raw in await kube().list(custom_path(c.namespace, "postgresbackups")):
+        if acceptance.check(PostgresBackup, raw).ok:
+            found.append(PostgresBackup.model_validate(raw))
+    answer = pgrestore.resolve(model, found, now=datetime.now(timezone.utc))
+    if isinstance(answer, pgrestore.Refusal):
+        return None, (answer.reason, answer.message), None
+    return pgrestore.from_status(answer), None, answer.model_dump(by_alias=True, exclude_none=True)
+
+
 def archive_tenant(namespace: str, cluster: str) -> str:
     # Dots never occur in a namespace or cluster name: no two clusters share a tenant.
     return f"pg.{namespace}.{cluster}"
 
 
-async def _ensure_archive(c: pgplan.Cluster, memo) -> tuple[pgplan.Archive | None, tuple[str, str] | None]:
-    """Where this cluster archives, with its own key scoped to its archive; or why it cannot."""
+async def _ensure_archive(c: pgplan.Cluster, memo, read_only: list[str]) -> tuple[pgplan.Archive | None,
+                                                                                  tuple[str, str] | None]:
+    """Where this cluster archives, with its own key scoped to its archive (and `read_only`, a restore's
+    source); or why it cannot."""
     store = memo.object_store
     if store is None:
         return None, ("NoObjectStore", "the platform has no object store, so this cluster has no WAL archive and no "
@@ -166,7 +195,7 @@ async def _ensure_archive(c: pgplan.Cluster, memo) -> tuple[pgplan.Archive | Non
     home = memo.home_namespace
     try:
         keys = await store_access.grant(k, store, home, archive_tenant(c.namespace, c.name),
-                                        [pgplan.archive_prefix(c.namespace).lstrip("/") + f"/{c.name}"], [])
+                                        [_archive_of(c.namespace, c.name)], read_only)
     except (store_access.NeedsBundledStore, store_access.TenantConflict) as exc:
         return None, ("ObjectStoreKeysUnavailable", str(exc))
     ca = None
@@ -258,6 +287,8 @@ async def _schedule_backups(c: pgplan.Cluster, model: PostgresCluster, archiving
     if (due := backups.due(model, made, now=now, archiving=archiving)) is not None:
         meta = pgplan.object_meta(c, due)
         meta["labels"][labels.SCHEDULED] = "true"
+        # Not owned: the record of what the archive holds outlives the cluster (a restore reads it).
+        del meta["ownerReferences"]
         await k.create(custom_path(ns, "postgresbackups"),
                        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PostgresBackup", "metadata": meta,
                         "spec": {"cluster": name, "type": "full"}}, exists_ok=True, parse=False)
@@ -357,6 +388,8 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
     last_primary = (body.get("status") or {}).get("primary")
     last_reconcile, members, plan_conditions = 0.0, [], []
     archive_problem: tuple[str, str] | None = None
+    restore_refusal: tuple[str, str] | None = None
+    restore_status: dict | None = None
     snap: Snapshot | None = None
     switching: asyncio.Task | None = None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as http:
@@ -378,16 +411,23 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                 else:
                     c = _cluster(cluster)
                     if dirty or snap is None or started - last_reconcile >= RESYNC_S:
+                        model = PostgresCluster.model_validate(cluster)
                         await _ensure_credentials(c, memo)
-                        archive, archive_problem = await _ensure_archive(c, memo)
+                        source = model.spec.restore.from_ if model.spec.restore else None
+                        archive, archive_problem = await _ensure_archive(
+                            c, memo, [_archive_of(namespace, source)] if source and source != name else [])
+                        restore, restore_refusal, restore_status = await _restore(c, model, archive_problem)
                         snap = Snapshot(c)
                         await snap.read()
-                        p = pgplan.plan(c, snap.members, snap.hosts, image=image(c.spec.get("version", 15)),
-                                        primary=last_primary, now=datetime.now(timezone.utc),
-                                        host_loss_grace_s=HOST_LOSS_GRACE_S, existing_services=snap.services,
-                                        archive=archive)
-                        await _apply(c, snap, p, logger)
-                        members, plan_conditions = p.members, p.conditions
+                        if restore_refusal is None:
+                            p = pgplan.plan(c, snap.members, snap.hosts, image=image(c.spec.get("version", 15)),
+                                            primary=last_primary, now=datetime.now(timezone.utc),
+                                            host_loss_grace_s=HOST_LOSS_GRACE_S, existing_services=snap.services,
+                                            archive=archive, restore=restore)
+                            await _apply(c, snap, p, logger)
+                            members, plan_conditions = p.members, p.conditions
+                        else:  # nothing is made of a restore that cannot be
+                            members, plan_conditions = [], []
                         last_reconcile = started
                         outcome = "reconciled"
                     polled = await _poll(c, members, views, http)
@@ -420,6 +460,13 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                     archive_report = primary_view.report.archive if primary_view and primary_view.report else None
                     archiving = pgstatus.archiving(archive_problem, j.primary, archive_report)
                     updates.append(archiving)
+                    if c.spec.get("restore"):
+                        resolved = restore_status or (cluster.get("status") or {}).get("restore")
+                        described = (f"{resolved['from']}'s backup {resolved.get('backup')} "
+                                     f"({resolved['type']} {resolved.get('target') or 'latest'})") if resolved else None
+                        updates.append(pgstatus.restored(
+                            restore_refusal, described, j.primary,
+                            {n: v.report.restore for n, v in views.items() if v.report and v.report.restore}))
                     if sw.action != "none":
                         updates.append(("Switchover", sw.action == "done", sw.reason, sw.message))
                     if sw.action == "attempt" and (switching is None or switching.done()):
@@ -431,9 +478,11 @@ async def run_cluster(stopped: kopf.DaemonStopped, body: kopf.Body, namespace, n
                         extra["archivePath"] = archive_report["path"]
                     if j.failover:
                         extra["lastFailover"] = j.failover
+                    if restore_status is not None:
+                        extra["restore"] = restore_status
                     await update_status(PLURAL, namespace, name, lambda b: condition_patch(b, updates, extra))
                     if outcome == "reconciled":
-                        await _schedule_backups(c, PostgresCluster.model_validate(cluster), archiving[1], logger)
+                        await _schedule_backups(c, model, archiving[1], logger)
             except ApiException as exc:
                 outcome = "error"
                 log.error("reconcile did not apply", namespace=namespace, name=name, status=exc.status, reason=exc.reason)

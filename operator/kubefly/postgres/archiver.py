@@ -102,8 +102,11 @@ class Archiver:
     """The member's archiving: files, postgres settings, the stanza, and the status it reports."""
 
     def __init__(self, settings: Settings, layout: Layout, pg_port: int, socket_dir: Path,
-                 run: Callable[..., Awaitable[str]], environ: dict[str, str]) -> None:
+                 run: Callable[..., Awaitable[str]], environ: dict[str, str],
+                 restore_from: pb.RestoreFrom | None = None) -> None:
         self.settings = settings
+        self.restore_from = restore_from
+        self.restore_report: dict | None = None
         self.layout = layout
         self.pg_port = pg_port
         self.socket_dir = socket_dir
@@ -133,6 +136,17 @@ class Archiver:
             self.member = dataclasses.replace(self.member, system_id=system_id)
             self.stanza_ok = False  # another lineage: its stanza is created afresh
         write(self.member.config, pb.render_conf(self.repo, self.member))
+
+    async def restore_files(self, write: Callable[[Path, str], None]) -> None:
+        """pgBackRest restore of the source's backup into this member's (empty) pgdata, with the
+        recovery settings that replay the source's WAL to the target and then promote. Reads only:
+        the source's archive is in another file, and this cluster's key may only read it."""
+        src = self.restore_from
+        member = pb.Member(src.cluster, self.layout, self.pg_port, self.socket_dir, system_id=src.system_id,
+                           config_name="restore-source.conf")
+        write(member.config, pb.render_conf(self.repo, member))
+        await self._run(pb.restore(member, src.type, src.target, target_action="promote", backup_set=src.backup_set),
+                        timeout=BACKUP_TIMEOUT_S)
 
     def pg_settings(self) -> dict[str, str]:
         command = pb.archive_command(self.member).replace("'", "''")

@@ -58,18 +58,29 @@ def postgres_group() -> None:
               help="S3 access key id; the secret key is read from KUBEFLY_PG_ARCHIVE_SECRET_KEY.")
 @click.option("--archive-ca-file", envvar="KUBEFLY_PG_ARCHIVE_CA_FILE", type=click.Path(path_type=Path, exists=True),
               help="PEM CA the store's certificate is checked against (or the PEM in KUBEFLY_PG_ARCHIVE_CA).")
+@click.option("--restore-from", envvar="KUBEFLY_PG_RESTORE_FROM", default="",
+              help="Start a new cluster from this cluster's archive (same path prefix) instead of initdb.")
+@click.option("--restore-system-id", envvar="KUBEFLY_PG_RESTORE_SYSTEM_ID", default="",
+              help="The source lineage's system identifier (its archive <path>/<cluster>/<id>).")
+@click.option("--restore-type", envvar="KUBEFLY_PG_RESTORE_TYPE", default="default", show_default=True,
+              type=click.Choice(["time", "lsn", "name", "immediate", "default"]),
+              help="Where recovery stops: a time, an LSN, a restore point name, the backup's end, or the archive's end.")
+@click.option("--restore-target", envvar="KUBEFLY_PG_RESTORE_TARGET", default="")
+@click.option("--restore-set", envvar="KUBEFLY_PG_RESTORE_SET", default="", help="The backup label to start from.")
 @click.option("--superuser-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--repmgr-password-file", type=click.Path(path_type=Path, exists=True))
 @click.option("--log-level", default="INFO", show_default=True)
 def member_command(name, node_id, region, data_dir, host, pg_port, health_port, peers, synchronous, priority,
                    bootstrap, fence_after, handover_timeout, archive_endpoint, archive_bucket, archive_region,
-                   archive_path, cluster, archive_access_key_id, archive_ca_file, superuser_password_file,
+                   archive_path, cluster, archive_access_key_id, archive_ca_file, restore_from, restore_system_id,
+                   restore_type, restore_target, restore_set, superuser_password_file,
                    repmgr_password_file, log_level):
     """Run one Postgres member: postgres and repmgrd as children, fencing, /health and /metrics."""
     # Configure logging before importing the modules whose loggers bind at import time.
     logs.configure(log_level, component="postgres-member")
     from kubefly.postgres.archiver import Settings
     from kubefly.postgres.member import Credentials, Member
+    from kubefly.postgres.pgbackrest import RestoreFrom
     from kubefly.postgres.repmgr import Layout, MemberSpec, Peer
 
     creds = Credentials(
@@ -93,8 +104,14 @@ def member_command(name, node_id, region, data_dir, host, pg_port, health_port, 
     # The admin endpoints (switchover, demote, follow, backup) change who is primary or load the
     # database: a member never runs them unauthenticated.
     admin_token = _secret(os.environ.get("KUBEFLY_PG_ADMIN_TOKEN"), None, "admin token (KUBEFLY_PG_ADMIN_TOKEN)")
+    restore = None
+    if restore_from:
+        if archive is None or not restore_system_id:
+            raise click.UsageError("--restore-from needs --archive-endpoint and --restore-system-id")
+        restore = RestoreFrom(cluster=restore_from, system_id=restore_system_id, type=restore_type,
+                              target=restore_target or None, backup_set=restore_set or None)
     member = Member(spec, creds, bootstrap=bootstrap, fence_after_s=fence_after, handover_timeout_s=handover_timeout,
-                    admin_token=admin_token, archive=archive)
+                    admin_token=admin_token, archive=archive, restore_from=restore)
     asyncio.run(member.serve())
 
 

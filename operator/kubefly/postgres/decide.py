@@ -33,6 +33,7 @@ class Report:
     visible_peers: frozenset[str] = frozenset()
     busy: bool = False  # in a switchover, demote, clone or rejoin: its role is about to change
     archive: Mapping[str, Any] | None = None  # WAL archiving as the member sees it (archiver.py); None: off
+    restore: Mapping[str, Any] | None = None  # a restore from another cluster's archive, while or once it ran
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> "Report":
@@ -47,6 +48,7 @@ class Report:
             visible_peers=frozenset(str(n) for n in body.get("visible_peers") or ()),
             busy=bool(body.get("busy", False)),
             archive=body.get("archive") if isinstance(body.get("archive"), Mapping) else None,
+            restore=body.get("restore") if isinstance(body.get("restore"), Mapping) else None,
         )
 
 

@@ -36,6 +36,7 @@ from psycopg import sql
 from kubefly import logs, metrics
 from kubefly.postgres import archiver as arch
 from kubefly.postgres import decide
+from kubefly.postgres import pgbackrest as pb
 from kubefly.postgres import repmgr as rm
 from kubefly.postgres.repmgr import MemberSpec, Peer
 
@@ -56,6 +57,8 @@ _PR_SET_PDEATHSIG = 1
 # writable: the operator polls every 2 s and drops the pod from the primary Service, which every
 # kube-proxy then applies within a second or two.
 DRAIN_S = 5.0
+# A restore that failed is tried again after this long (each try downloads the backup again).
+RESTORE_RETRY_S = 60.0
 _LSN = re.compile(r"^([0-9A-Fa-f]+)/([0-9A-Fa-f]+)$")
 
 
@@ -104,6 +107,7 @@ class Member:
         admin_token: str,
         handover_timeout_s: float = 30.0,
         archive: arch.Settings | None = None,
+        restore_from: pb.RestoreFrom | None = None,
     ) -> None:
         self.spec = spec
         self.creds = creds
@@ -136,8 +140,11 @@ class Member:
         # well past repmgr's failover clock and past the old primary's fence deadline.
         self.promote_after_s = max(15.0, 3 * fence_after_s)
         self._primary_seen_at = time.monotonic()
-        self.archiver = (arch.Archiver(archive, self.layout, spec.pg_port, self.layout.run, self.run_cmd, dict(os.environ))
-                         if archive is not None else None)
+        if restore_from is not None and archive is None:
+            raise ValueError("a restore reads the object store: it needs the archive settings too")
+        self.archiver = (arch.Archiver(archive, self.layout, spec.pg_port, self.layout.run, self.run_cmd, dict(os.environ),
+                                       restore_from) if archive is not None else None)
+        self._restore_failed_at = -RESTORE_RETRY_S
         self._archive_report: dict | None = None
         self._was_primary = False
 
@@ -424,6 +431,7 @@ class Member:
             "fenced": self.fenced,
             "repmgrd": self.repmgrd_settled(),
             "busy": self.op.locked(),
+            "restore": self.archiver.restore_report if self.archiver is not None else None,
             "archive": self._archive_report if role == decide.PRIMARY or self._archive_report is None
             else {k: self._archive_report[k] for k in ("path", "stanza", "error", "backup")},
         }
@@ -506,7 +514,8 @@ class Member:
             my_timeline=await self._stored_timeline(), bootstrap=self.bootstrap, peers=self.visible,
             total_members=self.total, primary_held=now < self.primary_held_until,
         )
-        if action.kind == "wait":
+        if action.kind == "wait" or (action.kind == "initdb" and now - self._restore_failed_at < RESTORE_RETRY_S):
+            # (A restore that just failed waits before the next try: each downloads the backup again.)
             self.role = decide.FENCED if self.fenced else (decide.EMPTY if not self.has_data() else decide.STARTING)
             return
         async with self.op:
@@ -573,6 +582,9 @@ class Member:
     # ---- the actions ----------------------------------------------------------
 
     async def initdb(self) -> None:
+        if self.archiver is not None and self.archiver.restore_from is not None:
+            await self.restore_from_archive()
+            return
         pgdata = self.layout.pgdata
         if pgdata.exists():
             shutil.rmtree(pgdata)
@@ -598,6 +610,55 @@ class Member:
             await conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                 sql.Identifier(rm.REPMGR_DB), sql.Identifier(rm.REPMGR_USER)))
         await self.run_cmd(rm.register_primary_argv(self.spec))
+
+    async def restore_from_archive(self) -> None:
+        """The new cluster's first data: another cluster's backup and WAL up to the target, promoted,
+        then made this cluster's own (its passwords, its repmgr node, no recovery settings left)."""
+        src = self.archiver.restore_from
+        report = self.archiver.restore_report = {"state": "restoring", "from": src.describe, "error": None}
+        try:
+            pgdata = self.layout.pgdata
+            if pgdata.exists():
+                shutil.rmtree(pgdata)
+            pgdata.mkdir(mode=0o700)
+            self._chown(pgdata)
+            await self.archiver.restore_files(self._write)
+            report["state"] = "recovering"
+            await self.start_postgres(timeout=arch.BACKUP_TIMEOUT_S)
+            while not (self.local.up and not self.local.in_recovery):
+                if not self.pg_running():
+                    raise CommandFailed("postgres stopped during recovery (a target past the archive's end?): "
+                                        "see its postgres.log")
+                report["replay_lsn"] = _lsn_text(self.local.replay_lsn)
+                await asyncio.sleep(1)
+                await self.refresh_local()
+            async with await psycopg.AsyncConnection.connect(
+                host=str(self.layout.run), port=self.spec.pg_port, user=rm.SUPERUSER, dbname="postgres",
+                autocommit=True, options="-c synchronous_commit=local",
+            ) as conn:
+                for role, password in ((rm.SUPERUSER, self.creds.superuser_password),
+                                       (rm.REPMGR_USER, self.creds.repmgr_password)):
+                    await conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role),
+                                                                                  sql.Literal(password)))
+                # pgBackRest's restore_command and recovery target: a standby cloned from here must not stop there.
+                await conn.execute("ALTER SYSTEM RESET ALL")
+                await conn.execute("SELECT pg_reload_conf()")
+            async with await psycopg.AsyncConnection.connect(
+                host=str(self.layout.run), port=self.spec.pg_port, user=rm.SUPERUSER, dbname=rm.REPMGR_DB,
+                autocommit=True, options="-c synchronous_commit=local",
+            ) as conn:
+                # The source's members are not ours: each of ours registers itself when it clones.
+                await conn.execute("UPDATE repmgr.nodes SET upstream_node_id = NULL")  # (a foreign key)
+                await conn.execute("DELETE FROM repmgr.nodes WHERE node_id <> %s", (self.spec.node_id,))
+            await self.run_cmd(rm.register_primary_argv(self.spec))
+            report.update(state="done", replay_lsn=_lsn_text(self.local.lsn))
+            log.info("restored", source=src.describe)
+        except (CommandFailed, OSError, psycopg.Error) as exc:
+            self._restore_failed_at = time.monotonic()
+            report.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:1000])
+            await self.stop_postgres("immediate")
+            shutil.rmtree(self.layout.pgdata, ignore_errors=True)  # an empty member again: the next try starts clean
+            raise
 
     async def clone(self, source: Peer) -> None:
         await self.stop_postgres("immediate")

@@ -32,7 +32,8 @@ KEY_ENV = "PGBACKREST_REPO1_S3_KEY"
 SECRET_ENV = "PGBACKREST_REPO1_S3_KEY_SECRET"
 
 BackupType = Literal["full", "incr", "diff"]
-RestoreType = Literal["time", "lsn", "name", "immediate"]
+# default: replay all the WAL in the archive (a restore to the latest commit).
+RestoreType = Literal["time", "lsn", "name", "immediate", "default"]
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a Kubernetes name (DNS label)
 
@@ -100,6 +101,7 @@ class Member:
     pg_port: int
     socket_dir: Path  # unix_socket_directories of its postgres
     system_id: str | None = None  # pg_controldata's; when set, the archive is that lineage's own
+    config_name: str = "pgbackrest.conf"  # another name for another archive (a restore's source)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.cluster):
@@ -115,7 +117,7 @@ class Member:
 
     @property
     def config(self) -> Path:
-        return self.base / "pgbackrest.conf"
+        return self.base / self.config_name
 
     @property
     def spool(self) -> Path:
@@ -133,6 +135,22 @@ class Member:
         """To create (mode 0700, owned by the postgres user) before any command: pgBackRest
         does not make its log path (it runs on without a log file)."""
         return (self.base, self.log_dir, self.lock_dir, self.spool)
+
+
+@dataclass(frozen=True)
+class RestoreFrom:
+    """Start this cluster from another's archive (PostgresCluster spec.restore, resolved by the operator)."""
+
+    cluster: str  # the source's stanza, in the same namespace (the same path prefix)
+    system_id: str  # the source lineage
+    type: RestoreType
+    target: str | None = None
+    backup_set: str | None = None  # a backup label; None: pgBackRest picks the newest usable one
+
+    @property
+    def describe(self) -> str:
+        to = "the end of its archive" if self.type == "default" else f"{self.type} {self.target}"
+        return f"{self.cluster}'s archive {self.system_id} to {to}"
 
 
 def render_conf(repo: Repository, member: Member, *, process_max: int = 2) -> str:
@@ -230,10 +248,10 @@ def restore(member: Member, kind: RestoreType, target: str | None = None, *,
     """Restores the member's stanza into the member's (empty or stale) pgdata and leaves
     recovery settings for `kind` at `target`; `kind="immediate"` stops at the backup's end.
     Reading from another cluster's archive is the caller's choice of `member.cluster`."""
-    if kind not in ("time", "lsn", "name", "immediate"):
-        raise ValueError(f"restore type {kind!r}: time, lsn, name or immediate")
-    if (kind == "immediate") != (target is None):
-        raise ValueError(f"restore --type={kind}: " + ("takes no target" if kind == "immediate" else "needs a target"))
+    if kind not in ("time", "lsn", "name", "immediate", "default"):
+        raise ValueError(f"restore type {kind!r}: time, lsn, name, immediate or default")
+    if (kind in ("immediate", "default")) != (target is None):
+        raise ValueError(f"restore --type={kind}: " + ("takes no target" if target is not None else "needs a target"))
     if kind == "lsn" and not re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", target or ""):
         raise ValueError(f"target {target!r}: an LSN is XXXXXXXX/XXXXXXXX")
     if kind == "time":
@@ -241,7 +259,8 @@ def restore(member: Member, kind: RestoreType, target: str | None = None, *,
     argv = [*_base(member), f"--type={kind}"]
     if target is not None:
         argv.append(f"--target={target}")
-    argv.append(f"--target-action={target_action}")
+    if kind != "default":  # without a target, recovery ends at the archive's end and promotes anyway
+        argv.append(f"--target-action={target_action}")
     if backup_set is not None:
         argv.append(f"--set={backup_set}")
     return [*argv, "restore"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from kubefly import API_VERSION, labels
+from kubefly.postgres.pgbackrest import RestoreFrom
 
 CLUSTER_LABEL = f"{labels.PREFIX}/pg-cluster"
 MEMBER_LABEL = f"{labels.PREFIX}/pg-member"
@@ -174,7 +175,8 @@ def build_volume(c: Cluster, index: int) -> dict:
     }
 
 
-def machine_spec(c: Cluster, index: int, members: Iterable[int], image: str, archive: Archive | None = None) -> dict:
+def machine_spec(c: Cluster, index: int, members: Iterable[int], image: str, archive: Archive | None = None,
+                 restore: RestoreFrom | None = None) -> dict:
     peers = " ".join(
         f"{member_name(c.name, i)}={member_address(c, i)}:{PG_PORT}:{HEALTH_PORT}" for i in sorted(members) if i != index
     )
@@ -201,6 +203,14 @@ def machine_spec(c: Cluster, index: int, members: Iterable[int], image: str, arc
         if archive.ca_pem:
             env["KUBEFLY_PG_ARCHIVE_CA"] = archive.ca_pem
         secrets.append(archive_secret_name(c.name))
+        if restore is not None and index == 0:
+            # The bootstrap member's first data is the source's, not initdb's.
+            env.update({"KUBEFLY_PG_RESTORE_FROM": restore.cluster, "KUBEFLY_PG_RESTORE_SYSTEM_ID": restore.system_id,
+                        "KUBEFLY_PG_RESTORE_TYPE": restore.type})
+            if restore.target is not None:
+                env["KUBEFLY_PG_RESTORE_TARGET"] = restore.target
+            if restore.backup_set is not None:
+                env["KUBEFLY_PG_RESTORE_SET"] = restore.backup_set
     return {
         "app": c.spec["app"],
         "region": c.spec["region"],
@@ -223,8 +233,9 @@ def spec_digest(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_machine(c: Cluster, index: int, members: Iterable[int], image: str, archive: Archive | None = None) -> dict:
-    spec = machine_spec(c, index, members, image, archive)
+def build_machine(c: Cluster, index: int, members: Iterable[int], image: str, archive: Archive | None = None,
+                  restore: RestoreFrom | None = None) -> dict:
+    spec = machine_spec(c, index, members, image, archive, restore)
     meta = object_meta(c, member_name(c.name, index), index)
     meta["annotations"] = {SPEC_DIGEST: spec_digest(spec)}
     return {"apiVersion": API_VERSION, "kind": "Machine", "metadata": meta, "spec": spec}
@@ -305,9 +316,11 @@ def plan(
     host_loss_grace_s: float,
     existing_services: Iterable[str] = (),
     archive: Archive | None = None,
+    restore: RestoreFrom | None = None,
 ) -> Plan:
     """`primary`: the member the latest health reports chose (status.py), or None when nobody is known.
-    `archive`: where WAL goes; None: nowhere (the members run with archive_mode off)."""
+    `archive`: where WAL goes; None: nowhere (the members run with archive_mode off).
+    `restore`: spec.restore as resolved (restore.py); member 0 starts from it."""
     p = Plan()
     members = {m.index: m for m in observed}
     desired = int(c.spec.get("members", 3))
@@ -403,9 +416,9 @@ def plan(
             if (m.volume.get("spec") or {}).get("sizeGb", 0) < size:
                 p.grow_volumes.append((m.volume["metadata"]["name"], size))
         if m.machine is None:
-            p.create_machines.append(build_machine(c, i, final, image, archive))
+            p.create_machines.append(build_machine(c, i, final, image, archive, restore))
             continue
-        spec = machine_spec(c, i, final, image, archive)
+        spec = machine_spec(c, i, final, image, archive, restore)
         digest = spec_digest(spec)
         if (m.machine["metadata"].get("annotations") or {}).get(SPEC_DIGEST) != digest:
             # Standbys first, the primary last, so at most one failover-free restart at a time.

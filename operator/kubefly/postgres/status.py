@@ -183,3 +183,23 @@ def archiving(problem: tuple[str, str] | None, primary: str | None,
     last = report.get("last_archived_wal")
     return kind, True, "Archiving", (f"{primary} archives WAL to {path}"
                                      + (f"; last archived {last}" if last else "; no segment complete yet"))
+
+
+def restored(refusal: tuple[str, str] | None, source: str | None, primary: str | None,
+             reports: Mapping[str, Mapping]) -> tuple[str, bool, str, str]:
+    """The Restored condition of a cluster with spec.restore. `source`: what it resolved to (described);
+    `reports`: the members' /health `restore` (the bootstrap member's says how far it got)."""
+    kind = "Restored"
+    if refusal is not None:
+        return kind, False, *refusal
+    if primary is not None:
+        # Only a member that finished restoring becomes a primary in a restored cluster.
+        return kind, True, "Restored", f"restored from {source}; {primary} is the primary"
+    for name, rep in sorted(reports.items()):
+        if rep.get("state") == "failed":
+            return kind, False, "RestoreFailed", f"{name}: restore from {rep.get('from')} failed, retried in a minute: "\
+                                                 f"{rep.get('error')}"[:1000]
+        if rep.get("state") in ("restoring", "recovering"):
+            where = f", replayed to {rep['replay_lsn']}" if rep.get("replay_lsn") else ""
+            return kind, False, "Restoring", f"{name} is {rep['state']} {rep.get('from')}{where}"
+    return kind, False, "Restoring", f"waiting for the first member to restore {source}"

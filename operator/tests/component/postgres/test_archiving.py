@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -120,3 +121,46 @@ def test_a_backup_asked_of_the_primary_runs_in_the_background_and_reports_its_wa
     assert done["wal_start"] and done["wal_stop"] >= done["wal_start"], done
     (info_backup,) = _info(c, primary, cluster, store).backups
     assert info_backup.label == done["label"]
+
+
+def test_a_new_cluster_restored_to_a_time_has_exactly_the_rows_before_it_and_archives_apart(
+        make_cluster, archived_cluster):
+    src, cluster, store = archived_cluster
+    primary = src.wait_healthy(60)
+    wait_for(lambda: _archive(src, primary).get("stanza") == "ready", 90, f"stanza ready on {primary}")
+    assert _post_backup(src, primary, {"id": "base", "type": "full"})[0] == 202
+    wait_for(lambda: ((_archive(src, primary).get("backup") or {}).get("state") == "completed"), 180, "base backup")
+    with psycopg.connect(src.member_dsn(primary), autocommit=True) as conn:
+        conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, sum text)")
+        conn.execute("INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+        time.sleep(1.5)  # past the backup's whole-second stop time
+        target = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        time.sleep(0.2)
+        conn.execute("INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(501, 900) g")
+        conn.execute("SELECT pg_switch_wal()")
+        before = conn.execute("SELECT count(*), md5(string_agg(sum, '' ORDER BY id)) FROM ledger WHERE id <= 500").fetchone()
+    segment = wait_for(lambda: _archive(src, primary).get("last_archived_wal"), 60, "the rows' WAL archived")
+    source_path = _archive(src, primary)["path"]
+
+    restored = f"rst-{secrets.token_hex(3)}"
+    env = {**src.member_env, "KUBEFLY_PG_CLUSTER": restored,
+           "KUBEFLY_PG_RESTORE_FROM": cluster, "KUBEFLY_PG_RESTORE_SYSTEM_ID": source_path.rsplit("/", 1)[1],
+           "KUBEFLY_PG_RESTORE_TYPE": "time", "KUBEFLY_PG_RESTORE_TARGET": pb.format_time(target)}
+    new = make_cluster(members=2, member_env=env)
+    new_primary = new.wait_healthy(240)
+    assert (new.health(new_primary)["restore"] or {}).get("state") == "done", new.health(new_primary)
+    with psycopg.connect(new.member_dsn(new_primary), autocommit=True) as conn:
+        got = conn.execute("SELECT count(*), md5(string_agg(sum, '' ORDER BY id)) FROM ledger").fetchone()
+        assert got == before, (got, before)  # every row before the target, none after
+        # It is its own cluster now: its own passwords (this connection), no recovery settings left...
+        assert conn.execute("SELECT setting FROM pg_settings WHERE name = 'restore_command'").fetchone() == ("",)
+    m = new.member(new_primary)
+    with psycopg.connect(new.dsn(host=m.client_host, port=m.pg_port, dbname="repmgr"), autocommit=True) as conn:
+        # ...and its own repmgr nodes only.
+        nodes = conn.execute("SELECT node_id, node_name FROM repmgr.nodes ORDER BY node_id").fetchall()
+        assert nodes == [(1, "a"), (2, "b")], nodes
+    wait_for(lambda: _archive(new, new_primary).get("stanza") == "ready", 90, "the restored cluster's own stanza")
+    assert _archive(new, new_primary)["path"] == f"/postgres/component/{restored}/{source_path.rsplit('/', 1)[1]}"
+    # The source's archive was only read: it still ends where it did.
+    assert _info(src, primary, cluster, store).wal_max >= segment
+    assert _archive(src, primary)["path"] == source_path

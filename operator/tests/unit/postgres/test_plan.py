@@ -304,3 +304,15 @@ def test_archiving_turned_on_rolls_the_members_one_at_a_time():
     assert p.update_machine is not None and p.update_machine[0] != "pg-0"  # a standby first
     assert "KUBEFLY_PG_ARCHIVE_ENDPOINT" in p.update_machine[1]["env"]
     assert any(c.type == "MembersUpToDate" and not c.ok for c in p.conditions)
+
+
+def test_a_restore_is_the_first_members_first_data_only():
+    from kubefly.postgres.pgbackrest import RestoreFrom
+
+    restore = RestoreFrom("src", "7412345678901234567", "time", "2026-12-04 12:00:00.000000+00", "20261201-000000F")
+    p = P.plan(C, (), HOSTS, image=IMAGE, primary=None, now=NOW, host_loss_grace_s=60, archive=ARCHIVE, restore=restore)
+    env0, env1 = p.create_machines[0]["spec"]["env"], p.create_machines[1]["spec"]["env"]
+    assert (env0["KUBEFLY_PG_RESTORE_FROM"], env0["KUBEFLY_PG_RESTORE_SYSTEM_ID"]) == ("src", "7412345678901234567")
+    assert (env0["KUBEFLY_PG_RESTORE_TYPE"], env0["KUBEFLY_PG_RESTORE_SET"]) == ("time", "20261201-000000F")
+    assert env0["KUBEFLY_PG_RESTORE_TARGET"] == "2026-12-04 12:00:00.000000+00"
+    assert not any(k.startswith("KUBEFLY_PG_RESTORE") for k in env1)  # the others clone member 0
