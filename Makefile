@@ -80,13 +80,15 @@ test-kind: venv ## the kind tier only (builds what it needs, deletes its cluster
 	@$(PYTEST_RUN) e2e/kind
 
 # ---- benchmarks (figures in bench/results/*.json, not committed) ---------
-.PHONY: bench-gossip bench-proxy bench-failover bench-machines bench-volumes soak
+.PHONY: bench-gossip bench-proxy bench-failover bench-backup bench-machines bench-volumes soak
 bench-gossip: venv ## gossip propagation latency at 20/50/100 agents
 	@$(PY) bench/gossip.py
 bench-proxy: os-deps venv ## kubefly proxy vs nginx: throughput and overload
 	@$(PY) bench/proxy.py
 bench-failover: os-deps venv ## Postgres primary kills under write load
 	@$(PY) bench/failover.py
+bench-backup: os-deps venv ## Postgres: 1 GiB base backup, archive lag, PITR restore, RPO, switchover gap: bench/results/backup.json
+	@$(PY) bench/backup.py
 bench-machines: tools venv ## 1,000 machines on the local control plane
 	@$(PY) bench/machines.py
 bench-volumes: tools venv ## 1 GiB snapshot, incremental, restore on another host, migrate, drain of 25 machines (5 with volumes), on kind: bench/results/volumes.json
