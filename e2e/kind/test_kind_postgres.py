@@ -100,6 +100,7 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
 
     # WAL goes to the bundled object store, under the cluster's own key, and a backup taken on
     # demand completes with its WAL range (the schedule's first backup may run first: one at a time).
+    waited = time.monotonic()
     try:
         cond = kind.wait_for("ContinuousArchiving True", lambda: archiving(kind, namespace), timeout=ARCHIVING_WITHIN_S,
                              interval=2)
@@ -109,7 +110,7 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
         raise
     path = cluster_status(kind, namespace)["archivePath"]
     assert path.startswith(f"/postgres/{namespace}/pg/") and path.rsplit("/", 1)[1].isdigit(), path
-    print(f"\n[kind] {cond['message']}")
+    print(f"\n[kind] ContinuousArchiving True {time.monotonic() - waited:.0f}s after Healthy: {cond['message']}")
     kind.apply({"apiVersion": "kubefly.dev/v1alpha1", "kind": "PostgresBackup", "metadata": {"name": "first"},
                 "spec": {"cluster": "pg"}}, namespace)
     done = kind.wait_for("PostgresBackup first finished", lambda: (
