@@ -62,8 +62,6 @@ RESTORE_AT_CREATION_RULE = cel(
 class PostgresRestore(ApiModel):
     """Start the cluster from another cluster's backup and WAL (point-in-time recovery)."""
 
-    model_config = {"json_schema_extra": validations(ONE_TARGET_RULE)}
-
     from_: DnsLabel = Field(
         alias="from",
         description="The PostgresCluster in this namespace whose archive to restore; it may be deleted, and its "
@@ -105,8 +103,13 @@ class PostgresClusterSpec(ApiModel):
         default=None, description="A request: make this member the primary (a planned switchover)."
     )
     backups: PostgresBackups = Field(default_factory=PostgresBackups)
+    # Both rules on the field: a field's own x-kubernetes-validations replace its model's.
     restore: PostgresRestore | None = Field(
-        default=None, json_schema_extra=immutable("spec.restore", "create a new PostgresCluster to restore into")
+        default=None,
+        json_schema_extra=validations(
+            ONE_TARGET_RULE,
+            *immutable("spec.restore", "create a new PostgresCluster to restore into")["x-kubernetes-validations"],
+        ),
     )
     delete_policy: Literal["keepVolumes", "deleteVolumes"] = Field(
         default="keepVolumes",
