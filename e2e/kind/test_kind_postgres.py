@@ -21,6 +21,9 @@ HEALTHY_WITHIN_S = 300
 # The cluster's store key works once the store has reloaded its identities (the kubelet's refresh
 # of the mounted Secret, up to about 90 s); the primary retries stanza-create every 15 s until then.
 ARCHIVING_WITHIN_S = 240
+# The same wait for the restored cluster's key (read access to the source's archive), then a restore
+# retried every minute until the key works, the replay and the promotion.
+RESTORED_WITHIN_S = 480
 
 
 def cluster_status(kind: KindCluster, namespace: str) -> dict:
@@ -126,6 +129,46 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
                                                 "SELECT archived_count FROM pg_stat_archiver")
     assert archived.returncode == 0 and int(archived.stdout.split()[-1]) > 0, archived.stdout + archived.stderr
 
+    # Point-in-time recovery into a new cluster: rows with known checksums, a time noted, more rows;
+    # the new cluster has exactly the rows before that time, and the source's archive is only read.
+    def one(statement: str) -> str:
+        r = sql(kind, namespace, client, uri, statement, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    one("CREATE TABLE audit (id int PRIMARY KEY, sum text); "
+        "INSERT INTO audit SELECT g, md5(g::text) FROM generate_series(1, 1000) g")
+    time.sleep(1.2)  # each statement commits on its own: the target falls between the two inserts
+    target = datetime.fromisoformat(one("SELECT clock_timestamp()")).isoformat()
+    time.sleep(0.3)
+    one("INSERT INTO audit SELECT g, md5(g::text) FROM generate_series(1001, 2000) g")
+    expected = one("SELECT md5(string_agg(sum, '' ORDER BY id)) FROM audit WHERE id <= 1000")
+    segment = one("SELECT pg_walfile_name(pg_switch_wal())")
+    kind.wait_for(f"{segment} archived", lambda: (r := sql(
+        kind, namespace, client, uri, "SELECT last_archived_wal FROM pg_stat_archiver")).returncode == 0
+        and r.stdout.strip() >= segment, timeout=60, interval=1)
+    started = time.monotonic()
+    kind.apply({"apiVersion": "kubefly.dev/v1alpha1", "kind": "PostgresCluster", "metadata": {"name": "pitr"},
+                "spec": {"app": "db", "region": "ams", "members": 1, "volumeSizeGb": 1,
+                         "backups": {"scheduled": False},
+                         "restore": {"from": "pg", "targetTime": target}}}, namespace)
+    restored = kind.wait_for("PostgresCluster pitr Healthy and Restored", lambda: (
+        st := (get(kind, namespace, "postgrescluster", "pitr") or {}).get("status") or {}).get("phase") == "Healthy"
+        and any(c["type"] == "Restored" and c["status"] == "True" for c in st.get("conditions") or []) and st,
+        timeout=RESTORED_WITHIN_S, interval=2)
+    print(f"[kind] pitr restored to {target} and Healthy {time.monotonic() - started:.1f}s after it was applied")
+    assert restored["restore"]["from"] == "pg" and restored["restore"]["backup"].endswith("F"), restored["restore"]
+    assert restored["restore"]["archivePath"] == path and restored["archivePath"] != path
+    pitr_secret = kind.wait_for("pitr-credentials", lambda: get(kind, namespace, "secret", "pitr-credentials"))
+    pitr_uri = base64.b64decode(pitr_secret["data"]["uri"]).decode()
+    # (Its primary's label reaches kube-proxy a moment after the status, as for pg's first write.)
+    got = kind.wait_for("the restored rows through pitr-primary", lambda: (g := sql(
+        kind, namespace, client, pitr_uri, "SELECT count(*), md5(string_agg(sum, '' ORDER BY id)) FROM audit"
+    )).returncode == 0 and g, timeout=30, interval=0.5)
+    assert got.stdout.strip() == f"1000|{expected}", got.stdout + got.stderr
+    # The source's own archive goes on: it still archives, from the same place.
+    kind.wait_for("pg still archives", lambda: archiving(kind, namespace), timeout=60, interval=2)
+    assert cluster_status(kind, namespace)["archivePath"] == path
+
     # Kill the primary's pod: SIGKILL to its member container's first process, by containerd on
     # its worker (postgres and repmgrd die with it). The kubelet restarts the container in place
     # within a second or two, and a primary back that fast, before any standby promoted, rightly
@@ -222,40 +265,3 @@ def test_postgres_cluster_fails_over_when_the_primary_pod_is_killed(kind: KindCl
     assert primary_pods(kind, namespace) == [target]
     rows = sql(kind, namespace, client, uri, "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger")
     assert rows.returncode == 0 and rows.stdout.strip() == "1,2,3,4", rows.stdout + rows.stderr
-
-    # Point-in-time recovery into a new cluster: rows with known checksums, a time noted, more rows;
-    # the new cluster has exactly the rows before that time, and the source's archive is only read.
-    def one(statement: str) -> str:
-        r = sql(kind, namespace, client, uri, statement, timeout=30)
-        assert r.returncode == 0, r.stderr
-        return r.stdout.strip()
-    one("CREATE TABLE audit (id int PRIMARY KEY, sum text); "
-        "INSERT INTO audit SELECT g, md5(g::text) FROM generate_series(1, 1000) g")
-    time.sleep(1.2)  # each statement commits on its own: the target falls between the two inserts
-    target = datetime.fromisoformat(one("SELECT clock_timestamp()")).isoformat()
-    time.sleep(0.3)
-    one("INSERT INTO audit SELECT g, md5(g::text) FROM generate_series(1001, 2000) g")
-    expected = one("SELECT md5(string_agg(sum, '' ORDER BY id)) FROM audit WHERE id <= 1000")
-    segment = one("SELECT pg_walfile_name(pg_switch_wal())")
-    kind.wait_for(f"{segment} archived", lambda: (r := sql(
-        kind, namespace, client, uri, "SELECT last_archived_wal FROM pg_stat_archiver")).returncode == 0
-        and r.stdout.strip() >= segment, timeout=60, interval=1)
-    started = time.monotonic()
-    kind.apply({"apiVersion": "kubefly.dev/v1alpha1", "kind": "PostgresCluster", "metadata": {"name": "pitr"},
-                "spec": {"app": "db", "region": "ams", "members": 1, "volumeSizeGb": 1,
-                         "backups": {"scheduled": False},
-                         "restore": {"from": "pg", "targetTime": target}}}, namespace)
-    restored = kind.wait_for("PostgresCluster pitr Healthy and Restored", lambda: (
-        st := (get(kind, namespace, "postgrescluster", "pitr") or {}).get("status") or {}).get("phase") == "Healthy"
-        and any(c["type"] == "Restored" and c["status"] == "True" for c in st.get("conditions") or []) and st,
-        timeout=HEALTHY_WITHIN_S, interval=2)
-    print(f"[kind] pitr restored to {target} and Healthy {time.monotonic() - started:.1f}s after it was applied")
-    assert restored["restore"]["from"] == "pg" and restored["restore"]["backup"].endswith("F"), restored["restore"]
-    assert restored["restore"]["archivePath"] == path and restored["archivePath"] != path
-    pitr_secret = kind.wait_for("pitr-credentials", lambda: get(kind, namespace, "secret", "pitr-credentials"))
-    pitr_uri = base64.b64decode(pitr_secret["data"]["uri"]).decode()
-    got = sql(kind, namespace, client, pitr_uri, "SELECT count(*), md5(string_agg(sum, '' ORDER BY id)) FROM audit")
-    assert got.returncode == 0 and got.stdout.strip() == f"1000|{expected}", got.stdout + got.stderr
-    # The source's own archive goes on: it still archives, from the same place.
-    kind.wait_for("pg still archives", lambda: archiving(kind, namespace), timeout=60, interval=2)
-    assert cluster_status(kind, namespace)["archivePath"] == path
