@@ -230,7 +230,8 @@ def test_the_store_certificate_verifies_for_its_service_names_with_the_ca_alone(
     # pgBackRest checks the certificate against the host it connects to, so the Service's names must
     # resolve here: to 127.0.0.1, in an /etc/hosts of pgBackRest's own mount namespace.
     if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1) to give pgBackRest an /etc/hosts naming the Service")
+        pytest.fail("needs root and unshare(1) (util-linux) to give pgBackRest an /etc/hosts naming the Service",
+                    pytrace=False)
     service, namespace = "x-kubefly-objectstore", "kubefly-system"
     names = store_tls.service_names(service, namespace)
     data = store_tls.secret_data(service, namespace, datetime.now(UTC))
